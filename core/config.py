@@ -1,0 +1,220 @@
+"""Validated configuration: the model's config.json (ModelConfig) and engine settings (EngineConfig).
+
+config.json is read by ``transformers.AutoConfig`` when transformers knows the ``model_type``
+(never with remote code), and as raw JSON (:class:`RawConfig`) otherwise, e.g. the original
+OpenGVLab InternVL layout. Either way plugins get attribute access, and the core validates the
+fields it depends on so that a broken config is a one-line error naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from vlm.errors import ConfigError
+
+
+def one_line(exc: ValidationError, what: str) -> str:
+    """A pydantic error as one line: ``<what> 'field': message (got value)``."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "value"
+        got = err.get("input")
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{what} {field!r}: {err['msg']}{got_text}")
+    return "; ".join(parts)
+
+
+class Settings(BaseModel):
+    """Base for user-facing settings: unknown fields and bad values are one-line errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    _what = "setting"
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(one_line(exc, self._what)) from None
+
+
+class RawConfig:
+    """Attribute access over a config.json that transformers does not know."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        for key, value in data.items():
+            setattr(self, key, RawConfig(value) if isinstance(value, dict) else value)
+        self.__dict__.setdefault("architectures", None)
+        self.__dict__.setdefault("model_type", None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v.to_dict() if isinstance(v, RawConfig) else v for k, v in self.__dict__.items()}
+
+    def get_text_config(self, **_: Any) -> Any:
+        for name in ("text_config", "llm_config", "language_config"):
+            nested = getattr(self, name, None)
+            if nested is not None:
+                return nested
+        return self
+
+    def __repr__(self) -> str:
+        return f"RawConfig(model_type={self.model_type!r}, architectures={self.architectures!r})"
+
+
+class TextModelConfig(BaseModel):
+    """The language-model fields the core relies on (the nested text config for a VLM)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    vocab_size: PositiveInt
+    hidden_size: PositiveInt
+    num_hidden_layers: PositiveInt
+    num_attention_heads: PositiveInt
+    num_key_value_heads: PositiveInt
+    head_dim: PositiveInt
+    max_position_embeddings: PositiveInt = 4096
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: dict[str, Any]) -> dict[str, Any]:
+        data = dict(data)
+        if data.get("num_key_value_heads") is None:
+            data["num_key_value_heads"] = data.get("num_attention_heads")
+        heads = data.get("num_attention_heads")
+        if data.get("head_dim") is None and isinstance(heads, int) and heads > 0:
+            hidden = data.get("hidden_size")
+            if isinstance(hidden, int) and hidden % heads == 0:
+                data["head_dim"] = hidden // heads
+        if data.get("max_position_embeddings") is None:
+            data.pop("max_position_embeddings", None)
+        return data
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> TextModelConfig:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        return self
+
+
+class ModelConfig(BaseModel):
+    """A model directory's validated config.json."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    path: str
+    model_type: str | None
+    architectures: list[str]
+    torch_dtype: str | None = Field(description="the checkpoint's dtype as declared in config.json")
+    text: TextModelConfig
+    is_multimodal: bool
+    hf_config: Any = Field(exclude=True, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"hf_config"})
+
+
+def read_config_json(model_dir: Path) -> dict[str, Any]:
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(
+            f"no config.json in {model_dir}; a model directory in Hugging Face layout needs one"
+        )
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{config_file} is not valid JSON ({exc}); fix or re-download it") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_file} must hold a JSON object, not {type(raw).__name__}")
+    if not raw.get("model_type") and not raw.get("architectures"):
+        raise ConfigError(
+            f"{config_file} has neither 'model_type' nor 'architectures'; add the one your "
+            "checkpoint was saved with"
+        )
+    return raw
+
+
+def load_hf_config(model_dir: Path, raw: dict[str, Any]) -> Any:
+    """transformers' config class when it knows ``model_type``, else :class:`RawConfig`."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = raw.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        return RawConfig(raw)
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as exc:  # transformers validates some fields itself
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{model_dir / 'config.json'}: {message}") from None
+
+
+def text_config_of(hf_config: Any) -> Any:
+    if hasattr(hf_config, "get_text_config"):
+        return hf_config.get_text_config()
+    return hf_config
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if isinstance(config, RawConfig):
+        return config.to_dict()
+    data = config.to_dict()
+    # transformers keeps some derived attributes (e.g. head_dim) off to_dict()
+    for key in ("head_dim", "num_key_value_heads", "max_position_embeddings"):
+        if data.get(key) is None and getattr(config, key, None) is not None:
+            data[key] = getattr(config, key)
+    return data
+
+
+def load_model_config(model_dir: str | Path) -> ModelConfig:
+    """Read and validate ``model_dir/config.json``; raises :class:`ConfigError` in one line."""
+    model_dir = Path(model_dir)
+    raw = read_config_json(model_dir)
+    hf_config = load_hf_config(model_dir, raw)
+    text_config = text_config_of(hf_config)
+    text_dict = _config_dict(text_config)
+    where = f"{model_dir / 'config.json'}:" + (" text config" if text_config is not hf_config else "")
+    try:
+        text = TextModelConfig.model_validate(text_dict)
+    except ValidationError as exc:
+        raise ConfigError(f"{where} {one_line(exc, 'field')}; fix config.json") from None
+    dtype = raw.get("torch_dtype") or raw.get("dtype") or text_dict.get("torch_dtype")
+    return ModelConfig(
+        path=str(model_dir),
+        model_type=raw.get("model_type"),
+        architectures=list(raw.get("architectures") or []),
+        torch_dtype=str(dtype).replace("torch.", "") if dtype else None,
+        text=text,
+        is_multimodal=text_config is not hf_config,
+        hf_config=hf_config,
+    )
+
+
+class EngineConfig(Settings):
+    """How the engine runs a model. Every field is also a ``vlmrun`` flag."""
+
+    _what = "engine setting"
+
+    model: str = Field(description="model directory, or a hub id already in the local HF cache")
+    plugin: str | None = Field(None, description="force this plugin instead of asking `match`")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU (the fast dtype there), config dtype on GPU"
+    )
+    device: str = Field("auto", description="auto: cuda when available, else cpu")
+    max_model_len: PositiveInt | None = Field(
+        None, description="prompt + generated tokens per sequence; default: the config's limit"
+    )
+    max_num_seqs: PositiveInt = Field(64, description="sequences decoded together per step")
+    max_num_batched_tokens: PositiveInt = Field(
+        2048, description="tokens in one forward step (long prompts are prefilled in chunks)"
+    )
+    block_size: PositiveInt = Field(16, description="tokens per KV-cache block")
+    kv_cache_gib: float = Field(2.0, gt=0, description="memory budget for the KV cache")
+    num_threads: PositiveInt | None = Field(None, description="CPU threads; default: all cores")
+    seed: int = Field(0, description="default seed for sampling")
+    allow_download: bool = Field(False, description="download a hub id that is not cached")

@@ -1,0 +1,75 @@
+"""Picking the next token of each sequence from its logits.
+
+Order of processing follows transformers' ``generate``: repetition penalty, then temperature,
+top-k, top-p, min-p. Greedy rows without penalties take one batched argmax. Each sequence samples
+from its own ``torch.Generator``, so a seed gives the same tokens however requests are batched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlm.engine.sequence import Sequence
+
+
+def _apply_repetition_penalty(row: torch.Tensor, seq: Sequence, penalty: float) -> None:
+    seen = torch.tensor(sorted(set(seq.prompt_token_ids) | set(seq.output_token_ids)), dtype=torch.long)
+    seen = seen[seen < row.shape[0]]
+    scores = row[seen]
+    row[seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
+
+
+def _filter(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    if 0 < top_k < row.shape[0]:
+        kth = torch.topk(row, top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(row, descending=False)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative <= 1 - top_p
+        remove[-1] = False  # keep at least the most likely token
+        row = row.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    if min_p > 0.0:
+        probs = row.softmax(-1)
+        row = row.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return row
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> tuple[list[int], list[dict[int, float] | None]]:
+    """``logits`` ``[N, V]`` (fp32), one row per sequence -> next token ids and optional logprobs."""
+    logprobs: list[dict[int, float] | None] = [None] * len(seqs)
+    wants_logprobs = [s.params.logprobs is not None for s in seqs]
+    raw_logprobs = logits.log_softmax(-1) if any(wants_logprobs) else None
+
+    simple = all(
+        s.params.greedy and s.params.repetition_penalty == 1.0 and len(s.output_token_ids) >= s.params.min_tokens
+        for s in seqs
+    )
+    if simple:
+        tokens = logits.argmax(-1).tolist()
+    else:
+        tokens = []
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            row = logits[i].clone()
+            if len(seq.output_token_ids) < p.min_tokens:
+                banned = [t for t in (*eos_token_ids, *p.stop_token_ids) if t < row.shape[0]]
+                row[banned] = float("-inf")
+            if p.repetition_penalty != 1.0:
+                _apply_repetition_penalty(row, seq, p.repetition_penalty)
+            if p.greedy:
+                tokens.append(int(row.argmax()))
+                continue
+            row = _filter(row / p.temperature, p.top_k, p.top_p, p.min_p)
+            probs = row.softmax(-1)
+            tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+    if raw_logprobs is not None:
+        for i, seq in enumerate(seqs):
+            if wants_logprobs[i]:
+                row = raw_logprobs[i]
+                top = torch.topk(row, seq.params.logprobs) if seq.params.logprobs else None
+                entry = {tokens[i]: float(row[tokens[i]])}
+                if top is not None:
+                    entry.update({int(t): float(v) for t, v in zip(top.indices, top.values)})
+                logprobs[i] = entry
+    return tokens, logprobs

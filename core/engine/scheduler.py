@@ -1,0 +1,103 @@
+"""Which sequences run in the next forward step, and their KV-cache blocks.
+
+Every step decodes all running sequences (one token each), then fills the remaining token
+budget with prompt chunks of waiting sequences (chunked prefill), so new requests join the
+batch between steps. When a decode needs a block and none is free, the most recently started
+sequence is preempted: its blocks are freed and it is recomputed later, never dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from vlm.engine.kv_cache import BlockAllocator
+from vlm.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledStep:
+    decodes: list[Sequence] = field(default_factory=list)
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+        self.allocator = allocator
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(seq.blocks))
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> None:
+        for _ in range(self._blocks_needed(seq, num_tokens)):
+            seq.blocks.append(self.allocator.allocate())
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq.blocks)
+        seq.blocks = []
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep()
+        # 1. decode every running sequence whose prompt is done, preempting the newest on shortage
+        for seq in list(self.running):
+            if seq not in self.running or seq.is_prefill:
+                continue
+            while self._blocks_needed(seq, seq.num_computed + 1) > self.allocator.num_free:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq in self.running:
+                self._grow(seq, seq.num_computed + 1)
+                step.decodes.append(seq)
+        # 2. prompt chunks: running sequences mid-prompt first, then waiting ones in arrival order
+        budget = self.max_num_batched_tokens - len(step.decodes)
+        candidates = [s for s in self.running if s.is_prefill] + list(self.waiting)
+        for seq in candidates:
+            if budget <= 0:
+                break
+            if seq.status is Status.WAITING and len(self.running) >= self.max_num_seqs:
+                break
+            remaining = seq.num_tokens - seq.num_computed
+            room = (len(seq.blocks) + self.allocator.num_free) * self.block_size - seq.num_computed
+            count = min(remaining, budget, room)
+            if count <= 0:
+                break
+            self._grow(seq, seq.num_computed + count)
+            if seq.status is Status.WAITING:
+                self.waiting.remove(seq)
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+            step.prefills.append((seq, count))
+            budget -= count
+        return step
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.blocks)
+        seq.blocks = []
+        seq.status = Status.FINISHED

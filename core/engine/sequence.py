@@ -1,0 +1,55 @@
+"""One request's state as it moves through the engine."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from vlm.engine.detokenizer import IncrementalDetokenizer
+from vlm.inputs import ModelInputs
+from vlm.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    inputs: ModelInputs
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose k/v are in the cache
+    blocks: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    stopped_by_string: bool = False  # text was cut at a stop string: nothing held back is emitted
+    text: str = ""
+    num_emitted_chars: int = 0
+    logprobs: list[dict[int, float]] | None = None
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.inputs.token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.inputs.token_ids) + len(self.output_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        prompt = self.inputs.token_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        return (prompt + self.output_token_ids)[start:end]
+
+    @property
+    def is_prefill(self) -> bool:
+        """More than one token still needs its k/v computed (a prompt, or a recomputed sequence)."""
+        return self.num_tokens - self.num_computed > 1

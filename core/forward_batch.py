@@ -1,0 +1,44 @@
+"""What a model's forward sees besides token ids: where each sequence's tokens are, and its KV cache.
+
+The batch is *flat*: the new tokens of every scheduled sequence are concatenated into one
+``[T]`` tensor, decode sequences (one new token each) first, then prefill chunks. The KV cache is
+paged: each layer owns ``k_cache, v_cache`` of shape ``[num_blocks, block_size, kv_heads, head_dim]``
+and every sequence a block table. Models do not read these fields; ``vlm.nn.Attention`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ImageSpan:
+    """Precomputed image features to write over placeholder tokens of one sequence.
+
+    ``embeds`` rows replace the embeddings of the flat-batch token positions ``token_index``.
+    """
+
+    token_index: torch.Tensor  # [N] positions in the flat batch
+    embeds: torch.Tensor  # [N, hidden]
+
+
+@dataclass
+class ForwardBatch:
+    query_lens: list[int]  # new tokens per sequence in this step
+    context_lens: list[int]  # tokens in the cache per sequence after this step (prefix + new)
+    num_decodes: int  # the first ``num_decodes`` sequences have exactly one new token
+    slot_mapping: torch.Tensor  # [T] flat cache slot (block * block_size + offset) of each new token
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer
+    block_size: int
+    # decode: cache slots of every context token, padded, and which of them are real
+    decode_slots: torch.Tensor | None = None  # [num_decodes, max_context]
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] bool
+    # prefill chunks that continue a cached prefix: slots of all their context tokens
+    prefill_slots: list[torch.Tensor | None] = field(default_factory=list)
+    images: list[ImageSpan] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])

@@ -1,0 +1,157 @@
+"""The plugin contract of vlm: every hook a model-family plugin can implement.
+
+This file is the documentation of the contract. A plugin is a module (or an object) holding
+functions decorated with :data:`hookimpl` whose names match the specs below. The core finds
+plugins through ``importlib.metadata.entry_points(group="vlm.models")``, registers each in one
+``pluggy.PluginManager("vlm")`` and calls hooks **with keyword arguments only**, so an
+implementation may accept fewer arguments than its spec and the specs can grow without breaking
+plugins.
+
+A plugin module declares the range of contract versions it was written for::
+
+    vlm_api_version = ">=1.0,<2"
+
+and the core refuses a plugin whose range does not contain :data:`API_VERSION`.
+
+Plugin modules must import torch lazily (inside ``build_model`` / ``build_preprocessor``):
+``vlmrun plugins`` imports every plugin and calls :func:`architectures` without importing torch.
+
+Minimal plugin::
+
+    from vlm.hookspecs import hookimpl, Claim
+
+    vlm_api_version = ">=1.0,<2"
+
+    @hookimpl
+    def architectures():
+        return ["MyForCausalLM"]
+
+    @hookimpl
+    def match(hf_config):
+        if "MyForCausalLM" in (hf_config.architectures or []):
+            return Claim(reason="architecture MyForCausalLM")
+
+    @hookimpl
+    def build_model(hf_config, dtype, device):
+        from .model import MyForCausalLM   # torch is imported here, not at module import
+        return MyForCausalLM(hf_config, dtype=dtype, device=device)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:  # imported for annotations only: this module must not import torch
+    import torch
+
+    from vlm.config import ModelConfig
+    from vlm.inputs import Preprocessor
+
+#: Version of this contract. Bump the major version when a spec changes incompatibly.
+API_VERSION = "1.0"
+
+#: The name of the module attribute where a plugin declares the versions it supports.
+API_VERSION_ATTRIBUTE = "vlm_api_version"
+
+hookspec = pluggy.HookspecMarker("vlm")
+hookimpl = pluggy.HookimplMarker("vlm")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A plugin's answer to :func:`match`: "I serve this config".
+
+    :param priority: higher wins; two claims at the same highest priority are an error that asks
+        the user to choose with ``--plugin NAME``. Generic fallbacks use negative priorities.
+    :param reason: a few words for ``vlmrun which`` (e.g. ``"architecture Qwen2ForCausalLM"``).
+    """
+
+    priority: int = 0
+    reason: str = ""
+
+
+@hookspec
+def architectures() -> list[str]:
+    """The ``architectures`` names (as in config.json) this plugin serves, for listings.
+
+    Called by ``vlmrun plugins``; must not import torch.
+
+    :return: e.g. ``["LlamaForCausalLM", "Qwen2ForCausalLM"]``.
+    """
+
+
+@hookspec
+def match(hf_config: Any) -> Claim | bool | None:
+    """Does this plugin serve the model described by ``hf_config``?
+
+    The core asks every plugin and collects the claims; the highest priority wins.
+
+    :param hf_config: the model's configuration with attribute access: a
+        ``transformers.PretrainedConfig`` when transformers knows the ``model_type``, otherwise a
+        :class:`vlm.config.RawConfig` over config.json. For a VLM's language model this is the
+        nested text config. Read ``hf_config.architectures`` and ``hf_config.model_type``.
+    :return: a :class:`Claim` (or ``True`` for ``Claim()``) to serve it; ``None`` or ``False``
+        to decline.
+
+    Example::
+
+        @hookimpl
+        def match(hf_config):
+            if hf_config.model_type == "qwen2":
+                return Claim(priority=0, reason="model_type qwen2")
+    """
+
+
+@hookspec(firstresult=True)
+def build_preprocessor(
+    hf_config: Any, model_config: ModelConfig, model_path: str, tokenizer: Any
+) -> Preprocessor:
+    """Build the object that turns prompts / chat messages (with images) into model inputs.
+
+    Called only on the chosen plugin.
+
+    :param hf_config: as in :func:`match`.
+    :param model_config: the validated :class:`vlm.config.ModelConfig`.
+    :param model_path: the local model directory (tokenizer and processor files live there).
+    :param tokenizer: the ``transformers`` tokenizer loaded from ``model_path``.
+    :return: a :class:`vlm.inputs.Preprocessor`. Text-only models return
+        ``vlm.inputs.TextPreprocessor(tokenizer)``; vision models expand image placeholders to
+        the exact count the model consumes and must agree with the transformers processor token
+        for token and pixel for pixel.
+
+    Example::
+
+        @hookimpl
+        def build_preprocessor(tokenizer):
+            from vlm.inputs import TextPreprocessor
+            return TextPreprocessor(tokenizer)
+    """
+
+
+@hookspec(firstresult=True)
+def build_model(
+    hf_config: Any, model_config: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> torch.nn.Module:
+    """Build the model, with parameters allocated but not loaded.
+
+    Called only on the chosen plugin. The module follows :class:`vlm.model.ModelProtocol`:
+    ``forward(input_ids, positions, batch, inputs_embeds=None)`` over a flat batch of tokens
+    from many sequences with a KV cache, ``compute_logits(hidden_states)``,
+    ``embed_tokens(input_ids)`` and ``load_weights(weights)``. Build it from ``vlm.nn`` layers.
+
+    :param hf_config: as in :func:`match`.
+    :param model_config: the validated :class:`vlm.config.ModelConfig`.
+    :param dtype: parameter dtype (``torch.float32`` on CPU by default).
+    :param device: where to allocate (``meta`` for ``vlmrun check``, which loads nothing).
+    :return: a ``torch.nn.Module``.
+
+    Example::
+
+        @hookimpl
+        def build_model(hf_config, dtype, device):
+            from .model import LlamaForCausalLM
+            return LlamaForCausalLM(hf_config, dtype=dtype, device=device)
+    """

@@ -1,0 +1,167 @@
+"""Finding a model directory and streaming its checkpoint into a model.
+
+safetensors first (single file or sharded through ``model.safetensors.index.json``), memory-mapped
+and read one tensor at a time; ``.bin`` files only through ``torch.load(weights_only=True)``, which
+never unpickles arbitrary objects. A progress bar appears for checkpoints that take a while.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlm.errors import ModelNotFoundError, WeightsError
+
+_PROGRESS_MIN_BYTES = 256 * 2**20
+
+
+def resolve_model_path(model: str, allow_download: bool = False) -> Path:
+    """A local directory, or a hub id already in the local Hugging Face cache.
+
+    Nothing is downloaded unless ``allow_download`` is true.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"--model {model!r} is a file; pass the model directory that holds config.json")
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if looks_like_hub_id:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(model, local_files_only=not allow_download))
+        except LocalEntryNotFoundError:
+            raise ModelNotFoundError(
+                f"model {model!r} is not a directory and not in the local Hugging Face cache "
+                f"({constants.HF_HUB_CACHE}); download it first (huggingface-cli download {model}) "
+                "or pass --allow-download"
+            ) from None
+        except Exception as exc:
+            raise ModelNotFoundError(f"model {model!r} could not be fetched: {exc}") from None
+    raise ModelNotFoundError(
+        f"model {model!r} not found: no such directory ({path.resolve()}) and not a hub id (owner/name)"
+    )
+
+
+@dataclass
+class CheckpointFile:
+    path: Path
+    format: str  # "safetensors" or "bin"
+
+
+def checkpoint_files(model_dir: Path) -> list[CheckpointFile]:
+    """The checkpoint's files, safetensors preferred; raises when there are none or shards are missing."""
+    for index_name, fmt in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+        index = model_dir / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise WeightsError(f"{index} is not a valid shard index ({exc}); re-download it") from None
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not (model_dir / s).is_file()]
+            if missing:
+                raise WeightsError(f"{index} lists shards that are not there: {', '.join(missing)}; re-download them")
+            return [CheckpointFile(model_dir / s, fmt) for s in shards]
+    safetensors = sorted(model_dir.glob("*.safetensors"))
+    if safetensors:
+        return [CheckpointFile(p, "safetensors") for p in safetensors]
+    bins = sorted(p for p in model_dir.glob("*.bin") if p.name != "training_args.bin")
+    if bins:
+        return [CheckpointFile(p, "bin") for p in bins]
+    raise WeightsError(f"no *.safetensors or *.bin weights in {model_dir}; the checkpoint is incomplete")
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def iter_checkpoint(files: list[CheckpointFile], meta: bool = False, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor, one at a time.
+
+    :param meta: yield ``meta``-device tensors of the right shape and dtype without reading data
+        (used by ``vlmrun check``; only safetensors headers are read).
+    """
+    total = sum(f.path.stat().st_size for f in files)
+    bar = None
+    if progress and not meta and total >= _PROGRESS_MIN_BYTES:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights", leave=False)
+    try:
+        for file in files:
+            if file.format == "safetensors":
+                yield from _iter_safetensors(file.path, meta, bar)
+            else:
+                yield from _iter_bin(file.path, meta, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _iter_safetensors(path: Path, meta: bool, bar) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:
+        raise WeightsError(f"{path} is truncated or not a safetensors file ({exc}); re-download it") from None
+    with handle as f:
+        for name in f.keys():
+            if meta:
+                piece = f.get_slice(name)
+                dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype(), torch.float32)
+                yield name, torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+                continue
+            try:
+                tensor = f.get_tensor(name)
+            except Exception as exc:
+                raise WeightsError(f"{path}: tensor {name!r} could not be read ({exc}); re-download the file") from None
+            if bar is not None:
+                bar.update(tensor.numel() * tensor.element_size())
+            yield name, tensor
+
+
+def _iter_bin(path: Path, meta: bool, bar) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        state = torch.load(str(path), map_location="meta" if meta else "cpu", weights_only=True, mmap=not meta)
+    except Exception as exc:
+        raise WeightsError(
+            f"{path} could not be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "only plain tensors are accepted from .bin files, convert it to safetensors"
+        ) from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
+    for name, tensor in state.items():
+        if bar is not None:
+            bar.update(tensor.numel() * tensor.element_size())
+        yield name, tensor
+
+
+def load_checkpoint(model: torch.nn.Module, model_dir: Path, progress: bool = True, meta: bool = False):
+    """Stream the checkpoint of ``model_dir`` into ``model.load_weights``; raise on any mismatch.
+
+    :return: the :class:`vlm.nn.weights.LoadReport`.
+    """
+    files = checkpoint_files(model_dir)
+    report = model.load_weights(iter_checkpoint(files, meta=meta, progress=progress and os.isatty(2)))
+    if not report.ok:
+        raise report.error(str(model_dir))
+    return report

@@ -1,0 +1,43 @@
+"""Attention over the engine's paged KV cache.
+
+The layer writes this step's k/v into its cache slots, then attends: decode sequences in one
+batched call, prefill sequences one by one (continuing their cached prefix when they have one).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlm.forward_batch import ForwardBatch
+from vlm.kernels.attention import decode_attention, prefill_attention, write_kv_cache
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, layer_idx: int, scale: float | None = None):
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
+        self.layer_idx = layer_idx
+        self.scale = scale if scale is not None else head_dim**-0.5
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """q ``[T, Hq, D]``, k and v ``[T, Hk, D]`` -> ``[T, Hq * D]``."""
+        k_cache, v_cache = batch.kv_caches[self.layer_idx]
+        write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
+        nd = batch.num_decodes
+        parts = []
+        if nd:
+            parts.append(decode_attention(q[:nd], k_cache, v_cache, batch.decode_slots, batch.decode_mask, self.scale))
+        start = nd
+        for i, qlen in enumerate(batch.query_lens[nd:]):
+            end = start + qlen
+            slots = batch.prefill_slots[i] if batch.prefill_slots else None
+            if slots is None:
+                seq_k, seq_v = k[start:end], v[start:end]
+            else:
+                seq_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)[slots]
+                seq_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)[slots]
+            parts.append(prefill_attention(q[start:end], seq_k, seq_v, self.scale))
+            start = end
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out.reshape(out.shape[0], self.num_heads * self.head_dim)

@@ -1,0 +1,163 @@
+"""Tensor-parallel linear layers (Megatron style) and their builders.
+
+- colwise: the output features are split across ranks; no communication.
+- rowwise: the input features are split; partial results are summed with all-reduce.
+- merged colwise: several colwise outputs fused in one GEMM (gate + up).
+- qkv: q, k, v projections fused, split by heads (k/v heads replicated when fewer than ranks).
+
+Every parameter carries a ``weight_loader`` that takes the *full* checkpoint tensor and copies
+this rank's slice, so model files map names and never think about sharding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm.distributed import all_reduce, divide, tp_rank, tp_world_size
+from vlm.nn.weights import ShapeMismatch
+
+
+def _parameter(shape: tuple[int, ...], dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def _check(expected: tuple[int, ...], got: torch.Tensor) -> None:
+    if tuple(got.shape) != tuple(expected):
+        raise ShapeMismatch(tuple(expected), tuple(got.shape))
+
+
+class ColwiseLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.out_per_rank = divide(out_features, tp_world_size(), "output features")
+        self.weight = _parameter((self.out_per_rank, in_features), dtype, device)
+        self.weight.weight_loader = self._load
+        self.bias = _parameter((self.out_per_rank,), dtype, device) if bias else None
+        if self.bias is not None:
+            self.bias.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        _check((self.out_features, *param.shape[1:]), loaded)
+        param.data.copy_(loaded.narrow(0, tp_rank() * self.out_per_rank, self.out_per_rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowwiseLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.in_per_rank = divide(in_features, tp_world_size(), "input features")
+        self.weight = _parameter((out_features, self.in_per_rank), dtype, device)
+        self.weight.weight_loader = self._load_weight
+        self.bias = _parameter((out_features,), dtype, device) if bias else None
+
+    def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        _check((self.out_features, self.in_features), loaded)
+        param.data.copy_(loaded.narrow(1, tp_rank() * self.in_per_rank, self.in_per_rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = all_reduce(F.linear(x, self.weight))
+        # the bias is added after the reduction so that it is counted once, not once per rank
+        return out if self.bias is None else out + self.bias
+
+
+class MergedColwiseLinear(nn.Module):
+    """Several colwise projections of the same input in one GEMM; shard ids are 0, 1, ..."""
+
+    def __init__(self, in_features: int, out_sizes: Sequence[int], bias: bool = False, dtype=None, device=None):
+        super().__init__()
+        world = tp_world_size()
+        self.in_features = in_features
+        self.out_sizes = list(out_sizes)
+        self.sizes_per_rank = [divide(size, world, "output features") for size in out_sizes]
+        self.weight = _parameter((sum(self.sizes_per_rank), in_features), dtype, device)
+        self.bias = _parameter((sum(self.sizes_per_rank),), dtype, device) if bias else None
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.weight_loader = self._load
+                param.shard_ids = list(range(len(out_sizes)))
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+        _check((self.out_sizes[shard_id], *param.shape[1:]), loaded)
+        size = self.sizes_per_rank[shard_id]
+        offset = sum(self.sizes_per_rank[:shard_id])
+        param.data[offset : offset + size].copy_(loaded.narrow(0, tp_rank() * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class QKVLinear(nn.Module):
+    """Fused q/k/v projection split by heads; shard ids are "q", "k", "v"."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        dtype=None,
+        device=None,
+    ):
+        super().__init__()
+        world = tp_world_size()
+        self.hidden_size, self.head_dim = hidden_size, head_dim
+        self.total_heads, self.total_kv_heads = num_heads, num_kv_heads
+        self.num_heads = divide(num_heads, world, "attention heads")
+        # fewer kv heads than ranks: each rank keeps a copy of the kv head its q heads use
+        self.num_kv_heads = max(1, num_kv_heads // world)
+        if num_kv_heads >= world and num_kv_heads % world:
+            divide(num_kv_heads, world, "key/value heads")
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        out = self.q_size + 2 * self.kv_size
+        self.weight = _parameter((out, hidden_size), dtype, device)
+        self.bias = _parameter((out,), dtype, device) if bias else None
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.weight_loader = self._load
+                param.shard_ids = ["q", "k", "v"]
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+        heads = self.total_heads if shard_id == "q" else self.total_kv_heads
+        _check((heads * self.head_dim, *param.shape[1:]), loaded)
+        if shard_id == "q":
+            offset, size, head_start = 0, self.q_size, tp_rank() * self.num_heads
+        else:
+            offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
+            size = self.kv_size
+            ranks_per_kv_head = max(1, tp_world_size() // self.total_kv_heads)
+            head_start = (tp_rank() // ranks_per_kv_head) * self.num_kv_heads
+        shard = loaded.narrow(0, head_start * self.head_dim, size)
+        param.data[offset : offset + size].copy_(shard)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def build_colwise_linear(in_features: int, out_features: int, bias: bool = False, dtype=None, device=None) -> ColwiseLinear:
+    return ColwiseLinear(in_features, out_features, bias=bias, dtype=dtype, device=device)
+
+
+def build_rowwise_linear(in_features: int, out_features: int, bias: bool = False, dtype=None, device=None) -> RowwiseLinear:
+    return RowwiseLinear(in_features, out_features, bias=bias, dtype=dtype, device=device)
+
+
+def build_merged_colwise_linear(
+    in_features: int, out_sizes: Sequence[int], bias: bool = False, dtype=None, device=None
+) -> MergedColwiseLinear:
+    return MergedColwiseLinear(in_features, out_sizes, bias=bias, dtype=dtype, device=device)
+
+
+def build_qkv_proj(
+    hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False, dtype=None, device=None
+) -> QKVLinear:
+    return QKVLinear(hidden_size, head_dim, num_heads, num_kv_heads, bias=bias, dtype=dtype, device=device)

@@ -1,0 +1,24 @@
+"""What generation returns (shaped like vLLM's ``RequestOutput`` / ``CompletionOutput``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    logprobs: list[dict[int, float]] | None = None  # per token: {token_id: logprob}
+    delta: str = ""  # text added by the latest step (for streaming)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False

@@ -1,0 +1,140 @@
+"""Fused ops for the model code: RMSNorm, gated activations, rotary embedding.
+
+Each op dispatches on its input: CUDA tensors run the Triton kernel, anything
+else runs the torch reference in ``vlm.kernels.reference``. The environment
+variable ``VLM_KERNELS`` overrides that choice:
+
+    auto    (default) Triton for CUDA tensors when triton is installed, else torch
+    torch   always the reference
+    triton  always Triton, even for CPU tensors; this is how the tests run the
+            kernels without a GPU, under TRITON_INTERPRET=1
+
+The variable is read on every call so tests can flip it with monkeypatch.
+
+Triton is imported lazily, on the first call that takes the Triton path:
+``import vlm.kernels`` stays cheap and works without triton installed, and
+TRITON_INTERPRET (which triton reads when a kernel is *defined*) still takes
+effect if it is set after this package was imported but before the first
+Triton call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+from . import reference
+
+__all__ = [
+    "backend_for",
+    "rms_norm",
+    "fused_add_rms_norm",
+    "silu_and_mul",
+    "gelu_and_mul",
+    "apply_rotary",
+]
+
+ENV_VAR = "VLM_KERNELS"
+BACKENDS = ("auto", "torch", "triton")
+
+_triton_installed: bool | None = None
+
+
+def _triton_is_installed() -> bool:
+    # find_spec looks for the package without importing it (importing triton
+    # costs ~1 s); cached because the answer cannot change within a process.
+    global _triton_installed
+    if _triton_installed is None:
+        _triton_installed = importlib.util.find_spec("triton") is not None
+    return _triton_installed
+
+
+def _requested_backend() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(
+            f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not a valid kernel backend; "
+            f"expected one of {', '.join(BACKENDS)}"
+        )
+    return value
+
+
+def backend_for(tensor: torch.Tensor) -> str:
+    """Return ``"torch"`` or ``"triton"``: the path an op on ``tensor`` takes."""
+    requested = _requested_backend()
+    if requested != "auto":
+        return requested
+    return "triton" if tensor.is_cuda and _triton_is_installed() else "torch"
+
+
+def _triton_module(name: str, tensor: torch.Tensor) -> ModuleType:
+    """Import ``vlm.kernels.<name>`` (which imports triton) on first use."""
+    try:
+        module = importlib.import_module(f"{__name__}.{name}")
+    except ImportError as exc:
+        if exc.name != "triton" and not (exc.name or "").startswith("triton."):
+            raise
+        raise ImportError(
+            f"The Triton kernel path was selected ({ENV_VAR}={os.environ.get(ENV_VAR, 'auto')}) "
+            f"but triton is not importable ({exc}). Install triton or set {ENV_VAR}=torch."
+        ) from exc
+    # Without the interpreter, a CPU pointer reaching a compiled kernel fails
+    # deep inside triton with a message that does not say what to do.
+    if not tensor.is_cuda and not module.INTERPRETED:
+        raise RuntimeError(
+            f"Triton kernels need CUDA tensors, got a tensor on {tensor.device}. "
+            f"Set {ENV_VAR}=torch, or set TRITON_INTERPRET=1 before the first Triton "
+            f"call to run the kernels on CPU in triton's (slow) interpreter."
+        )
+    return module
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of x [..., H] with weight [H]; returns x.dtype."""
+    if backend_for(x) == "triton":
+        return _triton_module("triton_norm", x).rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(rms_norm(x + residual), x + residual)`` as new tensors."""
+    if backend_for(x) == "triton":
+        return _triton_module("triton_norm", x).fused_add_rms_norm(x, residual, weight, eps)
+    return reference.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2d] -> silu(x[..., :d]) * x[..., d:]."""
+    if backend_for(x) == "triton":
+        return _triton_module("triton_activation", x).silu_and_mul(x)
+    return reference.silu_and_mul(x)
+
+
+def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """x [..., 2d] -> gelu(x[..., :d], approximate) * x[..., d:]; approximate is "none" or "tanh"."""
+    if backend_for(x) == "triton":
+        return _triton_module("triton_activation", x).gelu_and_mul(x, approximate)
+    return reference.gelu_and_mul(x, approximate)
+
+
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    is_neox: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding on q [T, Hq, D] and k [T, Hk, D] with cos, sin [T, R/2].
+
+    Only the first R dims of each head rotate. is_neox: rotate_half pairing
+    (Llama/Qwen) if True, interleaved GPT-J pairing if False.
+    """
+    if backend_for(q) == "triton":
+        return _triton_module("triton_rotary", q).apply_rotary(q, k, cos, sin, is_neox)
+    return reference.apply_rotary(q, k, cos, sin, is_neox)

@@ -1,0 +1,51 @@
+"""vlm plugin for Llama-family decoder-only language models: Llama, Mistral, Qwen2, Qwen3.
+
+It also serves these models as the language half of a VLM (a VLM plugin asks the core for the
+model of its nested text config, and the core asks this plugin). torch is imported only inside
+the hooks that build something.
+"""
+
+from __future__ import annotations
+
+from vlm.hookspecs import Claim, hookimpl
+
+__version__ = "0.1.0"
+vlm_api_version = ">=1.0,<2"
+
+#: architecture name -> model_type, as in config.json
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+@hookimpl
+def architectures():
+    return list(ARCHITECTURES)
+
+
+@hookimpl
+def match(hf_config):
+    for arch in getattr(hf_config, "architectures", None) or []:
+        if arch in ARCHITECTURES:
+            return Claim(reason=f"architecture {arch}")
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type in ARCHITECTURES.values():
+        return Claim(reason=f"model_type {model_type}")
+    return None
+
+
+@hookimpl
+def build_preprocessor(tokenizer):
+    from vlm.inputs import TextPreprocessor
+
+    return TextPreprocessor(tokenizer)
+
+
+@hookimpl
+def build_model(hf_config, dtype, device):
+    from vlm_plugin_llama.model import LlamaForCausalLM
+
+    return LlamaForCausalLM(hf_config, dtype=dtype, device=device)
