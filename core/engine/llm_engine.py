@@ -109,6 +109,20 @@ class LLMEngine:
             return torch.float32  # no native bf16 on these CPUs: fp32 is the fast dtype
         return _DTYPES.get(self.model_config.torch_dtype or "", torch.bfloat16)
 
+    def default_sampling_values(self) -> dict:
+        """Sampling defaults as transformers' ``generate`` would use them: generation_config.json's."""
+        path = self.model_dir / "generation_config.json"
+        try:
+            config = json.loads(path.read_text()) if path.is_file() else {}
+        except json.JSONDecodeError:
+            config = {}
+        values: dict = {"temperature": 0.0}
+        if config.get("do_sample"):
+            values = {k: config[k] for k in ("temperature", "top_p", "top_k") if config.get(k) is not None}
+        if config.get("repetition_penalty") is not None:
+            values["repetition_penalty"] = config["repetition_penalty"]
+        return values
+
     # -- requests ----------------------------------------------------------------------------
 
     def preprocess(self, prompt: Prompt | ModelInputs) -> ModelInputs:

@@ -1,0 +1,1 @@
+"""The ``vlmrun`` command line. Every module here imports torch lazily."""

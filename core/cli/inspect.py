@@ -1,0 +1,65 @@
+"""``vlmrun plugins`` and ``vlmrun which``: what is installed, and who serves a model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from argparse import Namespace
+
+from vlm.plugins import get_registry
+
+
+def plugins_command(args: Namespace) -> int:
+    """List plugins; imports plugin modules but never torch."""
+    infos = get_registry().describe()
+    if args.json:
+        print(json.dumps([info.as_dict() for info in infos], indent=2))
+        return 0
+    if not infos:
+        print("no plugins installed (pip install vlm-plugin-<family>, or check VLM_LOAD_PLUGINS)")
+        return 0
+    for info in infos:
+        origin = f"{info.distribution} {info.version}" if info.distribution else info.location
+        print(f"{info.name}  [{info.source}: {origin}]")
+        if info.error:
+            print(f"  FAILED: {info.error}")
+            continue
+        print(f"  architectures: {', '.join(info.architectures) or '(not declared)'}")
+        print(f"  hooks: {', '.join(info.hooks)}")
+        if info.api_version:
+            print(f"  plugin API: {info.api_version}")
+    return 0
+
+
+def which_command(args: Namespace) -> int:
+    from vlm.config import load_model_config
+    from vlm.loader import resolve_model_path
+
+    model_dir = resolve_model_path(args.model, args.allow_download)
+    config = load_model_config(model_dir)
+    registry = get_registry()
+    claims = registry.candidates(config.hf_config)
+    print(f"model: {model_dir}")
+    print(f"  architectures: {', '.join(config.architectures) or '-'}; model_type: {config.model_type or '-'}")
+    try:
+        chosen, _ = registry.choose(config.hf_config, args.plugin)
+    except Exception:
+        _print_claims(claims, None)
+        raise
+    how = "forced with --plugin" if args.plugin else "highest-priority claim"
+    print(f"plugin: {chosen} ({how})")
+    _print_claims(claims, chosen)
+    for info in registry.broken():
+        print(f"  (not asked, failed to load) {info.name}: {info.error}", file=sys.stderr)
+    return 0
+
+
+def _print_claims(claims, chosen: str | None) -> None:
+    if not claims:
+        print("claims: none")
+        return
+    print("claims:")
+    for candidate in claims:
+        mark = "*" if candidate.plugin == chosen else " "
+        reason = f": {candidate.claim.reason}" if candidate.claim.reason else ""
+        print(f" {mark} {candidate.plugin} (priority {candidate.claim.priority}){reason}")

@@ -1,0 +1,107 @@
+"""``vlmrun``: run, chat with, inspect and check models.
+
+    vlmrun --model DIR [--prompt TEXT]      one-shot generation, or an interactive chat
+    vlmrun plugins [--json]                 installed plugins (does not import torch)
+    vlmrun which --model DIR                which plugin serves a model, and who else claimed it
+    vlmrun check --model DIR                validate config and weights without running
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from vlm import __version__
+from vlm.errors import VlmError
+
+COMMANDS = ("run", "plugins", "which", "check")
+
+
+def _add_plugin_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin-file", action="append", default=[], metavar="PATH",
+                        help="load hookimpls from a plain .py file (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress on stderr")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", required=True, help="model directory, or a hub id in the local HF cache")
+    parser.add_argument("--plugin", help="use this plugin instead of the one `match` picks")
+    parser.add_argument("--allow-download", action="store_true", help="download a hub id that is not cached")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmrun", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"vlm-core {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="generate once (--prompt) or chat interactively (default command)")
+    _add_model_options(run)
+    _add_plugin_options(run)
+    from vlm.cli.run import add_run_arguments
+
+    add_run_arguments(run)
+
+    plugins = sub.add_parser("plugins", help="list installed plugins")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.add_argument("--all", action="store_true", help="include plugins that failed to load (default: shown)")
+    _add_plugin_options(plugins)
+
+    which = sub.add_parser("which", help="explain which plugin serves a model")
+    _add_model_options(which)
+    _add_plugin_options(which)
+
+    check = sub.add_parser("check", help="validate a model's config and weights without running it")
+    _add_model_options(check)
+    _add_plugin_options(check)
+    check.add_argument("--json", action="store_true", help="machine-readable report")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
+        argv.insert(0, "run")  # `vlmrun --model X` is `vlmrun run --model X`
+    if not argv:
+        argv = ["--help"]
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        from vlm.plugins import add_plugin_file
+
+        for path in args.plugin_file:
+            add_plugin_file(path)
+        if args.command == "plugins":
+            from vlm.cli.inspect import plugins_command
+
+            return plugins_command(args)
+        if args.command == "which":
+            from vlm.cli.inspect import which_command
+
+            return which_command(args)
+        if args.command == "check":
+            from vlm.cli.check import check_command
+
+            return check_command(args)
+        from vlm.cli.run import run_command
+
+        return run_command(args)
+    except VlmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): exit quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""``vlmrun --model DIR``: one-shot generation with ``--prompt``, otherwise an interactive chat.
+
+Generated text goes to stdout and nothing else does; logs and the chat prompt go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+CHAT_HELP = "commands: /clear starts over, /exit (or Ctrl-D) quits"
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", "-p", help="generate once for this prompt and exit; '-' reads stdin")
+    parser.add_argument("--system", help="system message for chat templates")
+    parser.add_argument("--no-chat-template", action="store_true", help="send --prompt as raw text")
+    sampling = parser.add_argument_group("sampling (defaults: the model's generation_config.json, else greedy)")
+    sampling.add_argument("--max-tokens", type=int, default=256)
+    sampling.add_argument("--temperature", type=float)
+    sampling.add_argument("--top-k", type=int)
+    sampling.add_argument("--top-p", type=float)
+    sampling.add_argument("--min-p", type=float)
+    sampling.add_argument("--repetition-penalty", type=float)
+    sampling.add_argument("--seed", type=int)
+    sampling.add_argument("--stop", action="append", help="stop string (repeatable)")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    engine.add_argument("--device", default="auto")
+    engine.add_argument("--max-model-len", type=int)
+    engine.add_argument("--kv-cache-gib", type=float, default=2.0)
+    engine.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+
+
+def sampling_params_from_args(args: argparse.Namespace, defaults: dict[str, Any]):
+    from vlm.sampling_params import SamplingParams
+
+    values = dict(defaults)
+    for field in ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop"):
+        value = getattr(args, field)
+        if value is not None:
+            values[field] = value
+    return SamplingParams(**values)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from vlm.llm import LLM
+
+    # validate sampling flags before the (slow) model load
+    sampling_params_from_args(args, {})
+    llm = LLM(
+        args.model,
+        plugin=args.plugin,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
+        num_threads=args.threads,
+        allow_download=args.allow_download,
+    )
+    params = sampling_params_from_args(args, llm.engine.default_sampling_values())
+    has_template = bool(getattr(llm.tokenizer, "chat_template", None))
+    if args.prompt is not None:
+        text = sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt: Any = text
+        if has_template and not args.no_chat_template:
+            prompt = _system(args) + [{"role": "user", "content": text}]
+        for piece in llm.stream(prompt, params):
+            _write(piece)
+        _write("\n")
+        return 0
+    return chat_loop(llm, params, args, has_template)
+
+
+def _system(args: argparse.Namespace) -> list[dict[str, str]]:
+    return [{"role": "system", "content": args.system}] if args.system else []
+
+
+def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
+    from vlm.errors import InputError
+
+    interactive = sys.stdin.isatty()
+    if not has_template:
+        print("note: this model has no chat template; each line is sent as a raw prompt", file=sys.stderr)
+    if interactive:
+        print(f"chatting with {args.model}; {CHAT_HELP}", file=sys.stderr)
+    history: list[dict[str, str]] = _system(args)
+    while True:
+        if interactive:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/clear":
+            history = _system(args)
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line.split()[0]}; {CHAT_HELP}", file=sys.stderr)
+            continue
+        turn = history + [{"role": "user", "content": line}]
+        reply = []
+        try:
+            for piece in llm.stream(turn if has_template else line, params):
+                reply.append(piece)
+                _write(piece)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        _write("\n")
+        history = turn + [{"role": "assistant", "content": "".join(reply)}]
