@@ -8,23 +8,37 @@ fields it depends on so that a broken config is a one-line error naming the fiel
 
 from __future__ import annotations
 
+import difflib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from vlm.errors import ConfigError
 
 
-def one_line(exc: ValidationError, what: str) -> str:
-    """A pydantic error as one line: ``<what> 'field': message (got value)``."""
+def one_line(exc: ValidationError, what: str, fields: Iterable[str] = ()) -> str:
+    """A pydantic error as one line: ``<what> 'field': message (got value)``.
+
+    :param fields: the model's field names, to suggest the intended one for a misspelled field.
+    """
     parts = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "value"
+        field = ".".join(str(p) for p in err["loc"])
+        message = err["msg"]
+        if err["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
         got = err.get("input")
-        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-        parts.append(f"{what} {field!r}: {err['msg']}{got_text}")
+        got_text = "" if isinstance(got, dict) or not field else f" (got {got!r})"
+        hint = ""
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+            close = difflib.get_close_matches(str(err["loc"][-1]), list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+        # a check across fields has no location; its message names the fields involved
+        parts.append(f"{what} {field!r}: {message}{got_text}{hint}" if field else message)
     return "; ".join(parts)
 
 
@@ -32,13 +46,21 @@ class Settings(BaseModel):
     """Base for user-facing settings: unknown fields and bad values are one-line errors."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    _what = "setting"
+    # a ClassVar, not a pydantic private attribute: private attributes do not exist yet on an
+    # instance whose validation failed, which is exactly when the error message needs this
+    _what: ClassVar[str] = "setting"
 
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigError(one_line(exc, self._what)) from None
+            raise ConfigError(one_line(exc, type(self)._what, type(self).model_fields)) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise ConfigError(one_line(exc, type(self)._what, type(self).model_fields)) from None
 
 
 class RawConfig:
@@ -74,7 +96,7 @@ class TextModelConfig(BaseModel):
     num_hidden_layers: PositiveInt
     num_attention_heads: PositiveInt
     num_key_value_heads: PositiveInt
-    head_dim: PositiveInt
+    head_dim: PositiveInt = Field(None, validate_default=False)  # type: ignore[assignment]  # set below
     max_position_embeddings: PositiveInt = 4096
 
     @model_validator(mode="before")
@@ -83,22 +105,26 @@ class TextModelConfig(BaseModel):
         data = dict(data)
         if data.get("num_key_value_heads") is None:
             data["num_key_value_heads"] = data.get("num_attention_heads")
-        heads = data.get("num_attention_heads")
-        if data.get("head_dim") is None and isinstance(heads, int) and heads > 0:
-            hidden = data.get("hidden_size")
-            if isinstance(hidden, int) and hidden % heads == 0:
-                data["head_dim"] = hidden // heads
-        if data.get("max_position_embeddings") is None:
-            data.pop("max_position_embeddings", None)
+        for key in ("head_dim", "max_position_embeddings"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
     @model_validator(mode="after")
     def _check_heads(self) -> TextModelConfig:
+        # runs only once every field is valid, so a bad num_attention_heads is reported alone
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"head_dim is not set and hidden_size ({self.hidden_size}) is not a multiple of "
+                    f"num_attention_heads ({self.num_attention_heads}); set head_dim"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
         return self
 
 
@@ -130,7 +156,9 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{config_file} is not valid JSON ({exc}); fix or re-download it") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{config_file} must hold a JSON object, not {type(raw).__name__}")
+        raise ConfigError(
+            f"{config_file} must hold a JSON object, not a {type(raw).__name__}; fix or re-download it"
+        )
     if not raw.get("model_type") and not raw.get("architectures"):
         raise ConfigError(
             f"{config_file} has neither 'model_type' nor 'architectures'; add the one your "
@@ -183,7 +211,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         text = TextModelConfig.model_validate(text_dict)
     except ValidationError as exc:
         raise ConfigError(f"{where} {one_line(exc, 'field')}; fix config.json") from None
-    dtype = raw.get("torch_dtype") or raw.get("dtype") or text_dict.get("torch_dtype")
+    dtype = raw.get("torch_dtype") or raw.get("dtype") or text_dict.get("torch_dtype") or text_dict.get("dtype")
     return ModelConfig(
         path=str(model_dir),
         model_type=raw.get("model_type"),
