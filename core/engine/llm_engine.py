@@ -21,6 +21,7 @@ from vlm.errors import ConfigError, InputError
 from vlm.inputs import ModelInputs, Prompt
 from vlm.loader import load_checkpoint, resolve_model_path
 from vlm.models import build_model, build_preprocessor
+from vlm.nn.gemm import prepare_for_inference
 from vlm.outputs import CompletionOutput, RequestOutput
 from vlm.sampling_params import SamplingParams
 
@@ -75,6 +76,7 @@ class LLMEngine:
         self.preprocessor = build_preprocessor(self.model_config, self.tokenizer, self.plugin)
         load_checkpoint(self.model, self.model_dir)
         self.model.eval()
+        prepare_for_inference(self.model)
 
         text = self.model_config.text
         self.max_model_len = min(config.max_model_len or text.max_position_embeddings, text.max_position_embeddings)

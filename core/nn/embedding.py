@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_world_size
+from vlm.nn.gemm import linear, pack_weight
 from vlm.nn.weights import ShapeMismatch
 
 
@@ -44,10 +45,15 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype=None, device=None):
         super().__init__(num_embeddings, embedding_dim, dtype=dtype, device=device)
+        self.packed_weight: torch.Tensor | None = None
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
+    def prepare_for_inference(self) -> None:
+        # a packed copy even when tied: the embedding lookup still needs the dense rows
+        self.packed_weight = pack_weight(self.weight)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(F.linear(hidden_states, self.weight))
+        logits = all_gather_last_dim(linear(hidden_states, self.weight, None, self.packed_weight))
         return logits[..., : self.num_embeddings]

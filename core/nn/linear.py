@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlm.distributed import all_reduce, divide, tp_rank, tp_world_size
+from vlm.nn.gemm import PackableLinear
 from vlm.nn.weights import ShapeMismatch
 
 
@@ -30,7 +30,7 @@ def _check(expected: tuple[int, ...], got: torch.Tensor) -> None:
         raise ShapeMismatch(tuple(expected), tuple(got.shape))
 
 
-class ColwiseLinear(nn.Module):
+class ColwiseLinear(PackableLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -46,10 +46,10 @@ class ColwiseLinear(nn.Module):
         param.data.copy_(loaded.narrow(0, tp_rank() * self.out_per_rank, self.out_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
-class RowwiseLinear(nn.Module):
+class RowwiseLinear(PackableLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -63,12 +63,12 @@ class RowwiseLinear(nn.Module):
         param.data.copy_(loaded.narrow(1, tp_rank() * self.in_per_rank, self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_reduce(F.linear(x, self.weight))
+        out = all_reduce(self.matmul(x, None))
         # the bias is added after the reduction so that it is counted once, not once per rank
         return out if self.bias is None else out + self.bias
 
 
-class MergedColwiseLinear(nn.Module):
+class MergedColwiseLinear(PackableLinear):
     """Several colwise projections of the same input in one GEMM; shard ids are 0, 1, ..."""
 
     def __init__(self, in_features: int, out_sizes: Sequence[int], bias: bool = False, dtype=None, device=None):
@@ -91,10 +91,10 @@ class MergedColwiseLinear(nn.Module):
         param.data[offset : offset + size].copy_(loaded.narrow(0, tp_rank() * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
-class QKVLinear(nn.Module):
+class QKVLinear(PackableLinear):
     """Fused q/k/v projection split by heads; shard ids are "q", "k", "v"."""
 
     def __init__(
@@ -140,7 +140,7 @@ class QKVLinear(nn.Module):
         param.data[offset : offset + size].copy_(shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 def build_colwise_linear(in_features: int, out_features: int, bias: bool = False, dtype=None, device=None) -> ColwiseLinear:
