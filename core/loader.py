@@ -40,7 +40,7 @@ def resolve_model_path(model: str, allow_download: bool = False) -> Path:
         except LocalEntryNotFoundError:
             raise ModelNotFoundError(
                 f"model {model!r} is not a directory and not in the local Hugging Face cache "
-                f"({constants.HF_HUB_CACHE}); download it first (huggingface-cli download {model}) "
+                f"({constants.HF_HUB_CACHE}); download it first (`hf download {model}`) "
                 "or pass --allow-download"
             ) from None
         except Exception as exc:
@@ -141,18 +141,37 @@ def _iter_safetensors(path: Path, meta: bool, bar) -> Iterator[tuple[str, torch.
 
 def _iter_bin(path: Path, meta: bool, bar) -> Iterator[tuple[str, torch.Tensor]]:
     try:
-        state = torch.load(str(path), map_location="meta" if meta else "cpu", weights_only=True, mmap=not meta)
+        try:
+            state = torch.load(str(path), map_location="meta" if meta else "cpu", weights_only=True, mmap=not meta)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            # the legacy (pre-zip) torch.save format cannot be memory-mapped: read it whole
+            state = torch.load(str(path), map_location="meta" if meta else "cpu", weights_only=True)
     except Exception as exc:
         raise WeightsError(
-            f"{path} could not be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "only plain tensors are accepted from .bin files, convert it to safetensors"
+            f"{path} could not be loaded safely ({type(exc).__name__}: {_bin_error_reason(exc)}); "
+            "only plain tensors are accepted from .bin files and nothing in it was run; "
+            "convert it to safetensors"
         ) from None
     if not isinstance(state, dict):
         raise WeightsError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
     for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise WeightsError(f"{path}: entry {name!r} is not a tensor but a {type(tensor).__name__}; the file is not a state dict")
         if bar is not None:
             bar.update(tensor.numel() * tensor.element_size())
         yield name, tensor
+
+
+def _bin_error_reason(exc: Exception) -> str:
+    """The line of torch.load's error that says what was refused (its first line advises
+    ``weights_only=False``, which is exactly what must not be done with an untrusted file)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line
+    return lines[0] if lines else "unreadable"
 
 
 def load_checkpoint(model: torch.nn.Module, model_dir: Path, progress: bool = True, meta: bool = False):

@@ -154,7 +154,7 @@ class PluginRegistry:
             try:
                 self.pm.register(plugin, name=info.name)
             except (pluggy.PluginValidationError, ValueError) as exc:
-                error = f"rejected: {exc}"
+                error = "rejected: " + " ".join(str(exc).split())  # pluggy's message spans lines
             else:
                 error = self._unknown_hooks_error(plugin)
                 if error:
@@ -171,7 +171,7 @@ class PluginRegistry:
         unknown = [hc.name for hc in self.pm.get_hookcallers(plugin) or [] if not hc.has_spec()]
         if not unknown:
             return None
-        known = ", ".join(sorted(n for n in dir(self.pm.hook) if not n.startswith("_")))
+        known = ", ".join(sorted(n for n in dir(self.pm.hook) if not n.startswith("_") and getattr(self.pm.hook, n).has_spec()))
         return (
             f"hookimpl {', '.join(repr(n) for n in sorted(unknown))} matches no vlm hook "
             f"(misspelled?); the hooks are: {known}"
@@ -292,13 +292,13 @@ def reset_registry() -> None:
 def add_plugin_file(path: str) -> None:
     """Register a plugin file for this process and every process started from it."""
     resolved = str(Path(path).expanduser().resolve())
-    files = plugin_files_from_env()
-    if resolved not in files:
-        os.environ[PLUGIN_FILES_ENV] = os.pathsep.join([*files, resolved])
-    if not Path(resolved).is_file():
+    if not Path(resolved).is_file():  # check first: a bad path must not stay in the environment
         raise PluginError(
             f"plugin file {path!r} does not exist; pass the path of a .py file with hookimpls"
         )
+    files = plugin_files_from_env()
+    if resolved not in files:
+        os.environ[PLUGIN_FILES_ENV] = os.pathsep.join([*files, resolved])
 
 
 def plugin_files_from_env() -> list[str]:

@@ -116,6 +116,8 @@ def load_weights_by_mapping(
                 loader(param, tensor, shard_id)
         except ShapeMismatch as exc:
             report.mismatched.append(f"{checkpoint_name} ({exc})")
+            # reported as mis-shaped; listing it as missing as well would count it twice
+            loaded_shards.add((param_name, shard_id))
             continue
         loaded_shards.add((param_name, shard_id))
         report.loaded += 1
