@@ -164,7 +164,10 @@ class PluginRegistry:
             info.error = error
         else:
             info.hooks = sorted(hc.name for hc in self.pm.get_hookcallers(plugin) or [])
-        self.infos[info.name] = info
+        key = info.name
+        if key in self.infos:  # a refused duplicate must not hide the plugin registered first
+            key = f"{info.name} ({info.source}: {info.location})"
+        self.infos[key] = info
 
     def _unknown_hooks_error(self, plugin: Any) -> str | None:
         """pluggy ignores a hookimpl with no spec; a misspelled hook must be an error instead."""
@@ -203,9 +206,17 @@ class PluginRegistry:
         """Every plugin with the architectures it serves (calls the ``architectures`` hook)."""
         for info in self.loaded():
             if "architectures" in info.hooks and not info.architectures:
-                caller = self._only(info.name, "architectures")
-                info.architectures = [a for result in caller() for a in (result or [])]
+                results = self._call_guarded(info, "architectures")
+                info.architectures = [a for result in results for a in (result or [])]
         return sorted(self.infos.values(), key=lambda i: i.name)
+
+    def _call_guarded(self, info: PluginInfo, hook: str, **kwargs: Any) -> list[Any]:
+        """Call a hook of one plugin; a plugin that raises is marked broken instead of failing all."""
+        try:
+            return self._only(info.name, hook)(**kwargs)
+        except Exception as exc:
+            info.error = f"{hook} hook raised {type(exc).__name__}: {exc}"
+            return []
 
     def candidates(self, hf_config: Any) -> list[Candidate]:
         """Every plugin that claims ``hf_config``, highest priority first."""
@@ -213,7 +224,7 @@ class PluginRegistry:
         for info in self.loaded():
             if "match" not in info.hooks:
                 continue
-            for claim in self._only(info.name, "match")(hf_config=hf_config):
+            for claim in self._call_guarded(info, "match", hf_config=hf_config):
                 if claim is True:
                     claim = hookspecs.Claim()
                 if isinstance(claim, hookspecs.Claim):

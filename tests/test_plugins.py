@@ -476,3 +476,31 @@ def test_trace_plugins_shows_match_arguments_and_claims(install, monkeypatch, ca
     err = capsys.readouterr().err
     assert "[vlm plugins] match(" in err and "FakeForCausalLM" in err
     assert "match returned [Claim(priority=0, reason='fake a serves FakeForCausalLM')]" in err
+
+
+# -- plugins that misbehave after loading ----------------------------------------------------
+
+
+def test_plugin_whose_hooks_raise_is_reported_not_fatal(install, capsys):
+    install({"fake_a": "vlmtest_fake_a", "raising": "vlmtest_raising_match"})
+    registry = get_registry()
+    assert registry.choose(FAKE_CONFIG)[0] == "fake_a"
+    [raising] = [i for i in registry.describe() if i.name == "raising"]
+    assert "match hook raised RuntimeError: match exploded" in raising.error
+    from vlm.cli.main import main
+
+    assert main(["plugins"]) == 0
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_plugin_file_named_like_an_entry_point_does_not_hide_it(tmp_path):
+    shadow = tmp_path / "llama.py"
+    shadow.write_text((FIXTURES / "vlmtest_file_plugin.py").read_text())
+    add_plugin_file(str(shadow))
+    with pytest.raises(PluginError):
+        get_registry()
+    registry = get_registry()
+    [real] = [i for i in registry.infos.values() if i.name == "llama" and i.source == "entry point"]
+    assert real.error is None
+    qwen2 = SimpleNamespace(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    assert registry.choose(qwen2)[0] == "llama"
