@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Set up vlm from a fresh clone: a virtualenv in .venv with the CPU build of torch, vlm-core and
+# every first-party plugin (editable), then run the main job on a small local model.
+# Nothing is downloaded except packages from PyPI. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+DEMO_DIR=.cache/demo-qwen2
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  step "creating virtualenv $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+
+# torch first, pinned: a bare `torch` requirement on a machine without torch pulls a multi-GB CUDA build
+step "installing torch==$TORCH_VERSION (CPU)"
+"${PIP[@]}" install -q "torch==$TORCH_VERSION"
+
+step "installing vlm-core and first-party plugins"
+plugins=()
+for dir in plugins/*/; do
+  [ -f "$dir/pyproject.toml" ] && plugins+=(-e "$dir")
+done
+"${PIP[@]}" install -q -c constraints.txt "torch==$TORCH_VERSION" -e ".[test]" "${plugins[@]}"
+
+step "vlmrun plugins"
+"$VENV/bin/vlmrun" plugins
+
+if [ ! -f "$DEMO_DIR/config.json" ]; then
+  step "writing a small local Qwen2-architecture model to $DEMO_DIR (random weights)"
+  "$VENV/bin/python" -c "from vlm.testing import write_tiny_text_model; write_tiny_text_model('$DEMO_DIR', 'qwen2')"
+fi
+
+step "main job: vlmrun --model $DEMO_DIR --prompt 'Hello' --max-tokens 24 --temperature 0"
+"$VENV/bin/vlmrun" which --model "$DEMO_DIR"
+"$VENV/bin/vlmrun" --model "$DEMO_DIR" --prompt "Hello" --max-tokens 24 --temperature 0
+step "done. Tests: $VENV/bin/python -m pytest -q"
