@@ -73,7 +73,7 @@ class RawConfig:
         self.__dict__.setdefault("model_type", None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v.to_dict() if isinstance(v, RawConfig) else v for k, v in self.__dict__.items()}
+        return {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in self.__dict__.items()}
 
     def get_text_config(self, **_: Any) -> Any:
         for name in ("text_config", "llm_config", "language_config"):
@@ -174,7 +174,18 @@ def load_hf_config(model_dir: Path, raw: dict[str, Any]) -> Any:
 
     model_type = raw.get("model_type")
     if model_type not in CONFIG_MAPPING:
-        return RawConfig(raw)
+        config = RawConfig(raw)
+        # a wrapper transformers does not know (e.g. the original InternVL layout) may still nest a
+        # language model it does know: give that one transformers' class, with its defaults
+        for name in ("llm_config", "text_config", "language_config"):
+            nested = raw.get(name)
+            if isinstance(nested, dict) and nested.get("model_type") in CONFIG_MAPPING:
+                try:
+                    setattr(config, name, AutoConfig.for_model(**nested))
+                except Exception as exc:
+                    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise ConfigError(f"{model_dir / 'config.json'}: {name}: {message}") from None
+        return config
     try:
         return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as exc:  # transformers validates some fields itself

@@ -4,6 +4,7 @@
     vlmrun plugins [--json]                 installed plugins (does not import torch)
     vlmrun which --model DIR                which plugin serves a model, and who else claimed it
     vlmrun check --model DIR                validate config and weights without running
+    vlmrun install / uninstall PACKAGE      pip, in the interpreter that runs vlmrun
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from vlm import __version__
 from vlm.errors import VlmError
 
-COMMANDS = ("run", "plugins", "which", "check")
+COMMANDS = ("run", "plugins", "which", "check", "install", "uninstall")
 
 
 def _add_plugin_options(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(check)
     _add_plugin_options(check)
     check.add_argument("--json", action="store_true", help="machine-readable report")
+
+    for name, verb in (("install", "install"), ("uninstall", "remove")):
+        pip = sub.add_parser(name, help=f"{verb} plugins with pip in vlmrun's own environment")
+        pip.add_argument("packages", nargs=argparse.REMAINDER, help="e.g. vlm-plugin-internvl, or -e ./my-plugin")
+        pip.add_argument("--plugin-file", action="append", default=[], help=argparse.SUPPRESS)
+        pip.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def pip_command(command: str, packages: list[str]) -> int:
+    """pip in *this* interpreter, so plugins land where vlmrun looks (venvs, pipx). Never loads
+    plugins, so ``VLM_LOAD_PLUGINS='' vlmrun uninstall broken-plugin`` works even when one breaks start-up."""
+    import subprocess
+
+    extra = ["-y"] if command == "uninstall" else []
+    return subprocess.call([sys.executable, "-m", "pip", command, *extra, *packages])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "run")  # `vlmrun --model X` is `vlmrun run --model X`
     if not argv:
         argv = ["--help"]
+    if argv[0] in ("install", "uninstall") and len(argv) > 1 and argv[1] not in ("-h", "--help"):
+        # everything after the command is pip's (argparse cannot pass through "-e PATH")
+        return pip_command(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
@@ -84,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             from vlm.cli.inspect import which_command
 
             return which_command(args)
+        if args.command in ("install", "uninstall"):
+            if not args.packages:
+                raise VlmError(f"name what to {args.command}, e.g. vlmrun {args.command} vlm-plugin-internvl")
+            return pip_command(args.command, args.packages)
         if args.command == "check":
             from vlm.cli.check import check_command
 

@@ -9,11 +9,13 @@ import argparse
 import sys
 from typing import Any
 
-CHAT_HELP = "commands: /clear starts over, /exit (or Ctrl-D) quits"
+CHAT_HELP = "commands: /image PATH attaches a picture to your next message, /clear starts over, /exit (or Ctrl-D) quits"
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", "-p", help="generate once for this prompt and exit; '-' reads stdin")
+    parser.add_argument("--image", "-i", action="append", default=[], metavar="PATH",
+                        help="picture for the prompt (repeatable; with chat: attached to the first message)")
     parser.add_argument("--system", help="system message for chat templates")
     parser.add_argument("--no-chat-template", action="store_true", help="send --prompt as raw text")
     sampling = parser.add_argument_group("sampling (defaults: the model's generation_config.json, else greedy)")
@@ -69,7 +71,9 @@ def run_command(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
         prompt: Any = text
-        if has_template and not args.no_chat_template:
+        if args.image:
+            prompt = _system(args) + [user_message(text, [_checked_image(path) for path in args.image])]
+        elif has_template and not args.no_chat_template:
             prompt = _system(args) + [{"role": "user", "content": text}]
         for piece in llm.stream(prompt, params):
             _write(piece)
@@ -78,19 +82,36 @@ def run_command(args: argparse.Namespace) -> int:
     return chat_loop(llm, params, args, has_template)
 
 
+def user_message(text: str, images: list[Any]) -> dict[str, Any]:
+    """A user turn; pictures go first, as OpenAI-style content parts."""
+    if not images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [*({"type": "image", "image": image} for image in images), {"type": "text", "text": text}]}
+
+
+def _checked_image(path: str) -> Any:
+    """Load a picture now, so a bad one is reported before the model runs (raises InputError)."""
+    from vlm.images import load_image
+
+    return load_image(path)
+
+
 def _system(args: argparse.Namespace) -> list[dict[str, str]]:
     return [{"role": "system", "content": args.system}] if args.system else []
 
 
 def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
-    from vlm.errors import InputError
+    from vlm.errors import InputError, VlmError
 
     interactive = sys.stdin.isatty()
     if not has_template:
         print("note: this model has no chat template; each line is sent as a raw prompt", file=sys.stderr)
     if interactive:
         print(f"chatting with {args.model}; {CHAT_HELP}", file=sys.stderr)
-    history: list[dict[str, str]] = _system(args)
+    history: list[dict[str, Any]] = _system(args)
+    pending_images: list[Any] = []
+    for path in args.image:
+        pending_images.append(_checked_image(path))
     while True:
         if interactive:
             print(">>> ", end="", file=sys.stderr, flush=True)
@@ -104,19 +125,35 @@ def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
             return 0
         if line == "/clear":
             history = _system(args)
+            pending_images = []
             print("(history cleared)", file=sys.stderr)
+            continue
+        if line == "/image" or line.startswith("/image "):
+            path = line[len("/image"):].strip()
+            if not path:
+                print("usage: /image PATH", file=sys.stderr)
+                continue
+            try:
+                pending_images.append(_checked_image(path))
+            except InputError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                continue
+            print(f"(attached {path}; it goes with your next message)", file=sys.stderr)
             continue
         if line.startswith("/"):
             print(f"unknown command {line.split()[0]}; {CHAT_HELP}", file=sys.stderr)
             continue
-        turn = history + [{"role": "user", "content": line}]
+        turn = history + [user_message(line, pending_images)]
         reply = []
         try:
-            for piece in llm.stream(turn if has_template else line, params):
+            for piece in llm.stream(turn if has_template or pending_images else line, params):
                 reply.append(piece)
                 _write(piece)
-        except InputError as exc:
+        except VlmError as exc:
+            if reply:
+                _write("\n")
             print(f"error: {exc}", file=sys.stderr)
             continue
         _write("\n")
+        pending_images = []
         history = turn + [{"role": "assistant", "content": "".join(reply)}]

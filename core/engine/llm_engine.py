@@ -151,6 +151,7 @@ class LLMEngine:
             )
         if max(inputs.token_ids) >= self.model_config.text.vocab_size or min(inputs.token_ids) < 0:
             raise InputError(f"prompt token ids must be in [0, {self.model_config.text.vocab_size})")
+        placeholders = self._placeholder_positions(inputs)
         seed = params.seed if params.seed is not None else self.config.seed + len(self._sequences)
         generator = None
         if not params.greedy:
@@ -163,10 +164,29 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, inputs.token_ids, params.skip_special_tokens),
             generator=generator,
             logprobs=[] if params.logprobs is not None else None,
+            placeholder_positions=placeholders,
         )
         self._sequences[request_id] = seq
         self.scheduler.add(seq)
         return request_id
+
+    @staticmethod
+    def _placeholder_positions(inputs: ModelInputs) -> torch.Tensor | None:
+        """Where image features go; the counts must agree before anything runs."""
+        images = getattr(inputs, "images", None) or []
+        token_id = getattr(inputs, "image_token_id", None)
+        if token_id is None:
+            if images:
+                raise InputError("the preprocessor returned images but no image_token_id; the plugin must set it")
+            return None
+        positions = (torch.tensor(inputs.token_ids) == token_id).nonzero().flatten()
+        expected = sum(image.num_tokens for image in images)
+        if positions.numel() != expected:
+            raise InputError(
+                f"the prompt has {positions.numel()} image placeholder tokens but its {len(images)} image(s) "
+                f"need {expected}; let the preprocessor insert image placeholders (do not type them)"
+            )
+        return positions if images else None
 
     def abort(self, request_id: str) -> None:
         seq = self._sequences.pop(request_id, None)

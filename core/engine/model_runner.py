@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import torch
 
+from vlm.engine.image_cache import ImageEmbeddingCache
 from vlm.engine.kv_cache import KVCache
 from vlm.engine.scheduler import ScheduledStep
 from vlm.engine.sequence import Sequence
-from vlm.forward_batch import ForwardBatch
+from vlm.errors import InputError
+from vlm.forward_batch import ForwardBatch, ImageSpan
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device):
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device, image_cache: ImageEmbeddingCache | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
+        self.image_cache = image_cache or ImageEmbeddingCache()
         self.block_size = kv_cache.shape.block_size
         self._offsets = torch.arange(self.block_size, device=device)
 
@@ -46,8 +49,14 @@ class ModelRunner:
             logits_index.append(len(token_ids) - 1)
             sampled.append(seq)
         prefill_slots: list[torch.Tensor | None] = []
+        images: list[ImageSpan] = []
+        self._embed_images([seq for seq, _ in step.prefills if seq.inputs.images and seq.image_embeds is None])
         for seq, count in step.prefills:
             start = seq.num_computed
+            if seq.image_embeds is not None:
+                span = self._image_span(seq, start, count, flat_offset=len(token_ids))
+                if span is not None:
+                    images.append(span)
             token_ids.extend(seq.token_ids(start, start + count))
             positions.extend(range(start, start + count))
             query_lens.append(count)
@@ -80,16 +89,59 @@ class ModelRunner:
             decode_slots=decode_slots,
             decode_mask=decode_mask,
             prefill_slots=prefill_slots,
+            images=images,
         )
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         position_ids = torch.tensor(positions, dtype=torch.long, device=self.device)
         logits_rows = torch.tensor(logits_index, dtype=torch.long, device=self.device)
         return input_ids, position_ids, batch, logits_rows, sampled
 
+    def _embed_images(self, seqs: list[Sequence]) -> None:
+        """Give each sequence its image embeddings: from the cache, else one batched encode."""
+        found: dict[str, torch.Tensor] = {}
+        todo = []
+        for seq in seqs:
+            for image in seq.inputs.images:
+                if image.key in found:
+                    continue
+                cached = self.image_cache.get(image.key)
+                if cached is None:
+                    todo.append(image)
+                    found[image.key] = None
+                else:
+                    found[image.key] = cached
+        if todo:
+            for image, embeds in zip(todo, self.model.embed_images(todo)):
+                if embeds.shape[0] != image.num_tokens:
+                    raise InputError(
+                        f"the model produced {embeds.shape[0]} features for an image that has "
+                        f"{image.num_tokens} placeholder tokens; the plugin's preprocessor and model disagree"
+                    )
+                found[image.key] = embeds
+                self.image_cache.put(image.key, embeds)
+        for seq in seqs:
+            seq.image_embeds = torch.cat([found[image.key] for image in seq.inputs.images])
+
+    def _image_span(self, seq: Sequence, start: int, count: int, flat_offset: int) -> ImageSpan | None:
+        """The image rows that land in this chunk ``[start, start + count)`` of the prompt."""
+        positions = seq.placeholder_positions
+        first = int(torch.searchsorted(positions, start))
+        last = int(torch.searchsorted(positions, start + count))
+        if first == last:
+            return None
+        index = positions[first:last] - start + flat_offset
+        return ImageSpan(token_index=index.to(self.device), embeds=seq.image_embeds[first:last])
+
     @torch.inference_mode()
     def execute(self, step: ScheduledStep) -> tuple[torch.Tensor | None, list[Sequence]]:
         input_ids, positions, batch, logits_rows, sampled = self.prepare(step)
-        hidden_states = self.model(input_ids, positions, batch)
+        inputs_embeds = None
+        if batch.images:
+            # the core writes image features over the placeholder tokens, for every VLM plugin
+            inputs_embeds = self.model.embed_tokens(input_ids)
+            for span in batch.images:
+                inputs_embeds[span.token_index] = span.embeds.to(inputs_embeds.dtype)
+        hidden_states = self.model(input_ids, positions, batch, inputs_embeds=inputs_embeds)
         for seq, count in step.prefills:
             seq.num_computed += count
         for seq in step.decodes:

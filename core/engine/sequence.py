@@ -34,6 +34,9 @@ class Sequence:
     text: str = ""
     num_emitted_chars: int = 0
     logprobs: list[dict[int, float]] | None = None
+    # VLMs: prompt positions of the image placeholder tokens, and the features that replace them
+    placeholder_positions: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
 
     @property
     def prompt_token_ids(self) -> list[int]:

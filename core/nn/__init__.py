@@ -4,24 +4,40 @@ Plugins build models only from these; the blocks call ``vlm.kernels`` for the ho
 """
 
 from vlm.nn.activation import GeluAndMul, SiluAndMul
-from vlm.nn.attention import Attention
+from vlm.nn.attention import Attention, VisionAttention
 from vlm.nn.embedding import ParallelLMHead, VocabParallelEmbedding
 from vlm.nn.linear import (
     ColwiseLinear,
     MergedColwiseLinear,
     QKVLinear,
+    ReplicatedLinear,
     RowwiseLinear,
     build_colwise_linear,
     build_merged_colwise_linear,
     build_qkv_proj,
+    build_replicated_linear,
     build_rowwise_linear,
 )
-from vlm.nn.norm import RMSNorm
+from vlm.nn.norm import LayerNorm, RMSNorm
 from vlm.nn.rotary import RotaryEmbedding
-from vlm.nn.weights import WeightMapping, default_weight_loader, load_weights_by_mapping
+from vlm.nn.weights import (
+    LoadReport,
+    WeightLoader,
+    WeightMapping,
+    default_weight_loader,
+    load_weights_by_mapping,
+    load_with_language_model,
+)
 
 __all__ = [
     "Attention",
+    "LayerNorm",
+    "LoadReport",
+    "ReplicatedLinear",
+    "VisionAttention",
+    "WeightLoader",
+    "build_replicated_linear",
+    "load_with_language_model",
     "ColwiseLinear",
     "GeluAndMul",
     "MergedColwiseLinear",

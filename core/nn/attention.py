@@ -1,4 +1,5 @@
-"""Attention over the engine's paged KV cache.
+"""Attention: causal over the engine's paged KV cache (language models), and bidirectional
+within one image (vision towers).
 
 The layer writes this step's k/v into its cache slots, then attends: decode sequences in one
 batched call, prefill sequences one by one (continuing their cached prefix when they have one).
@@ -7,6 +8,7 @@ batched call, prefill sequences one by one (continuing their cached prefix when 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlm.forward_batch import ForwardBatch
@@ -41,3 +43,19 @@ class Attention(nn.Module):
             start = end
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
+
+
+class VisionAttention(nn.Module):
+    """Full (non-causal) attention among the patches of each image; no KV cache."""
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float | None = None):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.scale = scale if scale is not None else head_dim**-0.5
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v ``[B, N, H * D]`` -> ``[B, N, H * D]``."""
+        b, n, _ = q.shape
+        q, k, v = (t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)

@@ -95,7 +95,10 @@ class MergedColwiseLinear(PackableLinear):
 
 
 class QKVLinear(PackableLinear):
-    """Fused q/k/v projection split by heads; shard ids are "q", "k", "v"."""
+    """Fused q/k/v projection split by heads; shard ids are "q", "k", "v".
+
+    ``replicate=True`` keeps every head on every rank (vision towers, whose q/k norms span all heads).
+    """
 
     def __init__(
         self,
@@ -106,9 +109,11 @@ class QKVLinear(PackableLinear):
         bias: bool = False,
         dtype=None,
         device=None,
+        replicate: bool = False,
     ):
         super().__init__()
-        world = tp_world_size()
+        self.world, self.rank = (1, 0) if replicate else (tp_world_size(), tp_rank())
+        world = self.world
         self.hidden_size, self.head_dim = hidden_size, head_dim
         self.total_heads, self.total_kv_heads = num_heads, num_kv_heads
         self.num_heads = divide(num_heads, world, "attention heads")
@@ -126,21 +131,47 @@ class QKVLinear(PackableLinear):
                 param.weight_loader = self._load
                 param.shard_ids = ["q", "k", "v"]
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+        if shard_id is None:  # a checkpoint that stores q, k, v already fused in this order
+            total = (self.total_heads + 2 * self.total_kv_heads) * self.head_dim
+            _check((total, *param.shape[1:]), loaded)
+            q, k, v = loaded.split(
+                [self.total_heads * self.head_dim, self.total_kv_heads * self.head_dim, self.total_kv_heads * self.head_dim]
+            )
+            for shard, part in (("q", q), ("k", k), ("v", v)):
+                self._load(param, part, shard)
+            return
         heads = self.total_heads if shard_id == "q" else self.total_kv_heads
         _check((heads * self.head_dim, *param.shape[1:]), loaded)
         if shard_id == "q":
-            offset, size, head_start = 0, self.q_size, tp_rank() * self.num_heads
+            offset, size, head_start = 0, self.q_size, self.rank * self.num_heads
         else:
             offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
             size = self.kv_size
-            ranks_per_kv_head = max(1, tp_world_size() // self.total_kv_heads)
-            head_start = (tp_rank() // ranks_per_kv_head) * self.num_kv_heads
+            ranks_per_kv_head = max(1, self.world // self.total_kv_heads)
+            head_start = (self.rank // ranks_per_kv_head) * self.num_kv_heads
         shard = loaded.narrow(0, head_start * self.head_dim, size)
         param.data[offset : offset + size].copy_(shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
+
+
+class ReplicatedLinear(PackableLinear):
+    """A whole linear layer on every rank (small layers, vision towers)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _parameter((out_features, in_features), dtype, device)
+        self.bias = _parameter((out_features,), dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+
+def build_replicated_linear(in_features: int, out_features: int, bias: bool = False, dtype=None, device=None) -> ReplicatedLinear:
+    return ReplicatedLinear(in_features, out_features, bias=bias, dtype=dtype, device=device)
 
 
 def build_colwise_linear(in_features: int, out_features: int, bias: bool = False, dtype=None, device=None) -> ColwiseLinear:
@@ -158,6 +189,13 @@ def build_merged_colwise_linear(
 
 
 def build_qkv_proj(
-    hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False, dtype=None, device=None
+    hidden_size: int,
+    head_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    bias: bool = False,
+    dtype=None,
+    device=None,
+    replicate: bool = False,
 ) -> QKVLinear:
-    return QKVLinear(hidden_size, head_dim, num_heads, num_kv_heads, bias=bias, dtype=dtype, device=device)
+    return QKVLinear(hidden_size, head_dim, num_heads, num_kv_heads, bias=bias, dtype=dtype, device=device, replicate=replicate)

@@ -44,6 +44,14 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
 
+    def merge(self, other: LoadReport, prefix: str = "") -> LoadReport:
+        """This report plus ``other``'s, whose names get ``prefix`` (a submodule's report)."""
+        self.loaded += other.loaded
+        self.missing += [prefix + n for n in other.missing]
+        self.unexpected += [prefix + n for n in other.unexpected]
+        self.mismatched += [prefix + n for n in other.mismatched]
+        return self
+
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
@@ -76,6 +84,64 @@ def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
     param.data.copy_(loaded)
 
 
+class WeightLoader:
+    """Loads checkpoint tensors one at a time into ``module``; :meth:`finish` reports what did not fit.
+
+    :param mappings: fused-parameter shards (see :class:`WeightMapping`).
+    :param ignore: regular expressions of checkpoint names to skip (e.g. rotary caches).
+    :param rename: maps a checkpoint name to a parameter name (``None`` skips the tensor).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        mappings: Iterable[WeightMapping] = (),
+        ignore: Iterable[str] = (),
+        rename: Callable[[str], str | None] | None = None,
+    ) -> None:
+        self.mappings = list(mappings)
+        self.ignore = [re.compile(p) for p in ignore]
+        self.rename = rename
+        self.params = dict(module.named_parameters())
+        self.loaded_shards: set[tuple[str, str | int | None]] = set()
+        self.report = LoadReport()
+
+    def load(self, checkpoint_name: str, tensor: torch.Tensor) -> None:
+        name = self.rename(checkpoint_name) if self.rename else checkpoint_name
+        if name is None or any(p.search(name) for p in self.ignore):
+            return
+        param_name, shard_id = name, None
+        for mapping in self.mappings:
+            if mapping.checkpoint in name:
+                param_name, shard_id = name.replace(mapping.checkpoint, mapping.param), mapping.shard_id
+                break
+        param = self.params.get(param_name)
+        if param is None:
+            self.report.unexpected.append(checkpoint_name)
+            return
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        # a whole fused tensor (shard_id None) fills every shard of the parameter
+        shards = [shard_id] if shard_id is not None else getattr(param, "shard_ids", [None])
+        # reported as mis-shaped or loaded, never also as missing
+        self.loaded_shards.update((param_name, shard) for shard in shards)
+        try:
+            if shard_id is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard_id)
+        except ShapeMismatch as exc:
+            self.report.mismatched.append(f"{checkpoint_name} ({exc})")
+            return
+        self.report.loaded += 1
+
+    def finish(self) -> LoadReport:
+        for param_name, param in self.params.items():
+            for shard_id in getattr(param, "shard_ids", [None]):
+                if (param_name, shard_id) not in self.loaded_shards:
+                    self.report.missing.append(_checkpoint_name(param_name, shard_id, self.mappings))
+        return self.report
+
+
 def load_weights_by_mapping(
     module: nn.Module,
     weights: Iterable[tuple[str, torch.Tensor]],
@@ -83,49 +149,41 @@ def load_weights_by_mapping(
     ignore: Iterable[str] = (),
     rename: Callable[[str], str | None] | None = None,
 ) -> LoadReport:
-    """Load ``(checkpoint_name, tensor)`` pairs into ``module``'s parameters.
+    """Load ``(checkpoint_name, tensor)`` pairs into ``module`` (see :class:`WeightLoader`).
 
-    :param mappings: fused-parameter shards (see :class:`WeightMapping`).
-    :param ignore: regular expressions of checkpoint names to skip (e.g. rotary caches).
-    :param rename: maps a checkpoint name to a parameter name (``None`` skips the tensor).
     :return: the report; the caller raises ``report.error(path)`` when it is not ``ok``.
     """
-    mappings = list(mappings)
-    ignore_patterns = [re.compile(p) for p in ignore]
-    params = dict(module.named_parameters())
-    loaded_shards: set[tuple[str, str | int | None]] = set()
-    report = LoadReport()
+    loader = WeightLoader(module, mappings, ignore, rename)
     for checkpoint_name, tensor in weights:
-        name = rename(checkpoint_name) if rename else checkpoint_name
-        if name is None or any(p.search(name) for p in ignore_patterns):
-            continue
-        param_name, shard_id = name, None
-        for mapping in mappings:
-            if mapping.checkpoint in name:
-                param_name, shard_id = name.replace(mapping.checkpoint, mapping.param), mapping.shard_id
-                break
-        param = params.get(param_name)
-        if param is None:
-            report.unexpected.append(checkpoint_name)
-            continue
-        loader = getattr(param, "weight_loader", default_weight_loader)
-        try:
-            if shard_id is None:
-                loader(param, tensor)
+        loader.load(checkpoint_name, tensor)
+    return loader.finish()
+
+
+def load_with_language_model(
+    weights: Iterable[tuple[str, torch.Tensor]],
+    own: WeightLoader,
+    language_model: nn.Module,
+    language_model_name: Callable[[str], str | None],
+    prefix: str = "language_model.",
+) -> LoadReport:
+    """Stream one checkpoint into a VLM: language-model tensors to the LM plugin's ``load_weights``
+    (renamed by ``language_model_name``; ``None`` means "not an LM tensor"), the rest to ``own``.
+
+    Tensors are read once, in checkpoint order; nothing is buffered.
+    """
+    lm_params = {id(p) for p in language_model.parameters()}
+    own.params = {name: p for name, p in own.params.items() if id(p) not in lm_params}
+
+    def language_model_weights():
+        for name, tensor in weights:
+            lm_name = language_model_name(name)
+            if lm_name is None:
+                own.load(name, tensor)
             else:
-                loader(param, tensor, shard_id)
-        except ShapeMismatch as exc:
-            report.mismatched.append(f"{checkpoint_name} ({exc})")
-            # reported as mis-shaped; listing it as missing as well would count it twice
-            loaded_shards.add((param_name, shard_id))
-            continue
-        loaded_shards.add((param_name, shard_id))
-        report.loaded += 1
-    for param_name, param in params.items():
-        for shard_id in getattr(param, "shard_ids", [None]):
-            if (param_name, shard_id) not in loaded_shards:
-                report.missing.append(_checkpoint_name(param_name, shard_id, mappings))
-    return report
+                yield lm_name, tensor
+
+    lm_report = language_model.load_weights(language_model_weights())
+    return own.finish().merge(lm_report, prefix)
 
 
 def _checkpoint_name(param_name: str, shard_id: str | int | None, mappings: list[WeightMapping]) -> str:

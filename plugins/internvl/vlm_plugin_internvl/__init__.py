@@ -1,0 +1,47 @@
+"""vlm plugin for InternVL (2, 2.5, 3): both the Hugging Face and the original OpenGVLab layouts.
+
+The vision tower and projector live here; the language model (Qwen2, Llama, InternLM2) comes
+from whichever plugin claims the nested text config. torch is imported only inside the hooks.
+"""
+
+from __future__ import annotations
+
+from vlm.hookspecs import Claim, hookimpl
+
+__version__ = "0.1.0"
+vlm_api_version = ">=1.0,<2"
+
+ARCHITECTURES = {
+    "InternVLForConditionalGeneration": "internvl",  # Hugging Face layout
+    "InternVLChatModel": "internvl_chat",  # original OpenGVLab layout
+}
+
+
+@hookimpl
+def architectures():
+    return list(ARCHITECTURES)
+
+
+@hookimpl
+def match(hf_config):
+    for arch in getattr(hf_config, "architectures", None) or []:
+        if arch in ARCHITECTURES:
+            return Claim(reason=f"architecture {arch}")
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type in ARCHITECTURES.values():
+        return Claim(reason=f"model_type {model_type}")
+    return None
+
+
+@hookimpl
+def build_preprocessor(hf_config, model_path, tokenizer):
+    from vlm_plugin_internvl.preprocess import InternVLPreprocessor
+
+    return InternVLPreprocessor(tokenizer, hf_config, model_path)
+
+
+@hookimpl
+def build_model(hf_config, model_config, dtype, device):
+    from vlm_plugin_internvl.model import InternVLChatModel
+
+    return InternVLChatModel(hf_config, model_config, dtype=dtype, device=device)

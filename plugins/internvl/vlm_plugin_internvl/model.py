@@ -1,0 +1,316 @@
+"""InternVL: InternViT vision tower + pixel shuffle + MLP projector + a language model from the core.
+
+One implementation serves both checkpoint layouts found in the wild:
+
+- Hugging Face (``model_type: "internvl"``, ``InternVLForConditionalGeneration``): split q/k/v,
+  ``model.vision_tower.*``, ``model.multi_modal_projector.*``, ``model.language_model.*``.
+- original OpenGVLab (``InternVLChatModel``): fused ``attn.qkv``, ``vision_model.*``, ``mlp1.*``,
+  ``language_model.*`` (Qwen2, Llama or InternLM2 inside).
+
+Module names follow the original InternViT code; :func:`hf_to_internal` maps the other layout.
+The language model is whatever plugin claims the nested text config (``vlm.models``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm.forward_batch import ForwardBatch
+from vlm.models import build_language_model
+from vlm.nn import (
+    LayerNorm,
+    RMSNorm,
+    VisionAttention,
+    WeightLoader,
+    WeightMapping,
+    build_qkv_proj,
+    build_replicated_linear,
+    load_with_language_model,
+)
+from vlm.nn.weights import LoadReport
+
+
+def _pair(value: Any) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+class VisionSettings:
+    """The vision fields of either layout's config, under one set of names."""
+
+    def __init__(self, hf_config: Any):
+        vc = hf_config.vision_config
+        self.hf_layout = getattr(hf_config, "model_type", None) == "internvl"
+        self.hidden_size = vc.hidden_size
+        self.num_heads = vc.num_attention_heads
+        self.intermediate_size = vc.intermediate_size
+        self.num_layers = vc.num_hidden_layers
+        self.image_size = _pair(getattr(hf_config, "force_image_size", None) or vc.image_size)
+        self.patch_size = _pair(vc.patch_size)
+        self.eps = getattr(vc, "layer_norm_eps", 1e-6)
+        self.norm_type = getattr(vc, "norm_type", "layer_norm")
+        self.hidden_act = getattr(vc, "hidden_act", "gelu")
+        if self.hf_layout:
+            self.qkv_bias = bool(getattr(vc, "attention_bias", False))
+            self.qk_norm = bool(getattr(vc, "use_qk_norm", False))
+            self.post_layernorm = not getattr(vc, "use_mean_pooling", True)
+            self.feature_layer = getattr(hf_config, "vision_feature_layer", -1)
+            self.drop_cls = getattr(hf_config, "vision_feature_select_strategy", "default") == "default"
+            self.projector_act = getattr(hf_config, "projector_hidden_act", "gelu")
+            self.pixel_shuffle_v1 = False
+        else:
+            self.qkv_bias = bool(getattr(vc, "qkv_bias", True))
+            self.qk_norm = bool(getattr(vc, "qk_normalization", False))
+            self.post_layernorm = False
+            self.feature_layer = getattr(hf_config, "select_layer", -1)
+            self.drop_cls = True
+            self.projector_act = "gelu"
+            self.pixel_shuffle_v1 = getattr(hf_config, "ps_version", "v2") == "v1"
+        self.downsample_ratio = hf_config.downsample_ratio
+        layer = self.feature_layer
+        self.layers_used = layer if layer >= 0 else self.num_layers + 1 + layer
+
+
+def _norm(settings: VisionSettings, dtype, device) -> nn.Module:
+    if settings.norm_type == "rms_norm":
+        return RMSNorm(settings.hidden_size, settings.eps, dtype=dtype, device=device)
+    return LayerNorm(settings.hidden_size, settings.eps, dtype=dtype, device=device)
+
+
+def _activation(name: str):
+    if name in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        approximate = "none" if name == "gelu" else "tanh"
+        return lambda x: F.gelu(x, approximate=approximate)
+    raise ValueError(f"unsupported activation {name!r} in the InternVL config")
+
+
+class InternVisionEmbeddings(nn.Module):
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        self.patch_size = s.patch_size
+        self.grid = s.image_size // s.patch_size
+        self.class_embedding = nn.Parameter(torch.empty(1, 1, s.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.patch_embedding = nn.Conv2d(3, s.hidden_size, s.patch_size, s.patch_size, dtype=dtype, device=device)
+        self.patch_embedding.requires_grad_(False)
+        self.position_embedding = nn.Parameter(
+            torch.empty(1, self.grid * self.grid + 1, s.hidden_size, dtype=dtype, device=device), requires_grad=False
+        )
+
+    def _positions(self, height: int, width: int) -> torch.Tensor:
+        if height == width == self.grid:
+            return self.position_embedding
+        # tiles of another size than the checkpoint's: interpolate the grid as InternViT does
+        cls_pos, patch_pos = self.position_embedding[:, :1], self.position_embedding[:, 1:]
+        dim = patch_pos.shape[-1]
+        patch_pos = patch_pos.reshape(1, self.grid, self.grid, dim).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos.float(), size=(height, width), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.to(cls_pos.dtype).permute(0, 2, 3, 1).reshape(1, height * width, dim)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        height, width = patches.shape[-2:]
+        patches = patches.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.expand(patches.shape[0], -1, -1)
+        return torch.cat([cls, patches], dim=1) + self._positions(height, width)
+
+
+class InternAttention(nn.Module):
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        head_dim = s.hidden_size // s.num_heads
+        self.qkv_proj = build_qkv_proj(
+            s.hidden_size, head_dim, s.num_heads, s.num_heads, bias=s.qkv_bias, dtype=dtype, device=device, replicate=True
+        )
+        self.qk_norm = s.qk_norm
+        if s.qk_norm:  # over all heads at once, not per head
+            self.q_norm = RMSNorm(s.hidden_size, s.eps, dtype=dtype, device=device)
+            self.k_norm = RMSNorm(s.hidden_size, s.eps, dtype=dtype, device=device)
+        self.attn = VisionAttention(s.num_heads, head_dim)
+        self.proj = build_replicated_linear(s.hidden_size, s.hidden_size, bias=True, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.proj(self.attn(q, k, v))
+
+
+class InternMLP(nn.Module):
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        self.fc1 = build_replicated_linear(s.hidden_size, s.intermediate_size, bias=True, dtype=dtype, device=device)
+        self.fc2 = build_replicated_linear(s.intermediate_size, s.hidden_size, bias=True, dtype=dtype, device=device)
+        self.act = _activation(s.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class InternVisionEncoderLayer(nn.Module):
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        self.attn = InternAttention(s, dtype, device)
+        self.mlp = InternMLP(s, dtype, device)
+        self.norm1 = _norm(s, dtype, device)
+        self.norm2 = _norm(s, dtype, device)
+        self.ls1 = nn.Parameter(torch.ones(s.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.ls2 = nn.Parameter(torch.ones(s.hidden_size, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x)) * self.ls1
+        return x + self.mlp(self.norm2(x)) * self.ls2
+
+
+class InternVisionModel(nn.Module):
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        self.settings = s
+        self.embeddings = InternVisionEmbeddings(s, dtype, device)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(InternVisionEncoderLayer(s, dtype, device) for _ in range(s.num_layers))
+        self.post_layernorm = LayerNorm(s.hidden_size, s.eps, dtype=dtype, device=device) if s.post_layernorm else None
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[tiles, 3, H, W]`` -> features of the configured layer, ``[tiles, 1 + patches, D]``."""
+        x = self.embeddings(pixel_values)
+        for layer in self.encoder.layers[: self.settings.layers_used]:
+            x = layer(x)
+        if self.post_layernorm is not None and self.settings.layers_used == self.settings.num_layers:
+            x = self.post_layernorm(x)
+        return x
+
+
+class InternVLProjector(nn.Module):
+    """LayerNorm -> Linear -> GELU -> Linear, from pixel-shuffled vision features to LM width."""
+
+    def __init__(self, in_features: int, out_features: int, act: str, dtype, device):
+        super().__init__()
+        self.layer_norm = LayerNorm(in_features, 1e-5, dtype=dtype, device=device)
+        self.linear_1 = build_replicated_linear(in_features, out_features, bias=True, dtype=dtype, device=device)
+        self.linear_2 = build_replicated_linear(out_features, out_features, bias=True, dtype=dtype, device=device)
+        self.act = _activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
+
+
+def pixel_shuffle(x: torch.Tensor, scale: float, v1: bool = False) -> torch.Tensor:
+    """``[B, W, H, C]`` -> ``[B, W*scale, H*scale, C/scale^2]`` (InternVL's space-to-depth)."""
+    b, w, h, c = x.shape
+    x = x.reshape(b, w, int(h * scale), int(c / scale))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    x = x.reshape(b, int(h * scale), int(w * scale), int(c / (scale * scale)))
+    return x if v1 else x.permute(0, 2, 1, 3).contiguous()
+
+
+class InternVLChatModel(nn.Module):
+    """The model protocol plus ``embed_images``; text goes straight to the language model."""
+
+    def __init__(self, hf_config: Any, model_config: Any, dtype=torch.float32, device=None):
+        super().__init__()
+        self.config = hf_config
+        self.vision = VisionSettings(hf_config)
+        s = self.vision
+        self.vision_model = InternVisionModel(s, dtype, device)
+        text_config = hf_config.get_text_config()
+        if s.hf_layout:
+            # transformers ties the LM head by the *top-level* flag of a composite config
+            text_config = copy.copy(text_config)
+            text_config.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        scale = int(round(1 / s.downsample_ratio))
+        self.projector = InternVLProjector(s.hidden_size * scale * scale, text_config.hidden_size, s.projector_act, dtype, device)
+        self.language_model = build_language_model(text_config, model_config, dtype, device)
+
+    # -- the model protocol ---------------------------------------------------------------
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def forward(self, input_ids, positions, batch: ForwardBatch, inputs_embeds=None) -> torch.Tensor:
+        return self.language_model(input_ids, positions, batch, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.language_model.compute_logits(hidden_states)
+
+    def embed_images(self, images: list[Any]) -> list[torch.Tensor]:
+        """One batched pass over every tile of every image -> ``[tiles * tokens_per_tile, hidden]`` each."""
+        pixel_values = torch.cat([image.pixel_values for image in images]).to(self.projector.linear_1.bias.dtype)
+        features = self.vision_model(pixel_values)
+        if self.vision.drop_cls:
+            features = features[:, 1:]
+        side = int(math.isqrt(features.shape[1]))
+        features = features.reshape(features.shape[0], side, side, -1)
+        features = pixel_shuffle(features, self.vision.downsample_ratio, self.vision.pixel_shuffle_v1)
+        features = self.projector(features.reshape(features.shape[0], -1, features.shape[-1]))
+        tiles = [image.pixel_values.shape[0] for image in images]
+        return [part.reshape(-1, part.shape[-1]) for part in features.split(tiles)]
+
+    # -- weights ----------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> LoadReport:
+        if self.vision.hf_layout:
+            own = WeightLoader(self, mappings=_HF_QKV, rename=hf_to_internal)
+            return load_with_language_model(weights, own, self.language_model, _hf_language_model_name)
+        own = WeightLoader(self, rename=original_to_internal)
+        return load_with_language_model(weights, own, self.language_model, _original_language_model_name)
+
+
+_HF_QKV = [
+    WeightMapping("attn.qkv_proj", "attn.q_proj", "q"),
+    WeightMapping("attn.qkv_proj", "attn.k_proj", "k"),
+    WeightMapping("attn.qkv_proj", "attn.v_proj", "v"),
+]
+
+_HF_RENAMES = [
+    (r"^vision_tower\.embeddings\.cls_token$", "vision_model.embeddings.class_embedding"),
+    (r"^vision_tower\.embeddings\.position_embeddings$", "vision_model.embeddings.position_embedding"),
+    (r"^vision_tower\.embeddings\.patch_embeddings\.projection\.", "vision_model.embeddings.patch_embedding."),
+    (r"^vision_tower\.encoder\.layer\.(\d+)\.attention\.projection_layer\.", r"vision_model.encoder.layers.\1.attn.proj."),
+    (r"^vision_tower\.encoder\.layer\.(\d+)\.attention\.", r"vision_model.encoder.layers.\1.attn."),
+    (r"^vision_tower\.encoder\.layer\.(\d+)\.layernorm_before\.", r"vision_model.encoder.layers.\1.norm1."),
+    (r"^vision_tower\.encoder\.layer\.(\d+)\.layernorm_after\.", r"vision_model.encoder.layers.\1.norm2."),
+    (r"^vision_tower\.encoder\.layer\.(\d+)\.lambda_1$", r"vision_model.encoder.layers.\1.ls1"),
+    (r"^vision_tower\.encoder\.layer\.(\d+)\.lambda_2$", r"vision_model.encoder.layers.\1.ls2"),
+    (r"^vision_tower\.encoder\.layer\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
+    (r"^vision_tower\.layernorm\.", "vision_model.post_layernorm."),
+    (r"^multi_modal_projector\.", "projector."),
+]
+
+
+def hf_to_internal(name: str) -> str:
+    # saved files say "vision_tower.*"; transformers' in-memory names add a "model." prefix
+    name = re.sub(r"^model\.(?=vision_tower\.|multi_modal_projector\.)", "", name)
+    for pattern, replacement in _HF_RENAMES:
+        name, count = re.subn(pattern, replacement, name)
+        if count:
+            return name
+    return name
+
+
+def original_to_internal(name: str) -> str:
+    name = re.sub(r"\.attn\.qkv\.", ".attn.qkv_proj.", name)
+    for index, target in (("0", "layer_norm"), ("1", "linear_1"), ("3", "linear_2")):
+        name = re.sub(rf"^mlp1\.{index}\.", f"projector.{target}.", name)
+    return name
+
+
+def _hf_language_model_name(name: str) -> str | None:
+    if name.startswith("language_model."):  # as saved: language_model.model.*, language_model.lm_head.*
+        return name[len("language_model.") :]
+    if name.startswith("model.language_model."):  # transformers' in-memory names
+        return "model." + name[len("model.language_model.") :]
+    if name.startswith("lm_head."):
+        return name
+    return None
+
+
+def _original_language_model_name(name: str) -> str | None:
+    return name[len("language_model.") :] if name.startswith("language_model.") else None
