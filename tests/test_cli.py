@@ -22,7 +22,7 @@ from vlm.plugins import reset_registry
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plugins"
 RIVAL = FIXTURES / "vlmtest_rival_qwen2.py"
-LLAMA_ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+LLAMA_ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "InternLM2ForCausalLM"]
 LLAMA_HOOKS = ["architectures", "build_model", "build_preprocessor", "match"]
 VLM_ENV = (plugins.LOAD_PLUGINS_ENV, plugins.PLUGIN_FILES_ENV, plugins.TRACE_PLUGINS_ENV)
 GREEDY = ["--max-tokens", "8", "--temperature", "0"]

@@ -1,4 +1,4 @@
-"""vlm plugin for Llama-family decoder-only language models: Llama, Mistral, Qwen2, Qwen3.
+"""vlm plugin for Llama-family decoder-only language models: Llama, Mistral, Qwen2, Qwen3, InternLM2.
 
 It also serves these models as the language half of a VLM (a VLM plugin asks the core for the
 model of its nested text config, and the core asks this plugin). torch is imported only inside
@@ -18,6 +18,7 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "InternLM2ForCausalLM": "internlm2",
 }
 
 
@@ -44,8 +45,17 @@ def build_preprocessor(tokenizer):
     return TextPreprocessor(tokenizer)
 
 
+def _is_internlm2(hf_config) -> bool:
+    architectures = getattr(hf_config, "architectures", None) or []
+    return "InternLM2ForCausalLM" in architectures or getattr(hf_config, "model_type", None) == "internlm2"
+
+
 @hookimpl
 def build_model(hf_config, dtype, device):
+    if _is_internlm2(hf_config):
+        from vlm_plugin_llama.internlm2 import InternLM2ForCausalLM
+
+        return InternLM2ForCausalLM(hf_config, dtype=dtype, device=device)
     from vlm_plugin_llama.model import LlamaForCausalLM
 
     return LlamaForCausalLM(hf_config, dtype=dtype, device=device)
