@@ -32,11 +32,9 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [T] flat cache slot (block * block_size + offset) of each new token
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer
     block_size: int
-    # decode: cache slots of every context token, padded, and which of them are real
-    decode_slots: torch.Tensor | None = None  # [num_decodes, max_context]
-    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] bool
-    # prefill chunks that continue a cached prefix: slots of all their context tokens
-    prefill_slots: list[torch.Tensor | None] = field(default_factory=list)
+    block_tables: torch.Tensor  # [S, max_blocks] int32: each sequence's cache blocks, in order
+    context_lens_tensor: torch.Tensor  # [S] int32, as context_lens
+    prefill_query_start: torch.Tensor  # [P + 1] int32: prefill queries' offsets, relative to the first
     images: list[ImageSpan] = field(default_factory=list)
 
     @property

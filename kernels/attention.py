@@ -1,7 +1,8 @@
-"""Attention over the paged KV cache: torch implementations (the CPU path).
+"""Attention over the paged KV cache: the torch implementations (the CPU path).
 
-Decode batches all one-token sequences into a single SDPA call over their gathered context;
-prefill runs one SDPA per sequence, causal, continuing a cached prefix when there is one.
+Caches are ``[num_blocks, block_size, kv_heads, head_dim]`` per layer; a sequence's tokens live
+in the blocks its row of ``block_tables`` lists, in order. The Triton kernels in
+``triton_attention.py`` take exactly these arguments.
 """
 
 from __future__ import annotations
@@ -13,43 +14,71 @@ import torch.nn.functional as F
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Store new ``k, v`` ``[T, Hk, D]`` at flat ``slot_mapping`` ``[T]`` of the paged caches."""
+    """Store new ``k, v`` ``[T, Hk, D]`` at flat slots ``slot_mapping`` ``[T]`` (block * block_size + offset)."""
     heads, dim = k_cache.shape[-2:]
     k_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, v)
 
 
-def decode_attention(
+def _slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Flat cache slots of positions ``0..length-1`` for each row of ``block_tables``."""
+    offsets = torch.arange(block_size, device=block_tables.device)
+    slots = (block_tables.long().unsqueeze(-1) * block_size + offsets).flatten(1)
+    return slots[:, :length]
+
+
+def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    mask: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """q ``[B, Hq, D]``; ``slots`` ``[B, L]`` cache slots of each context; ``mask`` ``[B, 1, 1, L]``."""
-    heads, dim = k_cache.shape[-2:]
+    """One query token per sequence: q ``[B, Hq, D]`` over each sequence's ``context_lens`` cached tokens.
+
+    All sequences go through one SDPA call on their gathered, padded contexts.
+    """
+    block_size, heads, dim = k_cache.shape[1:]
+    length = int(context_lens.max())
+    slots = _slots(block_tables, length, block_size)
+    mask = (torch.arange(length, device=q.device) < context_lens.unsqueeze(1))[:, None, None, :]
     k = k_cache.view(-1, heads, dim)[slots].transpose(1, 2)  # [B, Hk, L, D]
     v = v_cache.view(-1, heads, dim)[slots].transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != heads
-    )
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != heads)
     return out.squeeze(2)
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of ``q`` ``[t, Hq, D]`` over ``k, v`` ``[L, Hk, D]`` whose last t are q's.
-
-    With ``L > t`` the first ``L - t`` keys are a cached prefix every query sees.
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for prompt chunks: sequence i owns queries ``q[query_start_loc[i]:query_start_loc[i+1]]``,
+    the last of its ``context_lens[i]`` cached tokens (a chunk may continue a cached prefix).
     """
-    t, length = q.shape[0], k.shape[0]
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-    gqa = qh.shape[0] != kh.shape[0]
-    if t == length:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
-    else:
-        # SDPA's is_causal aligns the triangle top-left; a continued prefix needs it bottom-right
-        rows = torch.arange(t, device=q.device).unsqueeze(1) + (length - t)
-        mask = torch.arange(length, device=q.device).unsqueeze(0) <= rows
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.transpose(0, 1)
+    block_size, heads, dim = k_cache.shape[1:]
+    starts = query_start_loc.tolist()
+    lengths = context_lens.tolist()
+    out = torch.empty_like(q)
+    for i, length in enumerate(lengths):
+        start, end = starts[i], starts[i + 1]
+        t = end - start
+        slots = _slots(block_tables[i : i + 1], length, block_size)[0]
+        kh = k_cache.view(-1, heads, dim)[slots].transpose(0, 1)
+        vh = v_cache.view(-1, heads, dim)[slots].transpose(0, 1)
+        qh = q[start:end].transpose(0, 1)
+        gqa = qh.shape[0] != heads
+        if t == length:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            # SDPA's is_causal aligns the triangle top-left; a continued prefix needs it bottom-right
+            rows = torch.arange(t, device=q.device).unsqueeze(1) + (length - t)
+            mask = torch.arange(length, device=q.device).unsqueeze(0) <= rows
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[start:end] = o.transpose(0, 1)
+    return out

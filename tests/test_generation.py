@@ -166,3 +166,48 @@ def test_chat_messages_are_validated(llm):
         llm.chat([{"role": "wizard", "content": "hi"}])
     with pytest.raises(InputError, match="non-empty"):
         llm.generate([[]])
+
+
+# -- prefix caching ---------------------------------------------------------------------------
+
+SHARED = "You are a helpful assistant. Answer briefly and precisely. " * 2
+
+
+def test_prefix_cache_hits_give_identical_outputs(tiny_qwen2):
+    prompts = [SHARED + "Hello", SHARED + "What is two plus two?", SHARED + "Hello"]
+    uncached = LLM(tiny_qwen2, enable_prefix_caching=False)
+    expected = tokens(uncached.generate(prompts, greedy(24)))
+    cached = LLM(tiny_qwen2)
+    first = tokens(cached.generate(prompts[:1], greedy(24)))
+    scheduler = cached.engine.scheduler
+    assert scheduler.num_cached_tokens == 0
+    rest = tokens(cached.generate(prompts[1:], greedy(24)))
+    assert first + rest == expected
+    # the shared prefix (whole 16-token blocks of it) came from the cache for both later prompts
+    shared_blocks = len(cached.tokenizer(SHARED)["input_ids"]) // 16
+    assert scheduler.num_cached_tokens >= 2 * shared_blocks * 16
+    assert cached.engine.kv_cache.allocator.num_used == 0
+
+
+def test_second_chat_turn_reuses_the_first(tiny_qwen2):
+    llm = LLM(tiny_qwen2)
+    turn1 = [{"role": "user", "content": "Tell me something about the sea and the wind."}]
+    [reply] = llm.chat(turn1, greedy(20))
+    before = llm.engine.scheduler.num_cached_tokens
+    turn2 = turn1 + [{"role": "assistant", "content": reply.outputs[0].text}, {"role": "user", "content": "More?"}]
+    [second] = llm.chat(turn2, greedy(20))
+    first_prompt_len = len(llm.engine.preprocess(turn1).token_ids)
+    assert llm.engine.scheduler.num_cached_tokens - before >= (first_prompt_len // 16) * 16 > 0
+    fresh = LLM(tiny_qwen2, enable_prefix_caching=False)
+    assert second.outputs[0].token_ids == fresh.chat(turn2, greedy(20))[0].outputs[0].token_ids
+
+
+def test_prefix_cache_under_eviction_and_preemption(tiny_qwen2):
+    prompts = [SHARED + f"question number {i}" for i in range(8)]
+    expected = tokens(LLM(tiny_qwen2, enable_prefix_caching=False).generate(prompts, greedy(30)))
+    small = LLM(tiny_qwen2, kv_cache_gib=2e-4, max_num_batched_tokens=32)
+    for _ in range(2):  # the second round runs against a cache that the first filled and evicted
+        assert tokens(small.generate(prompts, greedy(30))) == expected
+    assert small.engine.scheduler.num_cached_tokens > 0
+    assert small.engine.scheduler.num_preemptions > 0
+    assert small.engine.kv_cache.allocator.num_used == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +21,21 @@ class CacheShape:
 
 
 class BlockAllocator:
-    """A free list of block ids. Sequences own lists of blocks; freeing returns them here."""
+    """Hands out KV-cache blocks, reference-counted, with a prefix cache.
+
+    A block whose tokens are all computed can be registered under the hash of its content (and
+    of everything before it, see ``vlm.engine.prefix_cache``). When its last user frees it, it
+    keeps its content and its hash, and joins the free list at the most-recent end: a later
+    request with the same prefix takes it back (:meth:`take_cached`) instead of recomputing;
+    :meth:`allocate` evicts least-recently-freed blocks first.
+    """
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self.ref_counts = [0] * num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._hash_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
 
     @property
     def num_free(self) -> int:
@@ -34,13 +45,41 @@ class BlockAllocator:
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
 
+    @property
+    def num_cached(self) -> int:
+        return len(self._block_of)
+
     def allocate(self) -> int:
         if not self._free:
             raise RuntimeError("no free KV-cache blocks")  # the scheduler checks first
-        return self._free.pop()
+        block, _ = self._free.popitem(last=False)
+        old = self._hash_of.pop(block, None)
+        if old is not None:
+            del self._block_of[old]
+        self.ref_counts[block] = 1
+        return block
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        # a sequence's last blocks are the least likely to be shared: free them first, so that
+        # they are evicted before its prefix
+        for block in reversed(blocks):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self._free[block] = None
+
+    def cached_block(self, content_hash: bytes) -> int | None:
+        return self._block_of.get(content_hash)
+
+    def take_cached(self, block: int) -> None:
+        """One more user of a cached block (revived from the free list if nobody held it)."""
+        if self.ref_counts[block] == 0:
+            del self._free[block]
+        self.ref_counts[block] += 1
+
+    def register(self, block: int, content_hash: bytes) -> None:
+        if content_hash not in self._block_of and block not in self._hash_of:
+            self._block_of[content_hash] = block
+            self._hash_of[block] = content_hash
 
 
 class KVCache:

@@ -93,7 +93,11 @@ class LLMEngine:
         )
         self.kv_cache = KVCache(shape, num_blocks, self.dtype, self.device)
         self.scheduler = Scheduler(
-            self.kv_cache.allocator, config.block_size, config.max_num_seqs, config.max_num_batched_tokens
+            self.kv_cache.allocator,
+            config.block_size,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            enable_prefix_caching=config.enable_prefix_caching,
         )
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.tokenizer, self.model_config.hf_config)
@@ -207,6 +211,7 @@ class LLMEngine:
                 raise RuntimeError("scheduler could not place any request; the KV cache is too small")
             return []
         logits, seqs = self.runner.execute(scheduled)
+        self.scheduler.register_full_blocks(scheduled.decodes + [seq for seq, _ in scheduled.prefills])
         if logits is None:
             return []
         tokens, logprobs = sample(logits, seqs, self.eos_token_ids)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from vlm.engine.image_cache import ImageEmbeddingCache
@@ -19,19 +21,6 @@ class ModelRunner:
         self.device = device
         self.image_cache = image_cache or ImageEmbeddingCache()
         self.block_size = kv_cache.shape.block_size
-        self._offsets = torch.arange(self.block_size, device=device)
-
-    def _slots(self, seqs: list[Sequence], lengths: list[int]) -> torch.Tensor:
-        """Cache slots of positions ``0..length-1`` of each sequence, ``[S, max(length)]`` padded with 0."""
-        max_len = max(lengths)
-        max_blocks = -(-max_len // self.block_size)
-        table = torch.zeros((len(seqs), max_blocks), dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            blocks = seq.blocks[:max_blocks]
-            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        table = table.to(self.device)
-        slots = (table.unsqueeze(-1) * self.block_size + self._offsets).view(len(seqs), -1)
-        return slots[:, :max_len]
 
     def prepare(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch, torch.Tensor, list[Sequence]]:
         """Flat token ids, positions, the batch metadata, which rows to take logits of, and their sequences."""
@@ -48,7 +37,6 @@ class ModelRunner:
             context_lens.append(seq.num_computed + 1)
             logits_index.append(len(token_ids) - 1)
             sampled.append(seq)
-        prefill_slots: list[torch.Tensor | None] = []
         images: list[ImageSpan] = []
         self._embed_images([seq for seq, _ in step.prefills if seq.inputs.images and seq.image_embeds is None])
         for seq, count in step.prefills:
@@ -61,7 +49,6 @@ class ModelRunner:
             positions.extend(range(start, start + count))
             query_lens.append(count)
             context_lens.append(start + count)
-            prefill_slots.append(self._slots([seq], [start + count])[0] if start else None)
             if start + count == seq.num_tokens:
                 logits_index.append(len(token_ids) - 1)
                 sampled.append(seq)
@@ -72,13 +59,12 @@ class ModelRunner:
             for pos in range(clen - qlen, clen):
                 slot_list.append(seq.blocks[pos // self.block_size] * self.block_size + pos % self.block_size)
 
-        decode_slots = decode_mask = None
-        if step.decodes:
-            lengths = context_lens[: len(step.decodes)]
-            decode_slots = self._slots(step.decodes, lengths)
-            lens = torch.tensor(lengths, device=self.device)
-            decode_mask = (torch.arange(decode_slots.shape[1], device=self.device) < lens.unsqueeze(1))[:, None, None, :]
-
+        max_blocks = max(len(seq.blocks) for seq in all_seqs)
+        block_tables = torch.zeros((len(all_seqs), max_blocks), dtype=torch.int32)
+        for i, seq in enumerate(all_seqs):
+            block_tables[i, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+        prefill_lens = query_lens[len(step.decodes) :]
+        prefill_query_start = torch.tensor([0, *itertools.accumulate(prefill_lens)], dtype=torch.int32)
         batch = ForwardBatch(
             query_lens=query_lens,
             context_lens=context_lens,
@@ -86,9 +72,9 @@ class ModelRunner:
             slot_mapping=torch.tensor(slot_list, dtype=torch.long, device=self.device),
             kv_caches=self.kv_cache.layers,
             block_size=self.block_size,
-            decode_slots=decode_slots,
-            decode_mask=decode_mask,
-            prefill_slots=prefill_slots,
+            block_tables=block_tables.to(self.device),
+            context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32, device=self.device),
+            prefill_query_start=prefill_query_start.to(self.device),
             images=images,
         )
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)

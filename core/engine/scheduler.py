@@ -4,6 +4,10 @@ Every step decodes all running sequences (one token each), then fills the remain
 budget with prompt chunks of waiting sequences (chunked prefill), so new requests join the
 batch between steps. When a decode needs a block and none is free, the most recently started
 sequence is preempted: its blocks are freed and it is recomputed later, never dropped.
+
+With prefix caching, a sequence about to start takes over the cached blocks of its longest
+already-computed prefix (a second chat turn, a shared system prompt, the same image), and every
+block that fills up is registered for others to reuse.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from vlm.engine.kv_cache import BlockAllocator
+from vlm.engine.prefix_cache import hashes_for
 from vlm.engine.sequence import Sequence, Status
 
 
@@ -26,8 +31,18 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_prefix_caching: bool = True,
+    ):
         self.allocator = allocator
+        self.enable_prefix_caching = enable_prefix_caching
+        self.num_prompt_tokens = 0  # prompt tokens admitted, and how many came from the cache
+        self.num_cached_tokens = 0
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -48,11 +63,15 @@ class Scheduler:
         for _ in range(self._blocks_needed(seq, num_tokens)):
             seq.blocks.append(self.allocator.allocate())
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+    def _release(self, seq: Sequence) -> None:
         self.allocator.free(seq.blocks)
         seq.blocks = []
+        seq.block_hashes = []
         seq.num_computed = 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -79,11 +98,19 @@ class Scheduler:
                 break
             if seq.status is Status.WAITING and len(self.running) >= self.max_num_seqs:
                 break
+            starting = seq.status is Status.WAITING
+            if starting and self.enable_prefix_caching:
+                self._take_cached_prefix(seq)
             remaining = seq.num_tokens - seq.num_computed
             room = (len(seq.blocks) + self.allocator.num_free) * self.block_size - seq.num_computed
             count = min(remaining, budget, room)
             if count <= 0:
+                if starting:
+                    self._release(seq)
                 break
+            if starting:
+                self.num_prompt_tokens += seq.num_tokens
+                self.num_cached_tokens += seq.num_computed
             self._grow(seq, seq.num_computed + count)
             if seq.status is Status.WAITING:
                 self.waiting.remove(seq)
@@ -93,11 +120,35 @@ class Scheduler:
             budget -= count
         return step
 
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        """Start ``seq`` on the cached blocks of its longest computed prefix (at least one token
+        is always left to compute: its logits are needed)."""
+        full_blocks = (seq.num_tokens - 1) // self.block_size
+        hashes = hashes_for(seq, self.block_size, full_blocks, [])
+        for content_hash in hashes:
+            block = self.allocator.cached_block(content_hash)
+            if block is None:
+                break
+            self.allocator.take_cached(block)
+            seq.blocks.append(block)
+            seq.block_hashes.append(content_hash)
+        seq.num_computed = len(seq.blocks) * self.block_size
+
+    def register_full_blocks(self, seqs: list[Sequence]) -> None:
+        """After a step: make the blocks that are now full and computed reusable by others."""
+        if not self.enable_prefix_caching:
+            return
+        for seq in seqs:
+            full = min(seq.num_computed // self.block_size, len(seq.blocks))
+            if full > len(seq.block_hashes):
+                seq.block_hashes = hashes_for(seq, self.block_size, full, seq.block_hashes)
+                for index in range(full):
+                    self.allocator.register(seq.blocks[index], seq.block_hashes[index])
+
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.allocator.free(seq.blocks)
-        seq.blocks = []
+        self._release(seq)
         seq.status = Status.FINISHED

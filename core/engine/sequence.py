@@ -28,6 +28,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose k/v are in the cache
     blocks: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of the full, computed blocks
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stopped_by_string: bool = False  # text was cut at a stop string: nothing held back is emitted

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.forward_batch import ForwardBatch
-from vlm.kernels.attention import decode_attention, prefill_attention, write_kv_cache
+from vlm.kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv_cache
 
 
 class Attention(nn.Module):
@@ -29,18 +29,18 @@ class Attention(nn.Module):
         nd = batch.num_decodes
         parts = []
         if nd:
-            parts.append(decode_attention(q[:nd], k_cache, v_cache, batch.decode_slots, batch.decode_mask, self.scale))
-        start = nd
-        for i, qlen in enumerate(batch.query_lens[nd:]):
-            end = start + qlen
-            slots = batch.prefill_slots[i] if batch.prefill_slots else None
-            if slots is None:
-                seq_k, seq_v = k[start:end], v[start:end]
-            else:
-                seq_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)[slots]
-                seq_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)[slots]
-            parts.append(prefill_attention(q[start:end], seq_k, seq_v, self.scale))
-            start = end
+            parts.append(
+                paged_decode_attention(
+                    q[:nd], k_cache, v_cache, batch.block_tables[:nd], batch.context_lens_tensor[:nd], self.scale
+                )
+            )
+        if nd < len(batch.query_lens):
+            parts.append(
+                paged_prefill_attention(
+                    q[nd:], k_cache, v_cache, batch.block_tables[nd:], batch.prefill_query_start,
+                    batch.context_lens_tensor[nd:], self.scale,
+                )
+            )
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
