@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from vlm.config import EngineConfig, load_model_config
+from vlm.distributed import tp_world_size
 from vlm.engine.detokenizer import IncrementalDetokenizer
 from vlm.engine.kv_cache import CacheShape, KVCache, blocks_for_budget
 from vlm.engine.model_runner import ModelRunner
@@ -80,8 +81,6 @@ class LLMEngine:
 
         text = self.model_config.text
         self.max_model_len = min(config.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
-        from vlm.distributed import tp_world_size
-
         shape = CacheShape(
             num_layers=text.num_hidden_layers,
             num_kv_heads=max(1, text.num_key_value_heads // tp_world_size()),
