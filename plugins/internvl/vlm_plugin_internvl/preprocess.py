@@ -1,0 +1,426 @@
+"""InternVL preprocessing: prompts and chat messages with images -> token ids and pixel tiles.
+
+Two checkpoint layouts, one pipeline:
+
+- Hugging Face layout (``model_type: "internvl"``): reproduces transformers' ``InternVLProcessor``
+  with ``GotOcr2ImageProcessor`` (settings from ``preprocessor_config.json``, or the
+  ``image_processor`` entry of ``processor_config.json``). The chat template writes
+  ``<IMG_CONTEXT>`` where an image goes.
+- original OpenGVLab layout (``InternVLChatModel``, ``model_type: "internvl_chat"``): reproduces
+  OpenGVLab's ``load_image`` / ``dynamic_preprocess`` and the prompt ``model.chat`` builds
+  (settings from config.json: ``force_image_size``, ``min/max_dynamic_patch``, ``use_thumbnail``,
+  ``dynamic_image_size``; ImageNet mean/std; bicubic). Image parts are written ``<image>\\n``
+  into the message text before the tokenizer's chat template renders it.
+
+Each image becomes tiles (:func:`tile_image`): the grid of ``tile``-sized tiles whose aspect
+ratio is closest to the image's (between ``min_tiles`` and ``max_tiles`` tiles; on a tie the
+grid with more tiles wins while the image is bigger than half its area), the image resized to
+that grid with PIL and cut up, plus a thumbnail of the whole image when there is more than one
+tile. Pixels are rescaled in float64 and normalised in float32, exactly as transformers does
+(through a 256-entry table per channel), so ``pixel_values`` are bit-identical to the reference
+processor's. In the prompt every image
+placeholder becomes ``<img>`` + ``<IMG_CONTEXT>`` x (tiles x tokens per tile) + ``</img>``,
+tokens per tile = (tile / patch)^2 x downsample_ratio^2 (256 for 448-px tiles, patch 14, 0.5).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from vlm.errors import ConfigError, InputError
+from vlm.images import MAX_PIXELS, load_image
+from vlm.inputs import ImageInput, ModelInputs, Prompt, iter_image_parts, normalize_messages, pixel_values_key
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # GotOcr2ImageProcessor's defaults
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
+
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+ORIGINAL_IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How images become tiles and pixel values."""
+
+    tile_height: int
+    tile_width: int
+    min_tiles: int = 1
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+    resample: int = BICUBIC
+    rescale_factor: float | None = 1 / 255  # None: no rescaling
+    mean: tuple[float, ...] | None = IMAGENET_MEAN  # None: no normalisation
+    std: tuple[float, ...] | None = IMAGENET_STD
+
+    @property
+    def dynamic(self) -> bool:
+        """Split into several tiles? (GotOcr2: ``crop_to_patches and max_patches > 1``)."""
+        return self.max_tiles > 1
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+@lru_cache(maxsize=16)
+def _candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
+    grids = [(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if min_tiles <= c * r <= max_tiles]
+    return tuple(sorted(grids, key=lambda grid: grid[0] * grid[1]))  # stable: by area, then columns
+
+
+def closest_grid(width: int, height: int, settings: ImageSettings) -> tuple[int, int]:
+    """``(columns, rows)`` of the tile grid whose aspect ratio is closest to the image's.
+
+    transformers' ``get_optimal_tiled_canvas`` and OpenGVLab's ``find_closest_aspect_ratio``.
+    """
+    aspect_ratio = width / height
+    tile_area = settings.tile_height * settings.tile_width
+    best_diff, best = float("inf"), (1, 1)
+    for columns, rows in _candidate_grids(settings.min_tiles, settings.max_tiles):
+        diff = abs(aspect_ratio - columns / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (columns, rows)
+        elif diff == best_diff and width * height > 0.5 * tile_area * columns * rows:
+            best = (columns, rows)  # same ratio, more tiles: worth it for a big image
+    return best
+
+
+def to_rgb(image: Any) -> Any:
+    """RGB, compositing transparency onto white (transformers' image-processor rule)."""
+    from PIL import Image
+
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def tile_image(image: Any, settings: ImageSettings) -> tuple[list[Any], tuple[int, int]]:
+    """Cut an RGB PIL image into tiles (+ thumbnail); returns the tiles and ``(columns, rows)``."""
+    th, tw = settings.tile_height, settings.tile_width
+    if not settings.dynamic:
+        return [image.resize((tw, th), resample=settings.resample)], (1, 1)
+    columns, rows = closest_grid(image.width, image.height, settings)
+    resized = image.resize((tw * columns, th * rows), resample=settings.resample)
+    tiles = [
+        resized.crop((c * tw, r * th, (c + 1) * tw, (r + 1) * th)) for r in range(rows) for c in range(columns)
+    ]
+    if settings.use_thumbnail and len(tiles) > 1:
+        tiles.append(image.resize((tw, th), resample=settings.resample))
+    return tiles, (columns, rows)
+
+
+def pixel_lookup_table(settings: ImageSettings) -> Any:
+    """float32 ``[3, 256]``: the value each uint8 level of each channel becomes.
+
+    Computed with transformers' arithmetic (``x * rescale`` in float64, cast to float32, then
+    ``(x - mean) / std`` in float32), so looking values up gives exactly its results.
+    """
+    import numpy as np
+
+    levels = np.arange(256, dtype=np.float64)
+    values = (levels * settings.rescale_factor if settings.rescale_factor is not None else levels).astype(np.float32)
+    table = np.repeat(values[None, :], 3, axis=0)
+    if settings.mean is not None and settings.std is not None:
+        mean = np.array(settings.mean, dtype=np.float32)[:, None]
+        std = np.array(settings.std, dtype=np.float32)[:, None]
+        table = (table - mean) / std
+    return table
+
+
+def normalize_tiles(tiles: list[Any], settings: ImageSettings) -> Any:
+    """uint8 RGB tiles -> float32 ``[n, 3, H, W]`` (rescaled and normalised)."""
+    import numpy as np
+    import torch
+
+    pixels = np.stack([np.asarray(tile, dtype=np.uint8) for tile in tiles]).transpose(0, 3, 1, 2)  # [n, 3, H, W]
+    table = pixel_lookup_table(settings)
+    out = np.empty(pixels.shape, dtype=np.float32)
+    for channel in range(3):
+        np.take(table[channel], pixels[:, channel], out=out[:, channel])
+    return torch.from_numpy(out)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        return (int(value[0]), int(value[-1]))
+    return (int(value), int(value))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); fix or re-download it") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object; fix or re-download it")
+    return data
+
+
+def is_original_layout(hf_config: Any) -> bool:
+    return getattr(hf_config, "model_type", None) == "internvl_chat" or "InternVLChatModel" in (
+        getattr(hf_config, "architectures", None) or []
+    )
+
+
+def hf_image_settings(model_path: str | Path) -> tuple[ImageSettings, dict[str, Any]]:
+    """Settings of the Hugging Face layout's GotOcr2 image processor, and processor_config.json.
+
+    ``crop_to_patches`` in the image processor's file is ignored: ``InternVLProcessor`` always
+    passes ``crop_to_patches=True``.
+    """
+    model_path = Path(model_path)
+    processor = _read_json(model_path / "processor_config.json") or {}
+    image = _read_json(model_path / "preprocessor_config.json") or processor.get("image_processor")
+    if image is None:
+        raise ConfigError(
+            f"{model_path} has no preprocessor_config.json (nor an image_processor entry in "
+            "processor_config.json); copy it from the original model"
+        )
+    size = image.get("size", {"height": 384, "width": 384})
+    if not isinstance(size, dict) or not size.get("height") or not size.get("width"):
+        raise ConfigError(
+            f"{model_path / 'preprocessor_config.json'}: 'size' must be {{'height': H, 'width': W}}, got {size!r}"
+        )
+    settings = ImageSettings(
+        tile_height=int(size["height"]),
+        tile_width=int(size["width"]),
+        min_tiles=int(image.get("min_patches", 1)),
+        max_tiles=int(image.get("max_patches", 12)),
+        use_thumbnail=True,  # GotOcr2ImageProcessor.crop_image_to_patches' default, never overridden
+        resample=int(image.get("resample", BICUBIC)),
+        rescale_factor=float(image.get("rescale_factor", 1 / 255)) if image.get("do_rescale", True) else None,
+        mean=tuple(image.get("image_mean", OPENAI_CLIP_MEAN)) if image.get("do_normalize", True) else None,
+        std=tuple(image.get("image_std", OPENAI_CLIP_STD)) if image.get("do_normalize", True) else None,
+    )
+    return settings, processor
+
+
+def original_image_settings(hf_config: Any) -> ImageSettings:
+    """Settings of an original OpenGVLab checkpoint, from config.json (as vLLM reads them)."""
+    size = getattr(hf_config, "force_image_size", None) or hf_config.vision_config.image_size
+    height, width = _pair(size)
+    dynamic = bool(getattr(hf_config, "dynamic_image_size", False))
+    return ImageSettings(
+        tile_height=height,
+        tile_width=width,
+        min_tiles=int(getattr(hf_config, "min_dynamic_patch", 1)) if dynamic else 1,
+        max_tiles=int(getattr(hf_config, "max_dynamic_patch", 6)) if dynamic else 1,
+        use_thumbnail=bool(getattr(hf_config, "use_thumbnail", False)),
+        resample=BICUBIC,
+    )
+
+
+def tokens_per_tile(hf_config: Any, settings: ImageSettings) -> int:
+    """(tile / patch)^2 * downsample_ratio^2: image tokens the model makes of one tile."""
+    patch_h, patch_w = _pair(hf_config.vision_config.patch_size)
+    ratio = float(getattr(hf_config, "downsample_ratio", 0.5))
+    return int((settings.tile_height // patch_h) * (settings.tile_width // patch_w) * ratio**2)
+
+
+def find_chat_template(model_path: str | Path, tokenizer: Any) -> str | None:
+    """The template transformers' processor would use: the processor's, else the tokenizer's."""
+    model_path = Path(model_path)
+    jinja = model_path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    for name in ("chat_template.json", "processor_config.json"):
+        template = (_read_json(model_path / name) or {}).get("chat_template")
+        if isinstance(template, str):
+            return template
+    template = getattr(tokenizer, "chat_template", None)
+    return template if isinstance(template, str) else None
+
+
+# ----------------------------------------------------------------------------- preprocessor
+
+
+class InternVLPreprocessor:
+    """Turns a prompt into :class:`vlm.inputs.ModelInputs` for an InternVL model.
+
+    :param tokenizer: the model directory's transformers tokenizer.
+    :param hf_config: ``InternVLConfig`` (Hugging Face layout) or ``vlm.config.RawConfig``
+        (original layout).
+    :param model_path: the model directory (preprocessor / processor configs, chat template).
+    :param allowed_dir, allow_remote, max_pixels: image-loading policy, see
+        :func:`vlm.images.load_image`.
+
+    A prompt is a plain string (no images), token ids, or chat messages whose content may hold
+    image parts (see :mod:`vlm.inputs`).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        hf_config: Any,
+        model_path: str | Path,
+        *,
+        allowed_dir: str | Path | None = None,
+        allow_remote: bool = False,
+        max_pixels: int = MAX_PIXELS,
+    ):
+        self.tokenizer = tokenizer
+        self.hf_config = hf_config
+        self.model_path = Path(model_path)
+        self.load_options = dict(allowed_dir=allowed_dir, allow_remote=allow_remote, max_pixels=max_pixels)
+        self.original_layout = is_original_layout(hf_config)
+        self.supports_images = getattr(hf_config, "vision_config", None) is not None
+        if self.original_layout:
+            # OpenGVLab: "<image>" in the text; the image tokens are plain added tokens
+            self.start_token, self.end_token, self.context_token = IMG_START, IMG_END, IMG_CONTEXT
+            self.placeholder = ORIGINAL_IMAGE_PLACEHOLDER
+            self.chat_template = getattr(tokenizer, "chat_template", None)
+        else:
+            # transformers: the tokenizer names its image tokens; the template writes the context token
+            self.start_token = getattr(tokenizer, "start_image_token", None) or IMG_START
+            self.end_token = getattr(tokenizer, "end_image_token", None) or IMG_END
+            self.context_token = getattr(tokenizer, "context_image_token", None) or IMG_CONTEXT
+            self.placeholder = self.context_token
+            self.chat_template = find_chat_template(self.model_path, tokenizer)
+        self.image_token_id = self._token_id(self.context_token)
+        if self.supports_images:
+            self.settings = self._image_settings()
+            self.tokens_per_tile = tokens_per_tile(hf_config, self.settings)
+            self._check_hf_config()
+
+    def _image_settings(self) -> ImageSettings:
+        if self.original_layout:
+            return original_image_settings(self.hf_config)
+        settings, self.processor_config = hf_image_settings(self.model_path)
+        return settings
+
+    def _check_hf_config(self) -> None:
+        """processor_config.json and config.json must agree with what the model makes."""
+        if self.original_layout:
+            return
+        declared = self.processor_config.get("image_seq_length")
+        if declared is not None and int(declared) != self.tokens_per_tile:
+            raise ConfigError(
+                f"{self.model_path / 'processor_config.json'}: image_seq_length is {declared} but the "
+                f"model makes {self.tokens_per_tile} tokens per {self.settings.tile_width}-px tile "
+                "((tile / patch)^2 * downsample_ratio^2); fix one of them"
+            )
+        config_id = getattr(self.hf_config, "image_token_id", None)
+        if config_id is not None and config_id != self.image_token_id:
+            raise ConfigError(
+                f"config.json image_token_id is {config_id} but the tokenizer's {self.context_token} is "
+                f"{self.image_token_id}; the tokenizer does not belong to this model"
+            )
+
+    def _token_id(self, token: str) -> int | None:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == getattr(self.tokenizer, "unk_token_id", None):
+            if self.supports_images:
+                raise ConfigError(
+                    f"the tokenizer in {self.model_path} has no {token} token; InternVL needs "
+                    f"{IMG_START}, {IMG_END} and {IMG_CONTEXT} in its vocabulary"
+                )
+            return None
+        return token_id
+
+    # -- images
+
+    def preprocess_image(self, source: Any) -> ImageInput:
+        """Load one image (path, URL, bytes, PIL image) and make its tiles."""
+        image = load_image(source, **self.load_options)
+        tiles, grid = tile_image(to_rgb(image), self.settings)
+        pixel_values = normalize_tiles(tiles, self.settings)
+        return ImageInput(
+            pixel_values=pixel_values,
+            num_tokens=len(tiles) * self.tokens_per_tile,
+            key=pixel_values_key(pixel_values),
+            extra={"grid": grid, "num_tiles": len(tiles), "image_size": image.size},
+        )
+
+    # -- prompts
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> tuple[str, list[Any]]:
+        """Messages -> (prompt text with one placeholder per image, image sources in order)."""
+        messages = normalize_messages(messages)
+        sources = list(iter_image_parts(messages))
+        if sources and not self.supports_images:
+            raise InputError("this model takes no images (config.json has no vision_config); send text only")
+        if not self.chat_template:
+            raise InputError(
+                "this model has no chat template (chat_template.jinja or tokenizer_config.json "
+                "'chat_template'); send a plain prompt string instead of chat messages"
+            )
+        if self.original_layout:
+            # OpenGVLab templates take string contents: an image is "<image>\n" in the text
+            for message in messages:
+                if isinstance(message["content"], list):
+                    parts = message["content"]
+                    message["content"] = "".join(p["text"] if p["type"] == "text" else self.placeholder + "\n" for p in parts)
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as exc:
+            raise InputError(f"the chat template rejected the messages ({exc}); fix the message list") from None
+        return text, sources
+
+    def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs:
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            if self.image_token_id is not None and self.image_token_id in prompt:
+                raise InputError(
+                    f"a token-id prompt cannot carry images (it holds {self.context_token} tokens); send "
+                    "chat messages with image parts instead"
+                )
+            return ModelInputs(token_ids=list(prompt), image_token_id=self.image_token_id)
+        if isinstance(prompt, list):
+            text, sources = self.render(prompt, add_generation_prompt)
+            bos = getattr(self.tokenizer, "bos_token", None)
+            add_special_tokens = not (bos and text.startswith(bos))  # as transformers' processor decides
+        elif isinstance(prompt, str):
+            text, sources, add_special_tokens = prompt, [], True
+        else:
+            raise InputError(f"a prompt must be a string, a list of messages or token ids, not {type(prompt).__name__}")
+
+        pieces = text.split(self.placeholder)
+        if len(pieces) - 1 != len(sources):
+            raise InputError(
+                f"the prompt has {len(pieces) - 1} image placeholder(s) {self.placeholder!r} but "
+                f"{len(sources)} image(s); remove {self.placeholder!r} from the text and send images as image parts"
+            )
+        images = [self.preprocess_image(source) for source in sources]
+        expanded = [pieces[0]]
+        for image, piece in zip(images, pieces[1:]):
+            expanded += [self.start_token, self.context_token * image.num_tokens, self.end_token, piece]
+
+        ids = list(self.tokenizer("".join(expanded), add_special_tokens=add_special_tokens)["input_ids"])
+        if not ids:
+            raise InputError("the prompt is empty after tokenization; send at least one token")
+        if self.image_token_id is not None and ids.count(self.image_token_id) != sum(i.num_tokens for i in images):
+            raise InputError(
+                f"the prompt text contains {self.context_token!r}, which is reserved for images; remove it"
+            )
+        return ModelInputs(token_ids=ids, images=images, prompt=text, image_token_id=self.image_token_id)
+
+
+__all__ = [
+    "ImageSettings",
+    "InternVLPreprocessor",
+    "closest_grid",
+    "find_chat_template",
+    "hf_image_settings",
+    "normalize_tiles",
+    "pixel_lookup_table",
+    "original_image_settings",
+    "tile_image",
+    "to_rgb",
+    "tokens_per_tile",
+]
