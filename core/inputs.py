@@ -106,14 +106,19 @@ class TextPreprocessor:
                 "this model's tokenizer has no chat template (tokenizer_config.json 'chat_template'); "
                 "send a plain prompt string instead of chat messages"
             )
-        return self.tokenizer.apply_chat_template(
-            validate_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        # text-only chat templates expect a string: join OpenAI-style text parts
+        flat = [
+            {**m, "content": "".join(p.get("text", "") for p in m["content"])} if isinstance(m.get("content"), list) else m
+            for m in validate_messages(messages)
+        ]
+        return self.tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs:
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:
             return ModelInputs(token_ids=list(prompt))
         if isinstance(prompt, list):
+            if has_image_parts(prompt):
+                raise InputError("this model reads text only: remove the image parts, or serve a vision-language model")
             text = self.render(prompt, add_generation_prompt)
             # the template already wrote BOS where the model wants it
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

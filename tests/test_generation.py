@@ -211,3 +211,15 @@ def test_prefix_cache_under_eviction_and_preemption(tiny_qwen2):
     assert small.engine.scheduler.num_cached_tokens > 0
     assert small.engine.scheduler.num_preemptions > 0
     assert small.engine.kv_cache.allocator.num_used == 0
+
+
+def test_text_only_model_refuses_images(llm):
+    messages = [{"role": "user", "content": [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "hi"}]}]
+    with pytest.raises(InputError, match="reads text only"):
+        llm.chat(messages)
+
+
+def test_text_parts_render_like_a_string(llm):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}]
+    plain = [{"role": "user", "content": "Hello there"}]
+    assert llm.engine.preprocess(parts).token_ids == llm.engine.preprocess(plain).token_ids
