@@ -1,7 +1,9 @@
-"""Fused ops for the model code: RMSNorm, gated activations, rotary embedding.
+"""Fused ops for the model code: RMSNorm, gated activations, rotary embedding,
+and attention over the paged KV cache (cache write, decode, prefill).
 
 Each op dispatches on its input: CUDA tensors run the Triton kernel, anything
-else runs the torch reference in ``vlm.kernels.reference``. The environment
+else runs the torch reference in ``vlm.kernels.reference`` (attention: the
+torch implementation in ``vlm.kernels.attention``). The environment
 variable ``VLM_KERNELS`` overrides that choice:
 
     auto    (default) Triton for CUDA tensors when triton is installed, else torch
@@ -27,7 +29,7 @@ from types import ModuleType
 
 import torch
 
-from . import reference
+from . import attention, reference
 
 __all__ = [
     "backend_for",
@@ -36,6 +38,9 @@ __all__ = [
     "silu_and_mul",
     "gelu_and_mul",
     "apply_rotary",
+    "write_kv_cache",
+    "paged_decode_attention",
+    "paged_prefill_attention",
 ]
 
 ENV_VAR = "VLM_KERNELS"
@@ -138,3 +143,48 @@ def apply_rotary(
     if backend_for(q) == "triton":
         return _triton_module("triton_rotary", q).apply_rotary(q, k, cos, sin, is_neox)
     return reference.apply_rotary(q, k, cos, sin, is_neox)
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store k, v [T, Hk, D] in place at flat slots slot_mapping [T] (block * block_size + offset)
+    of the paged caches [num_blocks, block_size, Hk, D]."""
+    if backend_for(k) == "triton":
+        return _triton_module("triton_attention", k).write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    return attention.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence: q [B, Hq, D] over each sequence's context_lens [B] cached
+    tokens, found through block_tables [B, max_blocks]; GQA when Hq is a multiple of Hk."""
+    if backend_for(q) == "triton":
+        return _triton_module("triton_attention", q).paged_decode_attention(
+            q, k_cache, v_cache, block_tables, context_lens, scale
+        )
+    return attention.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for prompt chunks: sequence i owns q[query_start_loc[i]:query_start_loc[i+1]],
+    the last of its context_lens[i] cached tokens (bottom-right aligned causal mask)."""
+    if backend_for(q) == "triton":
+        return _triton_module("triton_attention", q).paged_prefill_attention(
+            q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale
+        )
+    return attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.forward_batch import ForwardBatch
-from vlm.kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv_cache
+from vlm.kernels import paged_decode_attention, paged_prefill_attention, write_kv_cache
 
 
 class Attention(nn.Module):
