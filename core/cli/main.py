@@ -1,6 +1,9 @@
 """``vlmrun``: run, chat with, inspect and check models.
 
     vlmrun --model DIR [--prompt TEXT]      one-shot generation, or an interactive chat
+    vlmrun serve --model DIR                OpenAI-compatible HTTP server on 127.0.0.1:8000
+    vlmrun bench --model DIR | --url URL    throughput, TTFT, inter-token latency under load
+    vlmrun demo                             the bundled demo model answers questions about pictures
     vlmrun plugins [--json]                 installed plugins (does not import torch)
     vlmrun which --model DIR                which plugin serves a model, and who else claimed it
     vlmrun check --model DIR                validate config and weights without running
@@ -17,7 +20,7 @@ import sys
 from vlm import __version__
 from vlm.errors import VlmError
 
-COMMANDS = ("run", "plugins", "which", "check", "install", "uninstall")
+COMMANDS = ("run", "serve", "bench", "demo", "plugins", "which", "check", "install", "uninstall")
 
 
 def _add_plugin_options(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
     from vlm.cli.run import add_run_arguments
 
     add_run_arguments(run)
+
+    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (127.0.0.1:8000)")
+    _add_model_options(serve)
+    _add_plugin_options(serve)
+    from vlm.cli.serve import add_serve_arguments
+
+    add_serve_arguments(serve)
+
+    bench = sub.add_parser("bench", help="throughput, TTFT and inter-token latency under concurrent load")
+    _add_plugin_options(bench)
+    from vlm.cli.bench import add_bench_arguments
+
+    add_bench_arguments(bench)
+
+    demo = sub.add_parser("demo", help="the bundled demo model answers questions about the bundled pictures")
+    _add_plugin_options(demo)
+    from vlm.cli.demo import add_demo_arguments
+
+    add_demo_arguments(demo)
 
     plugins = sub.add_parser("plugins", help="list installed plugins")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
@@ -107,10 +129,22 @@ def main(argv: list[str] | None = None) -> int:
             if not args.packages:
                 raise VlmError(f"name what to {args.command}, e.g. vlmrun {args.command} vlm-plugin-internvl")
             return pip_command(args.command, args.packages)
+        if args.command == "bench":
+            from vlm.cli.bench import bench_command
+
+            return bench_command(args)
+        if args.command == "demo":
+            from vlm.cli.demo import demo_command
+
+            return demo_command(args)
         if args.command == "check":
             from vlm.cli.check import check_command
 
             return check_command(args)
+        if args.command == "serve":
+            from vlm.cli.serve import serve_command
+
+            return serve_command(args)
         from vlm.cli.run import run_command
 
         return run_command(args)
