@@ -98,7 +98,9 @@ def main() -> None:
     from vlm import LLM
 
     path = checkpoint(args.model)
-    llm = LLM(str(path), max_num_seqs=max(args.batch), max_model_len=args.prompt_len + args.new_tokens + 16)
+    # no prefix caching: the TTFT run would otherwise leave the prompts cached for the timed run
+    llm = LLM(str(path), max_num_seqs=max(args.batch), max_model_len=args.prompt_len + args.new_tokens + 16,
+              enable_prefix_caching=False)
     # every decode step reads every weight once (the tied LM head reads the embedding's size)
     weight_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     ceiling = args.bandwidth_gbs * 1e9 / weight_bytes

@@ -102,7 +102,7 @@ def main() -> None:
     from vlm import LLM
 
     path = checkpoint(args.model)
-    llm = LLM(str(path), max_num_seqs=max(args.batch), max_model_len=1024)
+    llm = LLM(str(path), max_num_seqs=max(args.batch), max_model_len=1024, enable_prefix_caching=False)
     hf = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     print(f"threads {torch.get_num_threads()}; one 448px tile (256 image tokens) + 27 text tokens per request")
     print(f"{'batch':>5} {'vlm TTFT':>9} {'hf TTFT':>8} {'ratio':>6} {'vlm tok/s':>10} {'hf tok/s':>9} {'ratio':>6}")
