@@ -11,6 +11,7 @@ linear layer's fp32 weight once; the dense copy is dropped, so memory does not g
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -35,7 +36,20 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """The oneDNN-packed copy of a dense ``[out, in]`` fp32 CPU weight, or None where not applicable."""
     if not packing_enabled(weight):
         return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _PACK_ROWS_HINT)
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _PACK_ROWS_HINT)
+    except (AttributeError, RuntimeError) as exc:  # a private op: a torch build may lack it
+        _warn_once(f"oneDNN weight packing unavailable ({exc}); using F.linear")
+        return None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logging.getLogger("vlm").warning(message)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
