@@ -1,9 +1,9 @@
 """Prometheus metrics for ``GET /metrics`` (text exposition format).
 
 Engine gauges and counters are read at scrape time from the snapshot the engine thread
-publishes (:class:`vlm.server.async_engine.EngineStats`); the server records request outcomes and
-latencies itself. Every metric lives in the server's own registry, so two servers in one process
-(tests) do not collide.
+publishes (:class:`vlm.server.async_engine.EngineStats`); the server records each request's
+outcome and latencies itself, once per request (:class:`RequestMetrics`). Every metric lives in
+the server's own registry, so two servers in one process (tests) do not collide.
 
 =========================================  =========  =============================================
 metric                                     type       meaning
@@ -28,6 +28,7 @@ vlm_e2e_request_latency_seconds            histogram  arrival to last token
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prometheus_client import (
@@ -107,3 +108,28 @@ class ServerMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestMetrics:
+    """What one request adds to the server's metrics; each part is recorded at most once."""
+
+    def __init__(self, metrics: ServerMetrics, stream: Any):
+        self.metrics = metrics
+        self.stream = stream
+        self.outcome: str | None = None
+        self._ttft_observed = False
+
+    def set_outcome(self, outcome: str) -> None:
+        """Count the request under ``outcome``, unless it was already counted."""
+        if self.outcome is None:
+            self.outcome = outcome
+            self.metrics.count(outcome)
+
+    def output_arrived(self) -> None:
+        """Observe the time to first token, the first time the stream has one."""
+        if not self._ttft_observed and self.stream.first_output_time is not None:
+            self._ttft_observed = True
+            self.metrics.ttft.observe(self.stream.first_output_time - self.stream.arrival_time)
+
+    def finished(self) -> None:
+        self.metrics.e2e.observe(time.monotonic() - self.stream.arrival_time)

@@ -6,7 +6,7 @@ official ``openai`` client works unchanged, plus the sampling extensions vLLM us
 ``skip_special_tokens``, ``include_stop_str_in_output``). Requests refuse unknown fields, so a
 misspelled parameter is a 400 naming it rather than silently ignored.
 
-:func:`error_body` builds OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``.
+Cross-field checks (``check()``) raise :class:`vlm.server.errors.RequestError`, which names the field.
 """
 
 from __future__ import annotations
@@ -17,30 +17,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# -- errors -------------------------------------------------------------------------------------
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code: Any = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-class RequestError(Exception):
-    """A request the server refuses: an HTTP status and OpenAI's error fields."""
-
-    def __init__(
-        self, message: str, param: str | None = None, status: int = 400,
-        type: str = "invalid_request_error", code: Any = None,
-    ):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.status = status
-        self.type = type
-        self.code = code
-
-    def body(self) -> dict:
-        return error_body(self.message, self.type, self.param, self.code)
-
+from vlm.server.errors import RequestError
 
 # -- requests -----------------------------------------------------------------------------------
 
@@ -238,10 +215,21 @@ def now() -> int:
     return int(time.time())
 
 
+def finish_reason(output: Any) -> str | None:
+    """A ``RequestOutput``'s finish reason as the API reports it (an aborted choice has none)."""
+    reason = output.outputs[0].finish_reason
+    return None if reason == "abort" else reason
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
 
 
 class TopLogprob(BaseModel):
