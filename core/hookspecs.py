@@ -73,6 +73,18 @@ class Claim:
     reason: str = ""
 
 
+def claim_by_architecture(hf_config: Any, architectures: dict[str, str]) -> Claim | None:
+    """The usual ``match``: claim a config whose ``architectures`` (or, for a nested text config
+    that names none, whose ``model_type``) is listed in ``{architecture: model_type}``."""
+    for arch in getattr(hf_config, "architectures", None) or []:
+        if arch in architectures:
+            return Claim(reason=f"architecture {arch}")
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type in architectures.values():
+        return Claim(reason=f"model_type {model_type}")
+    return None
+
+
 @hookspec
 def architectures() -> list[str]:
     """The ``architectures`` names (as in config.json) this plugin serves, for listings.

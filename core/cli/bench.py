@@ -15,6 +15,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from vlm.cli.engine_args import add_engine_arguments, engine_settings
+
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", help="model directory (in-process engine)")
@@ -27,9 +29,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", help="attach this picture to every request (VLMs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--max-num-seqs", type=int, help="engine setting (in-process)")
-    parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="engine setting (in-process)")
-    parser.add_argument("--threads", type=int, help="engine setting (in-process)")
+    add_engine_arguments(parser)
 
 
 @dataclass
@@ -85,10 +85,8 @@ def bench_engine(args: argparse.Namespace) -> list[RequestTiming]:
     from vlm.images import load_image
     from vlm.sampling_params import SamplingParams
 
-    engine_args = {"kv_cache_gib": args.kv_cache_gib, "max_num_seqs": args.max_num_seqs or args.concurrency}
-    if args.threads:
-        engine_args["num_threads"] = args.threads
-    engine = LLMEngine(EngineConfig(model=args.model, **engine_args))
+    settings = {"max_num_seqs": args.concurrency, **engine_settings(args)}
+    engine = LLMEngine(EngineConfig(model=args.model, **settings))
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     image = load_image(args.image) if args.image else None
     pending = [user_message(text, [image] if image else []) for text in prompts(args.num_requests, args.input_len, args.seed)]

@@ -9,6 +9,8 @@ import argparse
 import sys
 from typing import Any
 
+from vlm.cli.engine_args import add_engine_arguments, engine_settings
+
 CHAT_HELP = "commands: /image PATH attaches a picture to your next message, /clear starts over, /exit (or Ctrl-D) quits"
 
 
@@ -27,12 +29,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--repetition-penalty", type=float)
     sampling.add_argument("--seed", type=int)
     sampling.add_argument("--stop", action="append", help="stop string (repeatable)")
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    engine.add_argument("--device", default="auto")
-    engine.add_argument("--max-model-len", type=int)
-    engine.add_argument("--kv-cache-gib", type=float, default=2.0)
-    engine.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    add_engine_arguments(parser)
 
 
 def sampling_params_from_args(args: argparse.Namespace, defaults: dict[str, Any]):
@@ -56,16 +53,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     # validate sampling flags before the (slow) model load
     sampling_params_from_args(args, {})
-    llm = LLM(
-        args.model,
-        plugin=args.plugin,
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        kv_cache_gib=args.kv_cache_gib,
-        num_threads=args.threads,
-        allow_download=args.allow_download,
-    )
+    llm = LLM(args.model, **engine_settings(args))
     params = sampling_params_from_args(args, llm.engine.default_sampling_values())
     has_template = bool(getattr(llm.tokenizer, "chat_template", None))
     if args.prompt is not None:

@@ -15,6 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
+from vlm.cli.engine_args import add_engine_arguments, engine_settings
+
 logger = logging.getLogger("vlm.server")
 
 
@@ -29,15 +31,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--allow-remote-media", action="store_true",
                         help="let the server fetch http(s):// image URLs named by clients")
     server.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    engine.add_argument("--device", default="auto")
-    engine.add_argument("--max-model-len", type=int, help="prompt + generated tokens per sequence")
-    engine.add_argument("--kv-cache-gib", type=float, default=2.0, help="memory budget of the KV cache")
-    engine.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    engine.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together per step")
-    engine.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one forward step")
-    engine.add_argument("--seed", type=int, default=0, help="default sampling seed")
+    server.add_argument("--seed", type=int, default=0, help="default sampling seed")
+    add_engine_arguments(parser)
 
 
 def _url(host: str, port: int) -> str:
@@ -66,19 +61,7 @@ def serve_command(args: argparse.Namespace) -> int:
         raise VlmError(f"--allowed-media-dir {args.allowed_media_dir!r} is not a directory")
     if not 0 <= args.port <= 65535:
         raise VlmError(f"--port {args.port} is not a port number (0-65535)")
-    config = EngineConfig(
-        model=args.model,
-        plugin=args.plugin,
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        kv_cache_gib=args.kv_cache_gib,
-        num_threads=args.threads,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        seed=args.seed,
-        allow_download=args.allow_download,
-    )
+    config = EngineConfig(model=args.model, seed=args.seed, **engine_settings(args))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: other machines can reach this server%s", args.host,
                        "" if args.api_key else " (and it has no --api-key)")

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from vlm import LLM, SamplingParams
+from vlm.testing.logits import generate_with_logits
 from vlm.testing.internvl import load_reference_processor, write_tiny_internvl
 
 NEW_TOKENS = 32
@@ -60,25 +61,9 @@ def reference(model, input_ids: list[int], pixel_values: torch.Tensor | None):
     return out.sequences[0, ids.shape[1]:].tolist(), torch.stack([step[0] for step in out.logits])
 
 
-def run(llm: LLM, prompts: list):
-    """vlm's greedy tokens and the logits each request was sampled from, per request."""
-    captured: dict[str, list[torch.Tensor]] = {}
-    runner = llm.engine.runner
-    original = runner.execute
-
-    def execute(step):
-        logits, seqs = original(step)
-        if logits is not None:
-            for row, seq in zip(logits, seqs):
-                captured.setdefault(seq.request_id, []).append(row.clone())
-        return logits, seqs
-
-    runner.execute = execute
-    try:
-        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True))
-    finally:
-        runner.execute = original
-    return [(o.outputs[0].token_ids, torch.stack(captured[o.request_id])) for o in outputs]
+def run(llm: LLM, prompts):
+    """vlm greedy tokens, plus the logits each request was sampled from at every step."""
+    return generate_with_logits(llm, prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True))
 
 
 @pytest.fixture(scope="module", params=["hf", "original"])

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from vlm import LLM, SamplingParams
+from vlm.testing.logits import generate_with_logits
 from vlm.testing.internlm2 import write_tiny_internlm2
 
 NEW_TOKENS = 32
@@ -44,23 +45,7 @@ def reference(llama_dir, prompts):
 
 def run_capturing_logits(llm: LLM, prompts):
     """vlm greedy tokens, plus the logits each request was sampled from at every step."""
-    captured: dict[str, list[torch.Tensor]] = {}
-    runner = llm.engine.runner
-    original = runner.execute
-
-    def execute(step):
-        logits, seqs = original(step)
-        if logits is not None:
-            for row, seq in zip(logits, seqs):
-                captured.setdefault(seq.request_id, []).append(row.clone())
-        return logits, seqs
-
-    runner.execute = execute
-    try:
-        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
-    finally:
-        runner.execute = original
-    return [(o.outputs[0].token_ids, torch.stack(captured[o.request_id])) for o in outputs]
+    return generate_with_logits(llm, prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
 
 
 def assert_same(results, ref, atol=ATOL):

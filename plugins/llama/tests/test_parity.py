@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vlm import LLM, SamplingParams
+from vlm.testing.logits import generate_with_logits
 
 NEW_TOKENS = 32
 PROMPTS = ["Hello", "The quick brown fox jumps over", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"]
@@ -33,25 +34,9 @@ def reference(model_dir: str, prompts: list[str]):
     return results
 
 
-def run_capturing_logits(llm: LLM, prompts: list[str]):
+def run_capturing_logits(llm: LLM, prompts):
     """vlm greedy tokens, plus the logits each request was sampled from at every step."""
-    captured: dict[str, list[torch.Tensor]] = {}
-    runner = llm.engine.runner
-    original = runner.execute
-
-    def execute(step):
-        logits, seqs = original(step)
-        if logits is not None:
-            for row, seq in zip(logits, seqs):
-                captured.setdefault(seq.request_id, []).append(row.clone())
-        return logits, seqs
-
-    runner.execute = execute
-    try:
-        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
-    finally:
-        runner.execute = original
-    return [(o.outputs[0].token_ids, torch.stack(captured[o.request_id])) for o in outputs]
+    return generate_with_logits(llm, prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3"])

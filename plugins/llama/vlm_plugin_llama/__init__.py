@@ -7,7 +7,7 @@ the hooks that build something.
 
 from __future__ import annotations
 
-from vlm.hookspecs import Claim, hookimpl
+from vlm.hookspecs import claim_by_architecture, hookimpl
 
 __version__ = "0.1.0"
 vlm_api_version = ">=1.0,<2"
@@ -29,13 +29,7 @@ def architectures():
 
 @hookimpl
 def match(hf_config):
-    for arch in getattr(hf_config, "architectures", None) or []:
-        if arch in ARCHITECTURES:
-            return Claim(reason=f"architecture {arch}")
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type in ARCHITECTURES.values():
-        return Claim(reason=f"model_type {model_type}")
-    return None
+    return claim_by_architecture(hf_config, ARCHITECTURES)
 
 
 @hookimpl

@@ -1,0 +1,41 @@
+"""The engine flags shared by ``vlmrun run``, ``serve`` and ``bench`` (each an EngineConfig field)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+# flag destination -> EngineConfig field
+_FIELDS = {
+    "dtype": "dtype",
+    "device": "device",
+    "max_model_len": "max_model_len",
+    "kv_cache_gib": "kv_cache_gib",
+    "threads": "num_threads",
+    "max_num_seqs": "max_num_seqs",
+    "max_num_batched_tokens": "max_num_batched_tokens",
+}
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    engine = parser.add_argument_group("engine (defaults: vlm.config.EngineConfig)")
+    engine.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: float32 on CPU (the fast dtype there), the checkpoint's on GPU")
+    engine.add_argument("--device", help="auto (default), cpu or cuda")
+    engine.add_argument("--max-model-len", type=int, help="prompt + generated tokens per sequence")
+    engine.add_argument("--kv-cache-gib", type=float, help="memory budget of the KV cache (default 2)")
+    engine.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    engine.add_argument("--max-num-seqs", type=int, help="sequences decoded together per step (default 64)")
+    engine.add_argument("--max-num-batched-tokens", type=int, help="tokens in one forward step (default 2048)")
+    engine.add_argument("--no-prefix-caching", action="store_true", help="recompute shared prefixes")
+
+
+def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The EngineConfig keyword arguments the user set (unset flags keep EngineConfig's defaults)."""
+    settings = {field: getattr(args, flag) for flag, field in _FIELDS.items() if getattr(args, flag, None) is not None}
+    for name in ("plugin", "allow_download"):
+        if getattr(args, name, None):
+            settings[name] = getattr(args, name)
+    if getattr(args, "no_prefix_caching", False):
+        settings["enable_prefix_caching"] = False
+    return settings
