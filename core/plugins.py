@@ -148,6 +148,14 @@ class PluginRegistry:
         if info.error:
             raise PluginError(f"plugin file {path!r}: {info.error}")
 
+    def register_module(self, module: Any, name: str | None = None) -> PluginInfo:
+        """Register an already imported plugin module or object (tests, notebooks); the same checks
+        as for an entry point apply (API version, unknown hooks)."""
+        name = name or getattr(module, "__name__", None) or repr(module)
+        info = PluginInfo(name=name, source="module", location=name)
+        self._register(module, info)
+        return info
+
     def _register(self, plugin: Any, info: PluginInfo) -> None:
         error = _api_version_error(plugin)
         if error is None:

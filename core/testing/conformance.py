@@ -351,9 +351,7 @@ class Conformance:
         else:
             name = registry.pm.get_name(self.plugin)
             if name is None:
-                name = getattr(self.plugin, "__name__", None) or repr(self.plugin)
-                info = PluginInfo(name=name, source="module", location=name)
-                registry._register(self.plugin, info)
+                name = registry.register_module(self.plugin).name
         info = registry.infos.get(name)
         if info is not None and info.error:
             _fail(f"the plugin manager refused plugin {name!r}: {info.error}")
