@@ -43,6 +43,8 @@ def test_wheel_contains_every_subpackage(wheel):
     packages = {n.rsplit("/", 1)[0] for n in names if n.endswith("/__init__.py")}
     assert source_packages() <= packages, source_packages() - packages
     assert "vlm/kernels/triton_norm.py" in names and "vlm/nn/linear.py" in names
+    # `vlmrun demo` needs no download: the demo model and pictures are package data
+    assert "vlm/demo/internvl-shapes/model.safetensors" in names and "vlm/demo/pictures/red_circle.png" in names
     assert not any(n.startswith(("core/", "kernels/", "tests/", "plugins/")) for n in names)
 
 
