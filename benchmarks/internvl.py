@@ -25,7 +25,7 @@ def checkpoint(path: Path) -> Path:
         return path
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-    from vlm.testing import build_byte_tokenizer
+    from vlm.testing.internvl import build_internvl_tokenizer
 
     print(f"writing a random InternVL2-1B-shaped checkpoint to {path} (once)")
     config = InternVLConfig(
@@ -46,7 +46,7 @@ def checkpoint(path: Path) -> Path:
     torch.manual_seed(0)
     model = InternVLForConditionalGeneration(config).to(torch.float32)
     model.save_pretrained(path)
-    build_byte_tokenizer().save_pretrained(path)
+    build_internvl_tokenizer().save_pretrained(path)  # inputs are token ids; the preprocessor needs <IMG_CONTEXT>
     return path
 
 

@@ -930,30 +930,12 @@ class Conformance:
 
     def _generate(self, prompts: Sequence[Any]) -> list[tuple[list[int], Any]]:
         """vlm's greedy tokens and the logits each was sampled from, per prompt (batched together)."""
-        import torch
-
         from vlm import SamplingParams
-
-        llm = self.llm
-        captured: dict[str, list[Any]] = {}
-        runner = llm.engine.runner
-        original = runner.execute
-
-        def execute(step):
-            logits, seqs = original(step)
-            if logits is not None:
-                for row, seq in zip(logits, seqs):
-                    captured.setdefault(seq.request_id, []).append(row.clone())
-            return logits, seqs
+        from vlm.testing.logits import generate_with_logits
 
         # ignore_eos, not min_tokens: min_tokens masks EOS, and the tokens must be the raw logits' argmax
         params = SamplingParams(temperature=0, max_tokens=self.new_tokens, ignore_eos=True)
-        runner.execute = execute
-        try:
-            outputs = llm.generate(list(prompts), params)
-        finally:
-            runner.execute = original
-        return [(o.outputs[0].token_ids, torch.stack(captured[o.request_id])) for o in outputs]
+        return generate_with_logits(self.llm, list(prompts), params)
 
     @functools.cached_property
     def alone(self) -> list[tuple[list[int], Any]]:
