@@ -17,15 +17,13 @@ from pathlib import Path
 import torch
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-IMAGE_TOKEN = 151667  # placeholder id inside Qwen2's vocabulary
+IMAGE_TOKEN = 260  # <IMG_CONTEXT> of vlm.testing.internvl's tokenizer (checked by the preprocessor)
 
 
 def checkpoint(path: Path) -> Path:
     if (path / "config.json").is_file():
         return path
     from transformers import InternVLConfig, InternVLForConditionalGeneration
-
-    from vlm.testing.internvl import build_internvl_tokenizer
 
     print(f"writing a random InternVL2-1B-shaped checkpoint to {path} (once)")
     config = InternVLConfig(
@@ -46,8 +44,25 @@ def checkpoint(path: Path) -> Path:
     torch.manual_seed(0)
     model = InternVLForConditionalGeneration(config).to(torch.float32)
     model.save_pretrained(path)
-    build_internvl_tokenizer().save_pretrained(path)  # inputs are token ids; the preprocessor needs <IMG_CONTEXT>
+    write_processor_files(path)
     return path
+
+
+def write_processor_files(path: Path) -> None:
+    """Tokenizer and image-processor files: the benchmark feeds token ids and pixels directly, but
+    the engine builds the InternVL preprocessor at start-up and that needs them."""
+    import json
+
+    from transformers import GotOcr2ImageProcessorPil
+
+    from vlm.testing.internvl import build_internvl_tokenizer
+
+    build_internvl_tokenizer().save_pretrained(path)
+    GotOcr2ImageProcessorPil(
+        size={"height": 448, "width": 448}, min_patches=1, max_patches=12,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(path)
+    (path / "processor_config.json").write_text(json.dumps({"image_seq_length": 256}))
 
 
 def request(batch_index: int, question_tokens: int = 24) -> tuple[list[int], torch.Tensor]:
