@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -49,11 +50,23 @@ def _generate(model_dir: str):
 def _worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        tokens, logits, heads = _generate(model_dir)
-        torch.save({"tokens": tokens, "logits": logits, "heads": heads}, f"{out}.{rank}")
-    finally:
+    tokens, logits, heads = _generate(model_dir)
+    torch.save({"tokens": tokens, "logits": logits, "heads": heads}, f"{out}.{rank}")
+    dist.barrier()
+    # Rank 0 hosts the TCP store: if it tears down while another rank is still destroying its
+    # group, gloo's background thread in that rank aborts ("terminate called without an active
+    # exception"). So the other ranks finish first and say so through a file.
+    done = f"{out}.done.{rank}"
+    if rank:
         dist.destroy_process_group()
+        open(done, "w").close()
+        return
+    deadline = time.monotonic() + 60
+    while not all(os.path.exists(f"{out}.done.{r}") for r in range(1, world)):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the other tensor-parallel ranks did not finish")
+        time.sleep(0.05)
+    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])
