@@ -65,7 +65,11 @@ class ModelInputs:
 
     :param token_ids: prompt token ids, image placeholders already expanded.
     :param images: one :class:`ImageInput` per image, in prompt order (VLMs only).
-    :param positions: explicit positions (e.g. ``[3, T]`` M-RoPE) when not ``0..T-1``.
+    :param positions: M-RoPE positions, a ``[3, T]`` integer tensor (temporal, height, width per
+        prompt token), for models with ``position_dims = 3``; ``None`` means ``0..T-1``.
+    :param position_delta: with explicit positions, the offset of generated tokens: the token at
+        sequence index ``i >= T`` sits at position ``i + position_delta`` in all three rows
+        (transformers' ``rope_deltas``: ``positions.max() + 1 - T``).
     :param image_token_id: the placeholder token that image embeddings replace, in order:
         ``token_ids.count(image_token_id) == sum(image.num_tokens for image in images)``.
     """
@@ -73,6 +77,7 @@ class ModelInputs:
     token_ids: list[int]
     images: list[Any] = field(default_factory=list)
     positions: Any | None = None
+    position_delta: int = 0
     prompt: str | None = None
     image_token_id: int | None = None
 

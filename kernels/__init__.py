@@ -38,6 +38,7 @@ __all__ = [
     "silu_and_mul",
     "gelu_and_mul",
     "apply_rotary",
+    "apply_mrope",
     "write_kv_cache",
     "paged_decode_attention",
     "paged_prefill_attention",
@@ -143,6 +144,26 @@ def apply_rotary(
     if backend_for(q) == "triton":
         return _triton_module("triton_rotary", q).apply_rotary(q, k, cos, sin, is_neox)
     return reference.apply_rotary(q, k, cos, sin, is_neox)
+
+
+def apply_mrope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    positions: torch.Tensor,
+    section_rows: torch.Tensor,
+    is_neox: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multimodal rotary (Qwen2-VL's M-RoPE) on q [T, Hq, D] and k [T, Hk, D].
+
+    positions [3, T] holds each token's temporal, height and width position; frequency j reads
+    row section_rows[j] (``reference.mrope_section_rows(mrope_section)``) and takes its angle from
+    the per-position tables cos_table, sin_table [max_position, R/2].
+    """
+    if backend_for(q) == "triton":
+        return _triton_module("triton_rotary", q).apply_mrope(q, k, cos_table, sin_table, positions, section_rows, is_neox)
+    return reference.apply_mrope(q, k, cos_table, sin_table, positions, section_rows, is_neox)
 
 
 def write_kv_cache(

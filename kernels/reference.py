@@ -18,6 +18,8 @@ __all__ = [
     "silu_and_mul",
     "gelu_and_mul",
     "apply_rotary",
+    "mrope_section_rows",
+    "apply_mrope",
 ]
 
 
@@ -154,3 +156,48 @@ def apply_rotary(
     rotary_dim = check_rotary_args(q, k, cos, sin)
     return _rotate(q, cos, sin, rotary_dim, is_neox), _rotate(k, cos, sin, rotary_dim, is_neox)
 
+
+
+# --------------------------------------------------------------------------
+# Multimodal rotary (M-RoPE, Qwen2-VL)
+# --------------------------------------------------------------------------
+
+
+def mrope_section_rows(mrope_section: list[int] | tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+    """Which position row (0 temporal, 1 height, 2 width) each rotary frequency reads: [R/2] int32.
+
+    Qwen2-VL splits the R/2 frequencies into consecutive sections and section i takes its angle
+    from position row i % 3 (transformers' ``recomposition_frequencies``).
+    """
+    rows = [i % 3 for i, size in enumerate(mrope_section) for _ in range(int(size))]
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+def check_mrope_args(positions: torch.Tensor, cos_table: torch.Tensor, section_rows: torch.Tensor) -> None:
+    if positions.dim() != 2 or positions.shape[0] != 3:
+        raise ValueError(f"apply_mrope: positions must be [3, T]; got {tuple(positions.shape)}")
+    if cos_table.dim() != 2 or section_rows.shape != (cos_table.shape[1],):
+        raise ValueError(
+            f"apply_mrope: section_rows must have one entry per frequency (cos_table [P, R/2] = "
+            f"{tuple(cos_table.shape)}); got {tuple(section_rows.shape)}: mrope_section must sum to R/2"
+        )
+
+
+def apply_mrope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    positions: torch.Tensor,
+    section_rows: torch.Tensor,
+    is_neox: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding with 3-D positions: frequency j of token t rotates by the angle of
+    ``positions[section_rows[j], t]``, read from the per-position tables cos/sin_table [P, R/2]."""
+    check_mrope_args(positions, cos_table, section_rows)
+    rows = section_rows.long()
+    token_positions = positions.long()[rows]  # [R/2, T]: the position each frequency uses
+    freq = torch.arange(rows.shape[0], device=positions.device)[:, None]
+    cos = cos_table[token_positions, freq].T
+    sin = sin_table[token_positions, freq].T
+    return apply_rotary(q, k, cos, sin, is_neox)

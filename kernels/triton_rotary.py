@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .reference import check_rotary_args
+from .reference import check_mrope_args, check_rotary_args
 
 # Heads per program is chosen so a program touches about this many pairs.
 PAIRS_PER_PROGRAM = 2048
@@ -100,6 +100,46 @@ def _rotary_kernel(
                   half, head_dim, IS_NEOX, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
 
 
+@triton.jit
+def _mrope_kernel(
+    q_ptr,
+    k_ptr,
+    cos_table_ptr,  # [P, half] contiguous
+    sin_table_ptr,
+    positions_ptr,  # [3, T] contiguous int64
+    section_rows_ptr,  # [half] int32: which positions row each frequency reads
+    q_out_ptr,
+    k_out_ptr,
+    num_tokens,
+    q_tok_stride,
+    q_head_stride,
+    k_tok_stride,
+    k_head_stride,
+    n_q_heads,
+    n_k_heads,
+    half,
+    head_dim,
+    IS_NEOX: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+):
+    # Same as _rotary_kernel except that each frequency gathers its angle at its own
+    # section's position, so the [T, half] cos/sin never exist in memory.
+    tok = tl.program_id(0).to(tl.int64)
+    head_start = tl.program_id(1) * BLOCK_H
+    pairs = tl.arange(0, BLOCK_HALF)
+    pair_mask = pairs < half
+    rows = tl.load(section_rows_ptr + pairs, mask=pair_mask, other=0).to(tl.int64)
+    pos = tl.load(positions_ptr + rows * num_tokens + tok, mask=pair_mask, other=0)
+    cos = tl.load(cos_table_ptr + pos * half + pairs, mask=pair_mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_table_ptr + pos * half + pairs, mask=pair_mask, other=0.0).to(tl.float32)
+    _rotate_heads(q_ptr, q_out_ptr, tok, q_tok_stride, q_head_stride, n_q_heads, head_start, cos, sin,
+                  half, head_dim, IS_NEOX, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
+    _rotate_heads(k_ptr, k_out_ptr, tok, k_tok_stride, k_head_stride, n_k_heads, head_start, cos, sin,
+                  half, head_dim, IS_NEOX, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
+
+
 INTERPRETED = isinstance(_rotary_kernel, InterpretedFunction)
 
 
@@ -146,6 +186,69 @@ def apply_rotary(
         sin,
         q_out,
         k_out,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        n_q_heads,
+        n_k_heads,
+        half,
+        head_dim,
+        IS_NEOX=bool(is_neox),
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
+        BLOCK_PASS=block_pass,
+        num_warps=4,
+    )
+    return q_out, k_out
+
+
+def apply_mrope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    positions: torch.Tensor,
+    section_rows: torch.Tensor,
+    is_neox: bool = True,
+    *,
+    heads_per_program: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of ``reference.apply_mrope``; returns new tensors."""
+    check_mrope_args(positions, cos_table, section_rows)
+    T, n_q_heads, head_dim = q.shape
+    half = cos_table.shape[1]
+    rotary_dim = 2 * half
+    if k.shape[0] != T or k.shape[2] != head_dim or positions.shape[1] != T or not 0 < rotary_dim <= head_dim:
+        raise ValueError(
+            f"apply_mrope: q {tuple(q.shape)}, k {tuple(k.shape)}, positions {tuple(positions.shape)} and "
+            f"cos_table {tuple(cos_table.shape)} disagree"
+        )
+    n_k_heads = k.shape[1]
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if T == 0:
+        return q_out, k_out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    block_half = triton.next_power_of_2(half)
+    block_pass = triton.next_power_of_2(head_dim - rotary_dim) if head_dim > rotary_dim else 0
+    block_h = heads_per_program or min(
+        triton.next_power_of_2(max(n_q_heads, n_k_heads)), max(1, PAIRS_PER_PROGRAM // block_half)
+    )
+    grid = (T, triton.cdiv(max(n_q_heads, n_k_heads), block_h))
+    _mrope_kernel[grid](
+        q,
+        k,
+        cos_table.contiguous(),
+        sin_table.contiguous(),
+        positions.to(torch.int64).contiguous(),
+        section_rows.to(device=q.device, dtype=torch.int32).contiguous(),
+        q_out,
+        k_out,
+        T,
         q.stride(0),
         q.stride(1),
         k.stride(0),

@@ -220,6 +220,83 @@ def test_apply_rotary_triton_qkv_views_and_head_blocks(is_neox):
     assert torch.equal(qkv, qkv0), "inputs must not be modified"
 
 
+def make_tables(max_position, rotary_dim, base=10000.0):
+    return make_cos_sin(torch.arange(max_position), rotary_dim, base)
+
+
+def mrope_positions(tokens, max_position):
+    # text-like columns (three equal rows) and image-like columns (t fixed, h/w varying)
+    positions = torch.randint(0, max_position, (3, tokens))
+    positions[:, ::3] = positions[0, ::3]
+    return positions.to(DEVICE)
+
+
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "head_dim,mrope_section", [(16, [2, 3, 3]), (24, [4, 4, 4]), (32, [2, 2, 2]), (64, [8, 12, 12])],
+    ids=["d16", "d24", "d32-partial", "d64"],
+)
+@pytest.mark.parametrize("n_q_heads,n_k_heads", [(1, 1), (4, 2)])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_apply_mrope_triton(force_triton, tokens, n_q_heads, n_k_heads, head_dim, mrope_section, dtype, is_neox):
+    rotary_dim = 2 * sum(mrope_section)
+    q = randn(tokens, n_q_heads, head_dim, dtype=dtype)
+    k = randn(tokens, n_k_heads, head_dim, dtype=dtype)
+    cos_table, sin_table = make_tables(50, rotary_dim)
+    positions = mrope_positions(tokens, 50)
+    rows = ref.mrope_section_rows(mrope_section, DEVICE)
+    got = K.apply_mrope(q, k, cos_table, sin_table, positions, rows, is_neox)
+    want = ref.apply_mrope(q, k, cos_table, sin_table, positions, rows, is_neox)
+    for g, w in zip(got, want):
+        assert_close(g, w)
+
+
+def test_apply_mrope_triton_qkv_views_and_head_blocks():
+    tr = triton_module("triton_rotary")
+    T, Hq, Hk, D = 5, 3, 1, 16
+    qkv = randn(T, (Hq + 2 * Hk) * D)
+    q = qkv[:, : Hq * D].view(T, Hq, D)
+    k = qkv[:, Hq * D : (Hq + Hk) * D].view(T, Hk, D)
+    cos_table, sin_table = make_tables(20, 16)
+    positions = mrope_positions(T, 20)
+    rows = ref.mrope_section_rows([2, 3, 3], DEVICE)
+    qkv0 = qkv.clone()
+    got = tr.apply_mrope(q, k, cos_table, sin_table, positions, rows, heads_per_program=2)
+    want = ref.apply_mrope(q, k, cos_table, sin_table, positions, rows)
+    for g, w in zip(got, want):
+        assert_close(g, w)
+    assert torch.equal(qkv, qkv0), "inputs must not be modified"
+
+
+def test_apply_mrope_rejects_sections_that_do_not_cover_the_frequencies():
+    q = k = torch.zeros(2, 1, 16)
+    cos_table, sin_table = make_cos_sin(torch.arange(4), 16)
+    with pytest.raises(ValueError, match="mrope_section must sum"):
+        ref.apply_mrope(q, k, cos_table.cpu(), sin_table.cpu(), torch.zeros(3, 2, dtype=torch.long), ref.mrope_section_rows([2, 2, 2]))
+
+
+def test_reference_mrope_matches_transformers_qwen2_vl():
+    from transformers import Qwen2VLTextConfig
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as hf
+
+    section = [4, 6, 6]
+    config = Qwen2VLTextConfig(
+        hidden_size=128, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rope_scaling={"type": "mrope", "mrope_section": section, "rope_theta": 10000.0},
+    )
+    rotary = hf.Qwen2VLRotaryEmbedding(config)
+    T, D = 9, 32
+    q, k = torch.randn(T, 4, D), torch.randn(T, 2, D)
+    positions = mrope_positions(T, 64).cpu()
+    cos, sin = rotary(q, positions[:, None, :])  # [3, 1, T, D]
+    q_hf, k_hf = hf.apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    cos_table, sin_table = make_cos_sin(torch.arange(64), D)
+    got_q, got_k = ref.apply_mrope(q, k, cos_table.cpu(), sin_table.cpu(), positions, ref.mrope_section_rows(section))
+    torch.testing.assert_close(got_q, q_hf[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_k, k_hf[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------
 # Reference vs independent formulas
 # --------------------------------------------------------------------------

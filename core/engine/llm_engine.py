@@ -154,6 +154,7 @@ class LLMEngine:
             )
         if max(inputs.token_ids) >= self.model_config.text.vocab_size or min(inputs.token_ids) < 0:
             raise InputError(f"prompt token ids must be in [0, {self.model_config.text.vocab_size})")
+        self._check_positions(inputs)
         placeholders = self._placeholder_positions(inputs)
         seed = params.seed if params.seed is not None else self.config.seed + len(self._sequences)
         generator = None
@@ -172,6 +173,20 @@ class LLMEngine:
         self._sequences[request_id] = seq
         self.scheduler.add(seq)
         return request_id
+
+    def _check_positions(self, inputs: ModelInputs) -> None:
+        positions = getattr(inputs, "positions", None)
+        wants = getattr(self.model, "position_dims", 1)
+        if positions is None:
+            return
+        if wants != 3:
+            raise InputError("the preprocessor returned explicit positions but the model does not take them (position_dims != 3)")
+        if not isinstance(positions, torch.Tensor) or tuple(positions.shape) != (3, len(inputs.token_ids)):
+            shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+            raise InputError(
+                f"the preprocessor's positions are {shape}, expected [3, {len(inputs.token_ids)}] "
+                "(one temporal/height/width column per prompt token); the plugin must fix its preprocessor"
+            )
 
     @staticmethod
     def _placeholder_positions(inputs: ModelInputs) -> torch.Tensor | None:

@@ -21,6 +21,8 @@ class ModelRunner:
         self.device = device
         self.image_cache = image_cache or ImageEmbeddingCache()
         self.block_size = kv_cache.shape.block_size
+        # 3 for multimodal rope (Qwen2-VL): every token gets (temporal, height, width) positions
+        self.position_dims = getattr(model, "position_dims", 1)
 
     def prepare(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch, torch.Tensor, list[Sequence]]:
         """Flat token ids, positions, the batch metadata, which rows to take logits of, and their sequences."""
@@ -30,9 +32,10 @@ class ModelRunner:
         context_lens: list[int] = []
         logits_index: list[int] = []
         sampled: list[Sequence] = []
+        explicit_positions: list[tuple[int, torch.Tensor]] = []  # (flat offset, [3, n] prompt positions)
         for seq in step.decodes:
             token_ids.extend(seq.token_ids(seq.num_computed, seq.num_computed + 1))
-            positions.append(seq.num_computed)
+            positions.append(seq.num_computed + seq.inputs.position_delta)
             query_lens.append(1)
             context_lens.append(seq.num_computed + 1)
             logits_index.append(len(token_ids) - 1)
@@ -45,8 +48,12 @@ class ModelRunner:
                 span = self._image_span(seq, start, count, flat_offset=len(token_ids))
                 if span is not None:
                     images.append(span)
+            if seq.inputs.positions is not None and start < len(seq.inputs.token_ids):
+                end = min(start + count, len(seq.inputs.token_ids))
+                explicit_positions.append((len(token_ids), seq.inputs.positions[:, start:end]))
             token_ids.extend(seq.token_ids(start, start + count))
-            positions.extend(range(start, start + count))
+            prompt_len, delta = len(seq.inputs.token_ids), seq.inputs.position_delta
+            positions.extend(i if i < prompt_len else i + delta for i in range(start, start + count))
             query_lens.append(count)
             context_lens.append(start + count)
             if start + count == seq.num_tokens:
@@ -78,7 +85,12 @@ class ModelRunner:
             images=images,
         )
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        position_ids = torch.tensor(positions, dtype=torch.long, device=self.device)
+        position_ids = torch.tensor(positions, dtype=torch.long)
+        if self.position_dims == 3:
+            position_ids = position_ids.expand(3, -1).clone()
+            for offset, prompt_positions in explicit_positions:
+                position_ids[:, offset : offset + prompt_positions.shape[1]] = prompt_positions
+        position_ids = position_ids.to(self.device)
         logits_rows = torch.tensor(logits_index, dtype=torch.long, device=self.device)
         return input_ids, position_ids, batch, logits_rows, sampled
 
