@@ -40,7 +40,9 @@ class ImageInput:
         fills in ``token_ids``; its embeddings must have exactly this many rows.
     :param key: content hash of ``pixel_values`` (:func:`pixel_values_key`), for the engine's
         image-embedding and prefix caches.
-    :param extra: anything else the plugin's model needs (e.g. a tile grid).
+    :param extra: anything else the plugin's model needs (e.g. a tile grid). By convention
+        ``extra["resized_size"] = (width, height)`` is the size the image was resized to, when
+        the model writes grounding boxes in pixels of that image (Qwen2.5-VL).
     """
 
     pixel_values: torch.Tensor

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vlm.grounding import GroundedBox
 
 
 @dataclass
@@ -13,6 +17,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop", "length", "abort" or None while running
     logprobs: list[dict[int, float]] | None = None  # per token: {token_id: logprob}
     delta: str = ""  # text added by the latest step (for streaming)
+    boxes: list[GroundedBox] = field(default_factory=list)  # grounding boxes in the answer, once finished
 
 
 @dataclass

@@ -20,6 +20,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="picture for the prompt (repeatable; with chat: attached to the first message)")
     parser.add_argument("--system", help="system message for chat templates")
     parser.add_argument("--no-chat-template", action="store_true", help="send --prompt as raw text")
+    parser.add_argument("--draw-boxes", metavar="OUT.png",
+                        help="with --prompt and --image: save the first image with the boxes of the answer drawn")
     sampling = parser.add_argument_group("sampling (defaults: the model's generation_config.json, else greedy)")
     sampling.add_argument("--max-tokens", type=int, default=256)
     sampling.add_argument("--temperature", type=float)
@@ -51,8 +53,10 @@ def _write(text: str) -> None:
 def run_command(args: argparse.Namespace) -> int:
     from vlm.llm import LLM
 
-    # validate sampling flags before the (slow) model load
+    # validate flags before the (slow) model load
     sampling_params_from_args(args, {})
+    if args.draw_boxes and (args.prompt is None or not args.image):
+        raise SystemExit("error: --draw-boxes needs --prompt and --image (the boxes are drawn on the first image)")
     llm = LLM(args.model, **engine_settings(args))
     params = sampling_params_from_args(args, llm.engine.default_sampling_values())
     has_template = bool(getattr(llm.tokenizer, "chat_template", None))
@@ -63,11 +67,34 @@ def run_command(args: argparse.Namespace) -> int:
             prompt = _system(args) + [user_message(text, [_checked_image(path) for path in args.image])]
         elif has_template and not args.no_chat_template:
             prompt = _system(args) + [{"role": "user", "content": text}]
+        if args.draw_boxes:
+            return _answer_and_draw(llm, prompt, params, args)
         for piece in llm.stream(prompt, params):
             _write(piece)
         _write("\n")
         return 0
     return chat_loop(llm, params, args, has_template)
+
+
+def _answer_and_draw(llm, prompt: Any, params, args: argparse.Namespace) -> int:
+    """Stream the answer, then save the first image with the answer's grounding boxes drawn."""
+    from vlm.grounding import draw_boxes
+    from vlm.images import load_image
+
+    inputs = llm.engine.preprocess(prompt)
+    final = None
+    for output in llm.engine.stream(inputs, params):
+        _write(output.outputs[0].delta)
+        final = output
+    _write("\n")
+    boxes = final.outputs[0].boxes if final is not None else []
+    first = inputs.images[0] if inputs.images else None
+    model_image_size = first.extra.get("resized_size") if first is not None else None
+    draw_boxes(load_image(args.image[0]), boxes, model_image_size).save(args.draw_boxes)
+    for box in boxes:
+        print(f"box: {box.label or '(no label)'} {box.box} ({box.space})", file=sys.stderr)
+    print(f"saved {args.draw_boxes} with {len(boxes)} box(es)", file=sys.stderr)
+    return 0
 
 
 def user_message(text: str, images: list[Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from vlm.engine.scheduler import Scheduler
 from vlm.engine.sequence import Sequence
 from vlm.errors import ConfigError, InputError
 from vlm.inputs import ModelInputs, Prompt
+from vlm.grounding import BOX_START, GroundedBox, parse_boxes
 from vlm.loader import load_checkpoint, resolve_model_path
 from vlm.models import build_model, build_preprocessor
 from vlm.nn.gemm import prepare_for_inference
@@ -73,6 +74,7 @@ class LLMEngine:
         self.model_config = load_model_config(self.model_dir)
         self.dtype = self._dtype()
         self.tokenizer = load_tokenizer(self.model_dir)
+        self._box_start_id: int | None = None  # looked up on the first finished request
         self.model, self.plugin = build_model(self.model_config, self.dtype, self.device, config.plugin)
         self.preprocessor = build_preprocessor(self.model_config, self.tokenizer, self.plugin)
         load_checkpoint(self.model, self.model_dir)
@@ -286,10 +288,19 @@ class LLMEngine:
                     finish_reason=seq.finish_reason,
                     logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
                     delta=delta,
+                    boxes=self._grounded_boxes(seq) if finished else [],
                 )
             ],
             finished=finished,
         )
+
+    def _grounded_boxes(self, seq: Sequence) -> list[GroundedBox]:
+        if self._box_start_id is None:
+            self._box_start_id = self.tokenizer.get_vocab().get(BOX_START, -1)
+        if self._box_start_id in seq.output_token_ids:
+            # the box markers are special tokens, dropped from ``text``: parse with them kept
+            return parse_boxes(self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=False))
+        return parse_boxes(seq.text) if "bbox_2d" in seq.text else []
 
     def stream(self, prompt: Prompt | ModelInputs, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Run one request alone, yielding after every token (for the CLI)."""
