@@ -1,0 +1,319 @@
+"""LLaVA-1.5 and LLaVA-NeXT: a CLIP or SigLIP vision tower, a two-layer projector, and a language
+model (Llama, Mistral, Qwen2, ...) from whichever plugin claims the nested text config.
+
+- LLaVA-1.5 (``LlavaForConditionalGeneration``): one tile per image; the hidden states of
+  ``vision_feature_layer`` (an index, or several whose states are concatenated), without the first
+  token when ``vision_feature_select_strategy == "default"``, go through ``multi_modal_projector``.
+- LLaVA-NeXT (``LlavaNextForConditionalGeneration``): a base tile plus a grid of tiles per image
+  (anyres); the grid's features are put back together, cropped to the picture's aspect ratio
+  ("unpadding") and closed by ``image_newline`` at the end of every row, as transformers'
+  ``LlavaNextModel.pack_image_features`` does.
+
+Module names follow transformers' (``vision_tower.encoder.layers.N.self_attn...``), so the
+checkpoint names map with prefixes only (:func:`own_name`, :func:`language_model_name`). Layers
+after the deepest one ``vision_feature_layer`` reads are neither built nor loaded, and neither
+are the towers' ``post_layernorm`` and SigLIP's pooling head: LLaVA reads hidden states before them.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm.errors import ConfigError
+from vlm.forward_batch import ForwardBatch
+from vlm.models import build_language_model
+from vlm.nn import (
+    LayerNorm,
+    VisionAttention,
+    WeightLoader,
+    WeightMapping,
+    build_qkv_proj,
+    build_replicated_linear,
+    load_with_language_model,
+)
+from vlm.nn.activation import get_act_fn
+from vlm.nn.weights import LoadReport
+
+#: vision_config.model_type -> does the tower have a class token and a LayerNorm before the encoder?
+VISION_TOWERS = {"clip_vision_model": True, "siglip_vision_model": False}
+
+
+class VisionSettings:
+    """The vision fields of a LLaVA config, and which hidden states the projector reads."""
+
+    def __init__(self, hf_config: Any):
+        vc = hf_config.vision_config
+        tower = getattr(vc, "model_type", None)
+        if tower not in VISION_TOWERS:
+            raise ConfigError(
+                f"config.json vision_config.model_type is {tower!r}; the llava plugin runs "
+                f"{' and '.join(VISION_TOWERS)} towers"
+            )
+        self.class_token = VISION_TOWERS[tower]  # CLIP: class token + pre_layrnorm; SigLIP: neither
+        self.hidden_size = vc.hidden_size
+        self.num_heads = vc.num_attention_heads
+        self.intermediate_size = vc.intermediate_size
+        self.num_layers = vc.num_hidden_layers
+        self.image_size = int(vc.image_size)
+        self.patch_size = int(vc.patch_size)
+        self.eps = vc.layer_norm_eps
+        self.hidden_act = vc.hidden_act
+        self.grid = self.image_size // self.patch_size
+
+        layer = getattr(hf_config, "vision_feature_layer", -2)
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        # hidden state i: 0 is the embeddings (after pre_layrnorm), i > 0 the output of layer i
+        self.feature_layers = [i if i >= 0 else self.num_layers + 1 + i for i in layers]
+        if not all(0 <= i <= self.num_layers for i in self.feature_layers):
+            raise ConfigError(
+                f"config.json vision_feature_layer {layer!r} is outside the {self.num_layers}-layer vision tower"
+            )
+        self.layers_used = max(self.feature_layers)
+        strategy = getattr(hf_config, "vision_feature_select_strategy", "default")
+        if strategy not in ("default", "full"):
+            raise ConfigError(f"config.json vision_feature_select_strategy is {strategy!r}; use 'default' or 'full'")
+        # "default" drops the first token: the class token of CLIP, but also SigLIP's first patch
+        self.drop_first = strategy == "default"
+        self.tokens_per_tile = self.grid * self.grid + int(self.class_token) - int(self.drop_first)
+
+
+class VisionEmbeddings(nn.Module):
+    """Patches (+ class token) + learned positions."""
+
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        if s.class_token:
+            self.class_embedding = nn.Parameter(torch.empty(s.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        # CLIP's patch convolution has no bias, SigLIP's has one
+        self.patch_embedding = nn.Conv2d(
+            3, s.hidden_size, s.patch_size, s.patch_size, bias=not s.class_token, dtype=dtype, device=device
+        )
+        positions = s.grid * s.grid + int(s.class_token)
+        self.position_embedding = nn.Embedding(positions, s.hidden_size, dtype=dtype, device=device)
+        self.requires_grad_(False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        x = patches.flatten(2).transpose(1, 2)
+        if hasattr(self, "class_embedding"):
+            x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
+        return x + self.position_embedding.weight
+
+
+class VisionSelfAttention(nn.Module):
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        head_dim = s.hidden_size // s.num_heads
+        self.qkv_proj = build_qkv_proj(
+            s.hidden_size, head_dim, s.num_heads, s.num_heads, bias=True, dtype=dtype, device=device, replicate=True
+        )
+        self.attn = VisionAttention(s.num_heads, head_dim)
+        self.out_proj = build_replicated_linear(s.hidden_size, s.hidden_size, bias=True, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        return self.out_proj(self.attn(q, k, v))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        self.fc1 = build_replicated_linear(s.hidden_size, s.intermediate_size, bias=True, dtype=dtype, device=device)
+        self.act = get_act_fn(s.hidden_act)  # CLIP: quick_gelu, SigLIP: gelu_pytorch_tanh
+        self.fc2 = build_replicated_linear(s.intermediate_size, s.hidden_size, bias=True, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionEncoderLayer(nn.Module):
+    """Pre-LN transformer block (CLIP and SigLIP alike)."""
+
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        self.layer_norm1 = LayerNorm(s.hidden_size, s.eps, dtype=dtype, device=device)
+        self.self_attn = VisionSelfAttention(s, dtype, device)
+        self.layer_norm2 = LayerNorm(s.hidden_size, s.eps, dtype=dtype, device=device)
+        self.mlp = VisionMLP(s, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionTower(nn.Module):
+    """CLIP or SigLIP vision transformer, up to the deepest layer LLaVA reads."""
+
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        self.settings = s
+        self.embeddings = VisionEmbeddings(s, dtype, device)
+        # (sic) the name in CLIP's checkpoints
+        self.pre_layrnorm = LayerNorm(s.hidden_size, s.eps, dtype=dtype, device=device) if s.class_token else None
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(VisionEncoderLayer(s, dtype, device) for _ in range(s.layers_used))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[tiles, 3, S, S]`` -> the selected features ``[tiles, tokens_per_tile, D * len(feature_layers)]``."""
+        x = self.embeddings(pixel_values)
+        if self.pre_layrnorm is not None:
+            x = self.pre_layrnorm(x)
+        hidden_states = [x]
+        for layer in self.encoder.layers:
+            x = layer(x)
+            hidden_states.append(x)
+        features = torch.cat([hidden_states[i] for i in self.settings.feature_layers], dim=-1)
+        return features[:, 1:] if self.settings.drop_first else features
+
+
+class LlavaMultiModalProjector(nn.Module):
+    """Linear -> activation -> Linear, from vision features to the language model's width."""
+
+    def __init__(self, in_features: int, out_features: int, act: str, bias: bool, dtype, device):
+        super().__init__()
+        self.linear_1 = build_replicated_linear(in_features, out_features, bias=bias, dtype=dtype, device=device)
+        self.act = get_act_fn(act)
+        self.linear_2 = build_replicated_linear(out_features, out_features, bias=bias, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class LlavaForConditionalGeneration(nn.Module):
+    """LLaVA-1.5: the model protocol plus ``embed_images``; text goes straight to the language model."""
+
+    def __init__(self, hf_config: Any, model_config: Any, dtype=torch.float32, device=None):
+        super().__init__()
+        self.config = hf_config
+        self.vision = VisionSettings(hf_config)
+        s = self.vision
+        self.vision_tower = VisionTower(s, dtype, device)
+        text_config = copy.copy(hf_config.get_text_config())
+        # transformers ties the LM head by the top-level flag (LlavaConfig folds the text config's into it)
+        text_config.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.multi_modal_projector = LlavaMultiModalProjector(
+            s.hidden_size * len(s.feature_layers),
+            text_config.hidden_size,
+            getattr(hf_config, "projector_hidden_act", "gelu"),
+            bool(getattr(hf_config, "multimodal_projector_bias", True)),
+            dtype,
+            device,
+        )
+        self.language_model = build_language_model(text_config, model_config, dtype, device)
+
+    # -- the model protocol ---------------------------------------------------------------
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def forward(self, input_ids, positions, batch: ForwardBatch, inputs_embeds=None) -> torch.Tensor:
+        return self.language_model(input_ids, positions, batch, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.language_model.compute_logits(hidden_states)
+
+    def tile_features(self, images: list[Any]) -> list[torch.Tensor]:
+        """One batched pass over every tile of every image -> ``[tiles, tokens_per_tile, hidden]`` per image."""
+        pixel_values = torch.cat([image.pixel_values for image in images])
+        features = self.multi_modal_projector(self.vision_tower(pixel_values))
+        return list(features.split([image.pixel_values.shape[0] for image in images]))
+
+    def embed_images(self, images: list[Any]) -> list[torch.Tensor]:
+        return [tiles.reshape(-1, tiles.shape[-1]) for tiles in self.tile_features(images)]
+
+    # -- weights ----------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> LoadReport:
+        own = WeightLoader(self, mappings=_QKV, ignore=_UNUSED, rename=self.own_name)
+        return load_with_language_model(weights, own, self.language_model, language_model_name)
+
+    def own_name(self, name: str) -> str | None:
+        """A vision / projector / newline tensor's checkpoint name -> its parameter name (None: skip)."""
+        # transformers' module names start with "model."; the Hub's CLIP / SigLIP towers nest "vision_model."
+        name = re.sub(r"^model\.(?=vision_tower\.|multi_modal_projector\.|image_newline$)", "", name)
+        name = re.sub(r"^vision_tower\.vision_model\.", "vision_tower.", name)
+        layer = re.match(r"vision_tower\.encoder\.layers\.(\d+)\.", name)
+        if layer and int(layer.group(1)) >= self.vision.layers_used:
+            return None  # after the deepest feature layer: never run, so not built
+        return name
+
+
+class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
+    """LLaVA-NeXT: anyres tiles packed as transformers' ``pack_image_features`` does."""
+
+    def __init__(self, hf_config: Any, model_config: Any, dtype=torch.float32, device=None):
+        super().__init__(hf_config, model_config, dtype=dtype, device=device)
+        s = self.vision
+        if s.tokens_per_tile != s.grid * s.grid:
+            raise ConfigError(
+                f"LLaVA-NeXT needs one feature per patch, but vision_feature_select_strategy "
+                f"{'default' if s.drop_first else 'full'!r} with this tower leaves {s.tokens_per_tile} of "
+                f"{s.grid * s.grid}; use 'default' with a CLIP tower, 'full' with SigLIP"
+            )
+        self.grid_pinpoints = [tuple(p) for p in hf_config.image_grid_pinpoints]
+        hidden = self.multi_modal_projector.linear_2.out_features
+        self.image_newline = nn.Parameter(torch.empty(hidden, dtype=dtype, device=device), requires_grad=False)
+
+    def embed_images(self, images: list[Any]) -> list[torch.Tensor]:
+        return [
+            self.pack(tiles, image.extra["original_size"]) for image, tiles in zip(images, self.tile_features(images))
+        ]
+
+    def pack(self, tiles: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """``[1 + rows * cols, side * side, hidden]`` -> base tile, then the unpadded grid row by row,
+        each row closed by ``image_newline``."""
+        base, grid = tiles[0], tiles[1:]
+        if grid.shape[0] == 0:  # transformers' branch for a lone tile
+            return torch.cat([base, self.image_newline[None]])
+        from transformers.image_processing_utils import select_best_resolution
+
+        side = self.vision.grid
+        height, width = select_best_resolution(list(original_size), self.grid_pinpoints)
+        rows, cols = height // self.vision.image_size, width // self.vision.image_size
+        x = grid.view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # [C, H, W]
+        x = unpad(x, original_size)
+        newline = self.image_newline[:, None, None].expand(-1, x.shape[1], 1)
+        x = torch.cat([x, newline], dim=-1).flatten(1, 2).transpose(0, 1)
+        return torch.cat([base, x])
+
+
+def unpad(x: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+    """Crop ``[C, H, W]`` features of a padded picture to the picture's aspect ratio (transformers'
+    ``unpad_image``, rounding included)."""
+    original_height, original_width = original_size
+    current_height, current_width = x.shape[1:]
+    if original_width / original_height > current_width / current_height:
+        new_height = int(round(original_height * (current_width / original_width), 7))
+        padding = (current_height - new_height) // 2
+        return x[:, padding : current_height - padding, :]
+    new_width = int(round(original_width * (current_height / original_height), 7))
+    padding = (current_width - new_width) // 2
+    return x[:, :, padding : current_width - padding]
+
+
+_QKV = [
+    WeightMapping("self_attn.qkv_proj", "self_attn.q_proj", "q"),
+    WeightMapping("self_attn.qkv_proj", "self_attn.k_proj", "k"),
+    WeightMapping("self_attn.qkv_proj", "self_attn.v_proj", "v"),
+]
+
+#: stored but never read by LLaVA (checked after own_name renamed them)
+_UNUSED = [r"^vision_tower\.post_layernorm\.", r"^vision_tower\.head\.", r"\.position_ids$"]
+
+
+def language_model_name(name: str) -> str | None:
+    """The language model's name for one of its tensors, in any LLaVA layout; None for the rest."""
+    if name.startswith("language_model."):  # as the Hub's repos store it: language_model.{model,lm_head}.*
+        rest = name[len("language_model.") :]
+        return rest if rest.startswith(("model.", "lm_head.")) else "model." + rest
+    if name.startswith("model.language_model."):  # transformers 5's module names
+        return "model." + name[len("model.language_model.") :]
+    if name.startswith("lm_head."):
+        return name
+    return None
