@@ -46,16 +46,48 @@ class Attention(nn.Module):
 
 
 class VisionAttention(nn.Module):
-    """Full (non-causal) attention among the patches of each image; no KV cache."""
+    """Full (non-causal) attention among the patches of each image; no KV cache.
+
+    Two layouts: a batch of equal-length sequences ``[B, N, H * D]`` (fixed-size tiles), or one
+    flat run of sequences of different lengths with ``cu_seqlens`` (images of different sizes
+    packed together, attention windows), where each token attends only within its own sequence.
+    """
 
     def __init__(self, num_heads: int, head_dim: int, scale: float | None = None):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         self.scale = scale if scale is not None else head_dim**-0.5
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v ``[B, N, H * D]`` -> ``[B, N, H * D]``."""
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q, k, v ``[B, N, H * D]`` -> ``[B, N, H * D]``.
+
+        With ``cu_seqlens`` (``[S + 1]`` cumulative sequence lengths, starting at 0): q, k, v are
+        ``[T, H * D]`` (or ``[T, H, D]``) holding S sequences back to back -> ``[T, H * D]``.
+        """
+        if cu_seqlens is not None:
+            return self._varlen(q, k, v, cu_seqlens)
         b, n, _ = q.shape
         q, k, v = (t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+
+    def _varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        tokens, heads, dim = q.shape[0], self.num_heads, self.head_dim
+        q, k, v = (t.reshape(tokens, heads, dim) for t in (q, k, v))
+        bounds = cu_seqlens.tolist()
+        # block-diagonal attention without a [T, T] mask: sequences of equal length (windows,
+        # same-size images) run as one batch, one attention call per distinct length
+        starts_by_length: dict[int, list[int]] = {}
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:
+                starts_by_length.setdefault(end - start, []).append(start)
+        out = torch.empty_like(q)
+        for length, starts in starts_by_length.items():
+            offsets = torch.arange(length, device=q.device)
+            index = (torch.tensor(starts, device=q.device)[:, None] + offsets).flatten()
+            qs, ks, vs = (t[index].view(len(starts), length, heads, dim).transpose(1, 2) for t in (q, k, v))
+            attended = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scale)
+            out[index] = attended.transpose(1, 2).reshape(-1, heads, dim)
+        return out.reshape(tokens, heads * dim)
