@@ -24,39 +24,16 @@ transformers' ``LlavaProcessor`` / ``LlavaNextProcessor`` make them.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from vlm.errors import ConfigError, InputError
 from vlm.images import MAX_PIXELS, load_image
 from vlm.inputs import ImageInput, ModelInputs, Prompt, iter_image_parts, normalize_messages, pixel_values_key
+from vlm.processing import find_chat_template, read_json
 
 IMAGE_TOKEN = "<image>"  # LlavaProcessor's default
 _PROBE = "\x00vlm-probe\x00"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}); fix or re-download it") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object; fix or re-download it")
-    return data
-
-
-def chat_template_of(model_path: Path, processor_config: dict[str, Any], tokenizer: Any) -> str | None:
-    """The template transformers' processor uses: its own file, else the tokenizer's."""
-    if (model_path / "chat_template.jinja").is_file():
-        return (model_path / "chat_template.jinja").read_text(encoding="utf-8")
-    for template in (_read_json(model_path / "chat_template.json").get("chat_template"), processor_config.get("chat_template")):
-        if isinstance(template, str):
-            return template
-    template = getattr(tokenizer, "chat_template", None)
-    return template if isinstance(template, str) else None
 
 
 def anyres_num_tokens(
@@ -105,8 +82,8 @@ class LlavaPreprocessor:
         self.model_path = Path(model_path)
         self.load_options = dict(allowed_dir=allowed_dir, allow_remote=allow_remote, max_pixels=max_pixels)
         self.anyres = getattr(hf_config, "model_type", None) == "llava_next"
-        self.processor_config = _read_json(self.model_path / "processor_config.json")
-        self.chat_template = chat_template_of(self.model_path, self.processor_config, tokenizer)
+        self.processor_config = read_json(self.model_path / "processor_config.json") or {}
+        self.chat_template = find_chat_template(self.model_path, tokenizer)
         self.image_token = getattr(tokenizer, "image_token", None) or self.processor_config.get("image_token", IMAGE_TOKEN)
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         if self.image_token_id is None or self.image_token_id == getattr(tokenizer, "unk_token_id", None):
@@ -284,4 +261,4 @@ class LlavaPreprocessor:
         return ModelInputs(token_ids=ids, images=images, prompt=text, image_token_id=self.image_token_id)
 
 
-__all__ = ["LlavaPreprocessor", "anyres_num_tokens", "chat_template_of"]
+__all__ = ["LlavaPreprocessor", "anyres_num_tokens"]
