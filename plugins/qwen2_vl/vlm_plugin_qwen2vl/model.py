@@ -1,0 +1,331 @@
+"""Qwen2-VL and Qwen2.5-VL: a native-resolution ViT + patch merger + Qwen2 from the core.
+
+The vision tower takes every picture at (nearly) its own resolution: the preprocessor cuts it into
+14-px patches (``[num_patches, C * T * 14 * 14]``, see ``preprocess.py``) and the tower runs all
+patches of all pictures of a step as one flat sequence, attention restricted to each picture
+(``cu_seqlens``). Positions are 2-D rotary (a patch's row rotates half of each head's
+frequencies, its column the other half). The patch merger then folds each 2 x 2 block of patches
+into one token of the language model's width.
+
+Qwen2.5-VL differs in the tower only: RMSNorm instead of LayerNorm, a SwiGLU MLP, and window
+attention (each block of ``window_size`` pixels attends within itself) in every block but
+``fullatt_block_indexes``. For windows the patches are reordered window by window once before
+the blocks and the merged tokens restored to raster order after the merger.
+
+Module names follow the checkpoints (``visual.blocks.N.attn.qkv``, ``visual.merger.mlp.0``, ...);
+the language model (``model.*``, ``lm_head``) is vlm-plugin-llama's Qwen2, which applies
+M-RoPE from ``mrope_section`` when the engine passes ``[3, T]`` positions (``position_dims``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm import kernels
+from vlm.config import text_config_of
+from vlm.forward_batch import ForwardBatch
+from vlm.models import build_language_model
+from vlm.nn import (
+    GeluAndMul,
+    LayerNorm,
+    RMSNorm,
+    RotaryEmbedding,
+    SiluAndMul,
+    VisionAttention,
+    WeightLoader,
+    WeightMapping,
+    build_merged_colwise_linear,
+    build_qkv_proj,
+    build_replicated_linear,
+    build_rowwise_linear,
+    load_with_language_model,
+)
+from vlm.nn.activation import get_act_fn
+from vlm.nn.weights import LoadReport, ShapeMismatch
+
+Grid = tuple[int, int, int]  # (t, h, w) in patches
+
+
+class VisionSettings:
+    """The vision fields of both configs, under one set of names."""
+
+    def __init__(self, hf_config: Any):
+        vc = hf_config.vision_config
+        self.qwen2_5 = getattr(hf_config, "model_type", None) == "qwen2_5_vl" or getattr(vc, "model_type", None) == "qwen2_5_vl_vision"
+        self.depth = vc.depth
+        self.num_heads = vc.num_heads
+        self.patch_size = int(vc.patch_size)
+        self.temporal_patch_size = int(vc.temporal_patch_size)
+        self.merge_size = int(vc.spatial_merge_size)
+        self.in_channels = int(getattr(vc, "in_channels", None) or getattr(vc, "in_chans", 3))
+        self.hidden_act = vc.hidden_act
+        rope = getattr(vc, "rope_parameters", None) or {}
+        self.rope_theta = float(rope.get("rope_theta", 10000.0))
+        if self.qwen2_5:
+            self.width = vc.hidden_size
+            self.intermediate_size = vc.intermediate_size
+            self.out_size = vc.out_hidden_size
+            self.window_size = int(vc.window_size)
+            self.full_attention_blocks = set(vc.fullatt_block_indexes)
+        else:
+            # Qwen2-VL names the tower's width embed_dim and its output (the LM's width) hidden_size
+            self.width = vc.embed_dim
+            self.intermediate_size = int(vc.embed_dim * vc.mlp_ratio)
+            self.out_size = vc.hidden_size
+            self.window_size = None
+            self.full_attention_blocks = set(range(self.depth))
+        self.head_dim = self.width // self.num_heads
+
+
+def _norm(s: VisionSettings, size: int, dtype, device) -> nn.Module:
+    if s.qwen2_5:
+        return RMSNorm(size, 1e-6, dtype=dtype, device=device)
+    return LayerNorm(size, 1e-6, dtype=dtype, device=device)
+
+
+class Qwen2VisionPatchEmbed(nn.Module):
+    """The checkpoint's Conv3d, whose kernel and stride are one (T, P, P) patch, maps each
+    flattened patch linearly: stored as one linear layer (one GEMM), loaded from the 5-D weight."""
+
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        self.conv_shape = (s.width, s.in_channels, s.temporal_patch_size, s.patch_size, s.patch_size)
+        patch_values = s.in_channels * s.temporal_patch_size * s.patch_size**2
+        self.proj = build_replicated_linear(patch_values, s.width, bias=False, dtype=dtype, device=device)
+        self.proj.weight.weight_loader = self._load_conv_weight
+
+    def _load_conv_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        if tuple(loaded.shape) != self.conv_shape:
+            raise ShapeMismatch(self.conv_shape, tuple(loaded.shape))
+        param.data.copy_(loaded.reshape(param.shape))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.proj(patches.to(self.proj.weight.dtype))
+
+
+class Qwen2VisionAttention(nn.Module):
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        self.num_heads, self.head_dim = s.num_heads, s.head_dim
+        self.qkv = build_qkv_proj(
+            s.width, s.head_dim, s.num_heads, s.num_heads, bias=True, dtype=dtype, device=device, replicate=True
+        )
+        self.attn = VisionAttention(s.num_heads, s.head_dim)
+        self.proj = build_replicated_linear(s.width, s.width, bias=True, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k = kernels.apply_rotary(q, k, cos, sin, is_neox=True)
+        return self.proj(self.attn(q, k, v, cu_seqlens=cu_seqlens))
+
+
+class Qwen2VisionMLP(nn.Module):
+    """Qwen2-VL: fc1 -> quick GELU -> fc2."""
+
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        self.fc1 = build_replicated_linear(s.width, s.intermediate_size, bias=True, dtype=dtype, device=device)
+        self.fc2 = build_replicated_linear(s.intermediate_size, s.width, bias=True, dtype=dtype, device=device)
+        self.act = get_act_fn(s.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Qwen2_5VisionMLP(nn.Module):
+    """Qwen2.5-VL: SwiGLU with biases; gate and up fused into one GEMM (``gate_up_proj``)."""
+
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        size = s.intermediate_size
+        self.gate_up_proj = build_merged_colwise_linear(s.width, [size, size], bias=True, dtype=dtype, device=device)
+        self.down_proj = build_rowwise_linear(size, s.width, bias=True, dtype=dtype, device=device)
+        if s.hidden_act == "silu":
+            self.act_fn = SiluAndMul()
+        elif s.hidden_act in ("gelu", "gelu_pytorch_tanh"):
+            self.act_fn = GeluAndMul("none" if s.hidden_act == "gelu" else "tanh")
+        else:
+            raise ValueError(f"unsupported vision activation {s.hidden_act!r} in the Qwen2.5-VL config")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class Qwen2VisionBlock(nn.Module):
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        self.norm1 = _norm(s, s.width, dtype, device)
+        self.norm2 = _norm(s, s.width, dtype, device)
+        self.attn = Qwen2VisionAttention(s, dtype, device)
+        self.mlp = (Qwen2_5VisionMLP if s.qwen2_5 else Qwen2VisionMLP)(s, dtype, device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
+        return x + self.mlp(self.norm2(x))
+
+
+class Qwen2VisionPatchMerger(nn.Module):
+    """Norm, then each merge x merge block of patches (consecutive rows) -> Linear -> GELU -> Linear."""
+
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        self.merged_size = s.width * s.merge_size**2
+        self.ln_q = _norm(s, s.width, dtype, device)
+        self.mlp = nn.Sequential(  # indices 0 and 2 as in the checkpoint
+            build_replicated_linear(self.merged_size, self.merged_size, bias=True, dtype=dtype, device=device),
+            get_act_fn("gelu"),
+            build_replicated_linear(self.merged_size, s.out_size, bias=True, dtype=dtype, device=device),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.ln_q(x).view(-1, self.merged_size))
+
+
+# ----------------------------------------------------------------------------- layout helpers
+
+
+def patch_rows_and_columns(grids: Sequence[Grid], merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of every patch, in the preprocessor's order (merge blocks consecutive)."""
+    rows, cols = [], []
+    for t, h, w in grids:
+        block = (h // merge_size, merge_size, w // merge_size, merge_size)
+        r = torch.arange(h)[:, None].expand(h, w).reshape(block).transpose(1, 2).flatten()
+        c = torch.arange(w)[None, :].expand(h, w).reshape(block).transpose(1, 2).flatten()
+        rows.append(r.repeat(t))
+        cols.append(c.repeat(t))
+    return torch.cat(rows), torch.cat(cols)
+
+
+def cumulative_lengths(lengths: Sequence[int], device=None) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(list(lengths), dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def window_order(grids: Sequence[Grid], merge_size: int, window_units: int) -> tuple[torch.Tensor, list[int]]:
+    """Qwen2.5-VL's windows: the merged tokens of all pictures reordered window by window (each
+    window ``window_units`` x ``window_units`` merged tokens, raster order inside, partial windows
+    at the right and bottom edges), and each window's length in patches."""
+    order, lengths, offset = [], [], 0
+    for t, h, w in grids:
+        rows, cols = h // merge_size, w // merge_size
+        index = torch.arange(t * rows * cols).reshape(t, rows, cols) + offset
+        for frame in range(t):
+            for top in range(0, rows, window_units):
+                for left in range(0, cols, window_units):
+                    window = index[frame, top : top + window_units, left : left + window_units].flatten()
+                    order.append(window)
+                    lengths.append(window.numel() * merge_size**2)
+        offset += t * rows * cols
+    return torch.cat(order), lengths
+
+
+class Qwen2VisionTransformer(nn.Module):
+    def __init__(self, s: VisionSettings, dtype, device):
+        super().__init__()
+        self.settings = s
+        self.patch_embed = Qwen2VisionPatchEmbed(s, dtype, device)
+        # rows rotate the first half of each head's frequencies, columns the second: a 1-D rope
+        # of half the head size gives each half's angles
+        self.rotary = RotaryEmbedding(s.head_dim // 2, max_position=1024, base=s.rope_theta)
+        self.blocks = nn.ModuleList(Qwen2VisionBlock(s, dtype, device) for _ in range(s.depth))
+        self.merger = Qwen2VisionPatchMerger(s, dtype, device)
+
+    def forward(self, patches: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
+        """``[num_patches, C * T * P * P]`` of all pictures -> ``[num_patches / merge^2, out_size]``."""
+        s = self.settings
+        device = patches.device
+        x = self.patch_embed(patches)
+        rows, cols = patch_rows_and_columns(grids, s.merge_size)
+        cos_rows, sin_rows = self.rotary.cos_sin(rows.to(device))
+        cos_cols, sin_cols = self.rotary.cos_sin(cols.to(device))
+        cos, sin = torch.cat([cos_rows, cos_cols], dim=-1), torch.cat([sin_rows, sin_cols], dim=-1)
+        full = cumulative_lengths([h * w for t, h, w in grids for _ in range(t)], device)
+
+        order = None
+        windows = full
+        if s.window_size is not None:
+            order, lengths = window_order(grids, s.merge_size, s.window_size // s.merge_size // s.patch_size)
+            order = order.to(device)
+            unit = s.merge_size**2  # patches of one merged token stay together
+            x, cos, sin = (t.view(-1, unit, t.shape[-1])[order].view(-1, t.shape[-1]) for t in (x, cos, sin))
+            windows = cumulative_lengths(lengths, device)
+
+        for index, block in enumerate(self.blocks):
+            x = block(x, cos, sin, full if index in s.full_attention_blocks else windows)
+        x = self.merger(x)
+        if order is not None:
+            x = x[torch.argsort(order)]
+        return x
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Qwen2VLForConditionalGeneration(nn.Module):
+    """The model protocol plus ``embed_images``; text goes straight to the language model."""
+
+    #: the engine passes [3, T] positions (M-RoPE: temporal, height, width)
+    position_dims = 3
+
+    def __init__(self, hf_config: Any, model_config: Any, dtype=torch.float32, device=None):
+        super().__init__()
+        self.config = hf_config
+        self.visual = Qwen2VisionTransformer(VisionSettings(hf_config), dtype, device)
+        # transformers ties the LM head by the *top-level* flag of a composite config
+        text_config = copy.copy(text_config_of(hf_config))
+        text_config.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.language_model = build_language_model(text_config, model_config, dtype, device)
+
+    # -- the model protocol ---------------------------------------------------------------
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def forward(self, input_ids, positions, batch: ForwardBatch, inputs_embeds=None) -> torch.Tensor:
+        return self.language_model(input_ids, positions, batch, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.language_model.compute_logits(hidden_states)
+
+    def embed_images(self, images: list[Any]) -> list[torch.Tensor]:
+        """One pass of the tower over the patches of every picture -> ``[num_tokens, hidden]`` each."""
+        patches = torch.cat([image.pixel_values for image in images])
+        grids = [tuple(int(n) for n in image.extra["image_grid_thw"]) for image in images]
+        features = self.visual(patches, grids)
+        return list(features.split([image.num_tokens for image in images]))
+
+    # -- weights ----------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> LoadReport:
+        own = WeightLoader(self, mappings=_VISION_MLP, rename=_own_name)
+        return load_with_language_model(weights, own, self.language_model, _language_model_name)
+
+
+_VISION_MLP = [
+    WeightMapping("mlp.gate_up_proj", "mlp.gate_proj", 0),
+    WeightMapping("mlp.gate_up_proj", "mlp.up_proj", 1),
+]
+
+
+def _own_name(name: str) -> str:
+    # saved files say "visual.*"; transformers' in-memory names add a "model." prefix
+    return re.sub(r"^model\.(?=visual\.)", "", name)
+
+
+def _language_model_name(name: str) -> str | None:
+    """The Qwen2 name of a language-model tensor in either naming, or None for the vision tower's.
+
+    Saved checkpoints: ``model.layers.*``, ``model.embed_tokens.*``, ``model.norm.*``, ``lm_head.*``;
+    transformers' in-memory names: ``model.language_model.*`` instead of ``model.*``.
+    """
+    if re.match(r"^(model\.)?visual\.", name):
+        return None
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model.") :]
+    return name

@@ -1,0 +1,343 @@
+"""Qwen2-VL / Qwen2.5-VL preprocessing: prompts and chat messages with images -> token ids,
+flattened patches and M-RoPE positions.
+
+Reproduces transformers' ``Qwen2VLProcessor`` (and ``Qwen2_5_VLProcessor``, the same for images)
+with ``Qwen2VLImageProcessorPil``, settings from the model directory's
+``preprocessor_config.json``:
+
+- **dynamic resolution**: :func:`smart_resize` picks the size closest to the picture's whose
+  sides are multiples of ``patch_size * merge_size`` (28 px) and whose area lies within
+  ``[min_pixels, max_pixels]``; the picture is resized to it with PIL (bicubic), so a picture
+  becomes ``(h / 14) x (w / 14)`` patches, each merged 2 x 2 into one token by the model.
+- **pixels**: rescaled and normalised with transformers' arithmetic, then flattened into
+  ``[num_patches, C * temporal_patch_size * patch_size^2]`` rows in the vision tower's merge
+  order (each 2 x 2 block of patches consecutive), a picture repeated over the temporal patch
+  as transformers does for images. ``ImageInput.extra["image_grid_thw"]`` is ``(1, h, w)`` in
+  patches.
+- **prompt**: the chat template writes ``<|vision_start|><|image_pad|><|vision_end|>`` per image;
+  each ``<|image_pad|>`` is expanded to ``h * w / merge_size^2`` copies.
+- **positions**: M-RoPE positions as transformers' ``get_rope_index`` computes them (text tokens
+  count up in all three rows; an image's tokens take ``start + (t, row, column)`` and the text
+  after it continues at ``start + max(rows, columns)``), and ``position_delta`` for generated
+  tokens. Prompts without images leave both to the engine (``0..T-1``).
+
+Videos are not supported: a ``video`` part is refused by the core's message validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlm.errors import ConfigError, InputError
+from vlm.images import MAX_PIXELS, load_image
+from vlm.inputs import ImageInput, ModelInputs, Prompt, iter_image_parts, normalize_messages, pixel_values_key
+from vlm.processing import find_chat_template, read_json, rescale_and_normalize, to_rgb
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2VLImageProcessor's defaults
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
+MAX_ASPECT_RATIO = 200  # smart_resize refuses more elongated pictures
+
+IMAGE_PAD = "<|image_pad|>"
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How pictures become patches (the fields of ``Qwen2VLImageProcessor``)."""
+
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    resample: int = BICUBIC
+    do_resize: bool = True
+    rescale_factor: float | None = 1 / 255  # None: no rescaling
+    mean: tuple[float, ...] | None = OPENAI_CLIP_MEAN  # None: no normalisation
+    std: tuple[float, ...] | None = OPENAI_CLIP_STD
+
+    @property
+    def factor(self) -> int:
+        """Sides are multiples of this: one merged token covers ``factor x factor`` pixels."""
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_model_dir(cls, model_path: str | Path) -> ImageSettings:
+        """Read ``preprocessor_config.json`` (or the ``image_processor`` entry of processor_config.json).
+
+        Pixel budgets: ``size: {shortest_edge, longest_edge}`` (transformers 5), overridden by
+        top-level ``min_pixels`` / ``max_pixels`` (the original Qwen files), as transformers does.
+        """
+        model_path = Path(model_path)
+        data = read_json(model_path / "preprocessor_config.json")
+        if data is None:
+            data = (read_json(model_path / "processor_config.json") or {}).get("image_processor")
+        if data is None:
+            raise ConfigError(
+                f"{model_path} has no preprocessor_config.json; copy it from the original model "
+                "(it holds min_pixels, max_pixels, patch_size and merge_size)"
+            )
+        size = data.get("size") or {}
+        min_pixels = data.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels") or cls.min_pixels
+        max_pixels = data.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels") or cls.max_pixels
+        if not 0 < int(min_pixels) <= int(max_pixels):
+            raise ConfigError(
+                f"{model_path / 'preprocessor_config.json'}: min_pixels ({min_pixels}) must be positive and at most "
+                f"max_pixels ({max_pixels})"
+            )
+        normalize = data.get("do_normalize", True)
+        return cls(
+            min_pixels=int(min_pixels),
+            max_pixels=int(max_pixels),
+            patch_size=int(data.get("patch_size", cls.patch_size)),
+            temporal_patch_size=int(data.get("temporal_patch_size", cls.temporal_patch_size)),
+            merge_size=int(data.get("merge_size", cls.merge_size)),
+            resample=int(data.get("resample", BICUBIC)),
+            do_resize=bool(data.get("do_resize", True)),
+            rescale_factor=float(data.get("rescale_factor", 1 / 255)) if data.get("do_rescale", True) else None,
+            mean=tuple(data.get("image_mean", OPENAI_CLIP_MEAN)) if normalize else None,
+            std=tuple(data.get("image_std", OPENAI_CLIP_STD)) if normalize else None,
+        )
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """``(height, width)`` to resize to: multiples of ``factor``, area within the budget, aspect
+    ratio kept as closely as possible (transformers' and Qwen's ``smart_resize``)."""
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise InputError(
+            f"a {width}x{height} picture has an aspect ratio above {MAX_ASPECT_RATIO}:1, which Qwen2-VL "
+            "cannot take; crop or pad it"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def patchify(pixels: Any, settings: ImageSettings) -> Any:
+    """float32 ``[C, H, W]`` -> ``[(H / P) * (W / P), C * T * P * P]`` rows, each ``merge x merge``
+    block of patches consecutive; the single picture fills all ``T`` temporal slots."""
+    import torch
+
+    channels, height, width = pixels.shape
+    p, m, t = settings.patch_size, settings.merge_size, settings.temporal_patch_size
+    grid_h, grid_w = height // p, width // p
+    patches = pixels.reshape(channels, grid_h // m, m, p, grid_w // m, m, p)
+    patches = patches.permute(1, 4, 2, 5, 0, 3, 6)  # (rows/m, cols/m, m, m, C, P, P)
+    patches = patches.unsqueeze(5).expand(*patches.shape[:5], t, p, p)
+    return patches.reshape(grid_h * grid_w, channels * t * p * p).contiguous()
+
+
+def preprocess_pixels(image: Any, settings: ImageSettings) -> tuple[Any, tuple[int, int, int]]:
+    """An RGB PIL image -> flattened patches and ``(t, h, w)`` in patches."""
+    import numpy as np
+    import torch
+
+    height, width = image.height, image.width
+    if settings.do_resize:
+        height, width = smart_resize(height, width, settings.factor, settings.min_pixels, settings.max_pixels)
+        image = image.resize((width, height), resample=settings.resample)
+    elif height % settings.factor or width % settings.factor:
+        raise InputError(
+            f"a {width}x{height} picture cannot be cut into {settings.factor}-px blocks without resizing, "
+            "and preprocessor_config.json says do_resize: false; resize it to multiples of "
+            f"{settings.factor} px"
+        )
+    pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # [3, H, W]
+    values = rescale_and_normalize(pixels, settings.rescale_factor, settings.mean, settings.std)
+    patches = patchify(torch.from_numpy(np.ascontiguousarray(values)), settings)
+    return patches, (1, height // settings.patch_size, width // settings.patch_size)
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def mrope_positions(
+    token_ids: list[int], image_token_id: int, grids: list[tuple[int, int, int]], merge_size: int
+) -> tuple[Any, int]:
+    """M-RoPE positions ``[3, T]`` of a prompt and the delta of the tokens generated after it.
+
+    The i-th run of image tokens belongs to the i-th grid ``(t, h, w)`` (in patches); text before,
+    between and after counts up by one per token in all three rows, as in transformers'
+    ``Qwen2VLModel.get_rope_index``.
+    """
+    import torch
+
+    pieces = []
+    position = index = 0
+    for t, h, w in grids:
+        rows, cols = h // merge_size, w // merge_size
+        start = token_ids.index(image_token_id, index)
+        pieces.append(torch.arange(start - index).expand(3, -1) + position)
+        position += start - index
+        grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(rows), torch.arange(cols), indexing="ij"))
+        pieces.append(grid.reshape(3, -1) + position)
+        position += max(rows, cols)  # the text after an image starts past its largest side
+        index = start + t * rows * cols
+    pieces.append(torch.arange(len(token_ids) - index).expand(3, -1) + position)
+    positions = torch.cat(pieces, dim=1)
+    return positions, int(positions.max()) + 1 - len(token_ids)
+
+
+# ----------------------------------------------------------------------------- preprocessor
+
+
+class Qwen2VLPreprocessor:
+    """Turns a prompt into :class:`vlm.inputs.ModelInputs` for a Qwen2-VL / Qwen2.5-VL model.
+
+    :param tokenizer: the model directory's transformers tokenizer.
+    :param hf_config: the model's ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig``.
+    :param model_path: the model directory (preprocessor_config.json, chat template).
+    :param allowed_dir, allow_remote, max_pixels: image-loading policy, see
+        :func:`vlm.images.load_image`.
+
+    A prompt is a plain string (no images), token ids, or chat messages whose content may hold
+    image parts (see :mod:`vlm.inputs`).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        hf_config: Any,
+        model_path: str | Path,
+        *,
+        allowed_dir: str | Path | None = None,
+        allow_remote: bool = False,
+        max_pixels: int = MAX_PIXELS,
+    ):
+        self.tokenizer = tokenizer
+        self.hf_config = hf_config
+        self.model_path = Path(model_path)
+        self.load_options = dict(allowed_dir=allowed_dir, allow_remote=allow_remote, max_pixels=max_pixels)
+        self.settings = ImageSettings.from_model_dir(self.model_path)
+        self.chat_template = find_chat_template(self.model_path, tokenizer)
+        # the processor's rule: the tokenizer may name its image token, else <|image_pad|>
+        self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PAD
+        self.image_token_id = self._image_token_id()
+        self._check_vision_config()
+
+    def _image_token_id(self) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        if token_id is None or token_id == getattr(self.tokenizer, "unk_token_id", None):
+            raise ConfigError(
+                f"the tokenizer in {self.model_path} has no {self.image_token} token; Qwen2-VL needs "
+                "<|vision_start|>, <|image_pad|> and <|vision_end|> in its vocabulary"
+            )
+        config_id = getattr(self.hf_config, "image_token_id", None)
+        if config_id is not None and config_id != token_id:
+            raise ConfigError(
+                f"config.json image_token_id is {config_id} but the tokenizer's {self.image_token} is "
+                f"{token_id}; the tokenizer does not belong to this model"
+            )
+        return token_id
+
+    def _check_vision_config(self) -> None:
+        """preprocessor_config.json must cut patches the way the vision tower reads them."""
+        vision = self.hf_config.vision_config
+        for field, ours in (("patch_size", self.settings.patch_size), ("temporal_patch_size", self.settings.temporal_patch_size), ("spatial_merge_size", self.settings.merge_size)):
+            theirs = getattr(vision, field, None)
+            if theirs is not None and int(theirs) != ours:
+                raise ConfigError(
+                    f"{self.model_path / 'preprocessor_config.json'} cuts pictures with {field} {ours} but "
+                    f"config.json's vision_config says {theirs}; fix one of them"
+                )
+
+    # -- images
+
+    def preprocess_image(self, source: Any) -> ImageInput:
+        """Load one picture (path, URL, bytes, PIL image) and make its patches."""
+        image = load_image(source, **self.load_options)
+        patches, grid = preprocess_pixels(to_rgb(image), self.settings)
+        # the grid is part of the key: a flat-coloured picture and its transpose have equal
+        # patches but different rotary positions, hence different features
+        key = hashlib.sha256(f"{pixel_values_key(patches)}:{grid}".encode()).hexdigest()
+        return ImageInput(
+            pixel_values=patches,
+            num_tokens=patches.shape[0] // self.settings.merge_size**2,
+            key=key,
+            extra={"image_grid_thw": grid, "image_size": image.size},
+        )
+
+    # -- prompts
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> tuple[str, list[Any]]:
+        """Messages -> (prompt text with one image token per image, image sources in order)."""
+        messages = normalize_messages(messages)
+        sources = list(iter_image_parts(messages))
+        if not self.chat_template:
+            raise InputError(
+                "this model has no chat template (chat_template.jinja, chat_template.json or "
+                "tokenizer_config.json 'chat_template'); send a plain prompt string instead of chat messages"
+            )
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as exc:
+            raise InputError(f"the chat template rejected the messages ({exc}); fix the message list") from None
+        return text, sources
+
+    def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs:
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            if self.image_token_id in prompt:
+                raise InputError(
+                    f"a token-id prompt cannot carry images (it holds {self.image_token} tokens); send "
+                    "chat messages with image parts instead"
+                )
+            return ModelInputs(token_ids=list(prompt), image_token_id=self.image_token_id)
+        if isinstance(prompt, list):
+            text, sources = self.render(prompt, add_generation_prompt)
+            bos = getattr(self.tokenizer, "bos_token", None)
+            add_special_tokens = not (bos and text.startswith(bos))  # as transformers' processor decides
+        elif isinstance(prompt, str):
+            text, sources, add_special_tokens = prompt, [], True
+        else:
+            raise InputError(f"a prompt must be a string, a list of messages or token ids, not {type(prompt).__name__}")
+
+        pieces = text.split(self.image_token)
+        if len(pieces) - 1 != len(sources):
+            raise InputError(
+                f"the prompt has {len(pieces) - 1} image placeholder(s) {self.image_token!r} but {len(sources)} "
+                f"image(s); remove {self.image_token!r} from the text and send images as image parts"
+            )
+        images = [self.preprocess_image(source) for source in sources]
+        expanded = [pieces[0]]
+        for image, piece in zip(images, pieces[1:]):
+            expanded += [self.image_token * image.num_tokens, piece]
+        ids = list(self.tokenizer("".join(expanded), add_special_tokens=add_special_tokens)["input_ids"])
+        if not ids:
+            raise InputError("the prompt is empty after tokenization; send at least one token")
+        if not images:
+            return ModelInputs(token_ids=ids, prompt=text, image_token_id=self.image_token_id)
+        grids = [image.extra["image_grid_thw"] for image in images]
+        positions, delta = mrope_positions(ids, self.image_token_id, grids, self.settings.merge_size)
+        return ModelInputs(
+            token_ids=ids, images=images, positions=positions, position_delta=delta, prompt=text,
+            image_token_id=self.image_token_id,
+        )
+
+
+__all__ = [
+    "ImageSettings",
+    "Qwen2VLPreprocessor",
+    "mrope_positions",
+    "patchify",
+    "preprocess_pixels",
+    "smart_resize",
+]
