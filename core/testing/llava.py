@@ -82,10 +82,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         ),
         chat_template=LLAVA_CHAT_TEMPLATE,
     ),
-    # SigLIP tower (no class token, no pre-LN, an unused head), two layers concatenated, all tokens kept
+    # SigLIP tower (no class token, no pre-LN, an unused head), last layer and embeddings concatenated, all tokens kept
     "llava-siglip-qwen2": dict(
         architecture="llava", text="qwen2", tower="siglip", image_size=42, layers=3,
-        vision_feature_layer=[-3, -1], vision_feature_select_strategy="full", multimodal_projector_bias=False,
+        vision_feature_layer=[-1, 0], vision_feature_select_strategy="full", multimodal_projector_bias=False,
         image_processor=dict(
             image_processor_type="SiglipImageProcessor", size={"height": 42, "width": 42}, do_resize=True,
             do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5, 0.5, 0.5],

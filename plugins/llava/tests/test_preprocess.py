@@ -20,6 +20,7 @@ from PIL import Image
 
 from vlm.config import load_model_config
 from vlm.errors import ConfigError, InputError
+from vlm.testing.conformance import odd_images
 from vlm.testing.llava import VARIANTS, load_reference_processor
 from vlm_plugin_llava.preprocess import LlavaPreprocessor, anyres_num_tokens
 
@@ -27,31 +28,25 @@ REAL_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
 def noise(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
-    """Random pixels: the hardest case for resampling parity."""
+    """Random pixels (the hardest case for resampling parity), converted to ``mode``."""
     rgba = np.random.RandomState(seed).randint(0, 256, (height, width, 4), dtype=np.uint8)
     image = Image.fromarray(rgba, "RGBA")
-    if mode == "RGBA":
-        return image
-    if mode == "P":
-        return image.convert("RGB").quantize(64)
-    if mode == "P+transparency":
-        palette = image.convert("RGB").quantize(64)
-        palette.info["transparency"] = 3
-        return palette
-    return image.convert(mode)
+    return image if mode == "RGBA" else image.convert(mode)
 
 
+def transparent_palette() -> Image.Image:
+    image = noise(90, 90).quantize(64)
+    image.info["transparency"] = 3  # composited onto white like RGBA
+    return image
+
+
+#: the conformance kit's odd sizes and modes (1x1, 17x300, 300x17, RGBA, L, P, CMYK) and more
 IMAGES = {
-    "1x1": (1, 1, "RGB"),
-    "17x300": (17, 300, "RGB"),
-    "300x17": (300, 17, "RGB"),
-    "1000x50": (1000, 50, "RGB"),
-    "800x600": (800, 600, "RGB"),
-    "RGBA-333x250": (333, 250, "RGBA"),
-    "L-120x90": (120, 90, "L"),
-    "P-64x200": (64, 200, "P"),
-    "P-transparent-90x90": (90, 90, "P+transparency"),
-    "CMYK-41x41": (41, 41, "CMYK"),
+    **dict(odd_images()),
+    "1000x50 RGB": noise(1000, 50),
+    "800x600 RGB": noise(800, 600),
+    "333x250 RGBA": noise(333, 250, "RGBA"),
+    "90x90 P with transparency": transparent_palette(),
 }
 
 
@@ -133,15 +128,15 @@ def check(ours, reference, messages):
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("image", IMAGES)
 def test_one_image(preprocessors, references, config, image):
-    width, height, mode = IMAGES[image]
-    got = check(preprocessors[config], references[config], user(noise(width, height, mode), "Describe it."))
+    picture = IMAGES[image]
+    got = check(preprocessors[config], references[config], user(picture, "Describe it."))
     (image_input,) = got.images
-    assert image_input.extra["original_size"] == (height, width)
+    assert image_input.extra["original_size"] == (picture.height, picture.width)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_two_images_and_turns(preprocessors, references, config):
-    first, second = noise(800, 600, "RGB", seed=1), noise(17, 300, "RGBA", seed=2)
+    first, second = noise(800, 600, seed=1), noise(17, 300, "RGBA", seed=2)
     check(preprocessors[config], references[config], user(first, second, "Compare them."))
     conversation = [
         *user("Look:", first),
@@ -192,7 +187,7 @@ def test_a_string_only_template_gets_images_written_into_the_text(directories, t
 
 def test_image_sources(preprocessors, references, tmp_path):
     """A path, a data URL, a file URL and bytes give what the reference makes of the same image."""
-    image = noise(123, 45, "RGB", seed=3)
+    image = noise(123, 45, seed=3)
     path = tmp_path / "image.png"
     image.save(path)
     ours = preprocessors["llava-next-clip-mistral"]

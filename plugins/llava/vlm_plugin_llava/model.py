@@ -164,11 +164,13 @@ class VisionTower(nn.Module):
         x = self.embeddings(pixel_values)
         if self.pre_layrnorm is not None:
             x = self.pre_layrnorm(x)
-        hidden_states = [x]
-        for layer in self.encoder.layers:
+        wanted = self.settings.feature_layers
+        kept = {0: x} if 0 in wanted else {}  # only the states the projector reads stay alive
+        for index, layer in enumerate(self.encoder.layers, start=1):
             x = layer(x)
-            hidden_states.append(x)
-        features = torch.cat([hidden_states[i] for i in self.settings.feature_layers], dim=-1)
+            if index in wanted:
+                kept[index] = x
+        features = torch.cat([kept[i] for i in wanted], dim=-1)
         return features[:, 1:] if self.settings.drop_first else features
 
 
