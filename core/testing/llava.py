@@ -165,10 +165,14 @@ def _randomize(model: Any, seed: int) -> None:
                 param.copy_(0.5 * noise)
 
 
-def write_tiny_llava(path: str | Path, variant: str = "llava-clip-llama", layout: str = "hub", seed: int = 0) -> Path:
+def write_tiny_llava(
+    path: str | Path, variant: str = "llava-clip-llama", layout: str = "hub", seed: int = 0, tie_word_embeddings: bool = False
+) -> Path:
     """Write a tiny random LLaVA checkpoint of one of :data:`VARIANTS` to ``path``.
 
     :param layout: tensor names, one of :data:`LAYOUTS` (see the module docstring).
+    :param tie_word_embeddings: set in the *text* config, as small Qwen2 models do; ``LlavaConfig``
+        folds it into its own flag, and no ``lm_head`` is saved.
     :return: ``path``.
     """
     if variant not in VARIANTS:
@@ -187,7 +191,7 @@ def write_tiny_llava(path: str | Path, variant: str = "llava-clip-llama", layout
     spec = VARIANTS[variant]
     path = Path(path)
     tokenizer = build_llava_tokenizer(spec["chat_template"])
-    text_config = _text_config(spec["text"], 320)
+    text_config = _text_config(spec["text"], 320, tie_word_embeddings=tie_word_embeddings)
     text_config.bos_token_id = tokenizer.bos_token_id
     text_config.eos_token_id = tokenizer.eos_token_id
     text_config.pad_token_id = tokenizer.pad_token_id

@@ -79,3 +79,27 @@ def test_an_unknown_vision_tower_is_refused(llava_checkpoints, tmp_path):
     hf_config.vision_config = AutoConfig.for_model("dinov2", hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
     with pytest.raises(ConfigError, match="'dinov2'"):
         LlavaForConditionalGeneration(hf_config, model_config, device="meta")
+
+
+def test_tied_word_embeddings_from_the_text_config(tmp_path):
+    """A text config with tied embeddings (small Qwen2s): no lm_head is stored; logits still equal
+    transformers'."""
+    from safetensors import safe_open
+    from transformers import LlavaForConditionalGeneration
+
+    from vlm import SamplingParams
+    from vlm.testing.logits import generate_with_logits
+
+    path = write_tiny_llava(tmp_path / "tied", "llava-siglip-qwen2", tie_word_embeddings=True)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert not any("lm_head" in name for name in f.keys())
+    llm = LLM(str(path))
+    model = llm.engine.model
+    assert model.language_model.lm_head.weight.data_ptr() == model.language_model.model.embed_tokens.weight.data_ptr()
+    inputs = llm.engine.preprocess([{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}])
+    reference = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    with torch.inference_mode():
+        expected = reference(input_ids=torch.tensor([inputs.token_ids])).logits[0, -1]
+    [(tokens, logits)] = generate_with_logits(llm, [inputs.token_ids], SamplingParams(temperature=0, max_tokens=1))
+    assert tokens == [int(expected.argmax())]
+    torch.testing.assert_close(logits[0], expected, atol=1e-4, rtol=0)
