@@ -7,6 +7,9 @@ transformers' image conventions that pixel-for-pixel parity depends on.
 - :func:`to_rgb` converts a PIL image to RGB as transformers' image processors do (transparency
   composited onto white); :func:`rescale_and_normalize` turns uint8 pixels into float32 values
   with transformers' arithmetic (rescale in float64, cast, normalise in float32), bit for bit.
+- :class:`ImagePromptPreprocessor` is the prompt plumbing of a preprocessor whose transformers
+  processor expands one placeholder per image in the rendered chat template: a subclass says how
+  a picture becomes pixels and tokens, the base does the rest.
 
 Nothing here imports torch.
 """
@@ -17,7 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vlm.errors import ConfigError
+from vlm.errors import ConfigError, InputError
+from vlm.inputs import ImageInput, ModelInputs, Prompt, iter_image_parts, normalize_messages
 
 
 def read_json(path: str | Path) -> dict[str, Any] | None:
@@ -78,4 +82,97 @@ def rescale_and_normalize(pixels: Any, rescale_factor: float | None, mean: Any |
     return values
 
 
-__all__ = ["find_chat_template", "read_json", "rescale_and_normalize", "to_rgb"]
+class ImagePromptPreprocessor:
+    """Prompts (token ids, strings, chat messages with image parts) -> :class:`ModelInputs`, the way
+    transformers' processors do it: render the chat template, which writes ``placeholder`` once
+    per image; replace each with :meth:`expand_image` (``image_token`` x the image's token count);
+    tokenize (no special tokens when the template already wrote BOS).
+
+    A subclass sets ``tokenizer``, ``chat_template`` (:func:`find_chat_template`), ``placeholder``,
+    ``image_token`` and ``image_token_id``, and implements :meth:`preprocess_image`. It may
+    override :meth:`prepare_messages` (rewrite messages for its template), :meth:`expand_image`
+    (e.g. wrap the image tokens in start / end tokens) and :meth:`finish` (e.g. add positions).
+    Every refusal is an :class:`~vlm.errors.InputError` in one line.
+    """
+
+    tokenizer: Any
+    chat_template: str | None = None
+    placeholder: str
+    image_token: str
+    image_token_id: int | None = None
+    supports_images: bool = True
+
+    def preprocess_image(self, source: Any) -> ImageInput:
+        """Load one image (path, URL, bytes, PIL image) and make its pixels and token count."""
+        raise NotImplementedError
+
+    def prepare_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Normalized messages -> what the chat template expects (default: unchanged)."""
+        return messages
+
+    def expand_image(self, image: ImageInput) -> str:
+        """The text an image's placeholder becomes."""
+        return self.image_token * image.num_tokens
+
+    def finish(self, inputs: ModelInputs) -> ModelInputs:
+        """Last touches on a prompt's inputs (default: none)."""
+        return inputs
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> tuple[str, list[Any]]:
+        """Messages -> (prompt text with one placeholder per image, image sources in order)."""
+        messages = normalize_messages(messages)
+        sources = list(iter_image_parts(messages))
+        if sources and not self.supports_images:
+            raise InputError("this model takes no images (config.json has no vision_config); send text only")
+        if not self.chat_template:
+            raise InputError(
+                "this model has no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json "
+                "'chat_template'); send a plain prompt string instead of chat messages"
+            )
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(
+                self.prepare_messages(messages), chat_template=self.chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        except TemplateError as exc:
+            raise InputError(f"the chat template rejected the messages ({exc}); fix the message list") from None
+        return text, sources
+
+    def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs:
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            if self.image_token_id is not None and self.image_token_id in prompt:
+                raise InputError(
+                    f"a token-id prompt cannot carry images (it holds {self.image_token} tokens); send chat "
+                    "messages with image parts instead"
+                )
+            return self.finish(ModelInputs(token_ids=list(prompt), image_token_id=self.image_token_id))
+        if isinstance(prompt, list):
+            text, sources = self.render(prompt, add_generation_prompt)
+            bos = getattr(self.tokenizer, "bos_token", None)
+            add_special_tokens = not (bos and text.startswith(bos))  # as transformers' processors decide
+        elif isinstance(prompt, str):
+            text, sources, add_special_tokens = prompt, [], True
+        else:
+            raise InputError(f"a prompt must be a string, a list of messages or token ids, not {type(prompt).__name__}")
+
+        pieces = text.split(self.placeholder)
+        if len(pieces) - 1 != len(sources):
+            raise InputError(
+                f"the prompt has {len(pieces) - 1} image placeholder(s) {self.placeholder!r} but {len(sources)} "
+                f"image(s); remove {self.placeholder!r} from the text and send images as image parts"
+            )
+        images = [self.preprocess_image(source) for source in sources]
+        expanded = [pieces[0]]
+        for image, piece in zip(images, pieces[1:]):
+            expanded += [self.expand_image(image), piece]
+        ids = list(self.tokenizer("".join(expanded), add_special_tokens=add_special_tokens)["input_ids"])
+        if not ids:
+            raise InputError("the prompt is empty after tokenization; send at least one token")
+        if self.image_token_id is not None and ids.count(self.image_token_id) != sum(i.num_tokens for i in images):
+            raise InputError(f"the prompt text contains {self.image_token!r}, which is reserved for images; remove it")
+        return self.finish(ModelInputs(token_ids=ids, images=images, prompt=text, image_token_id=self.image_token_id))
+
+
+__all__ = ["ImagePromptPreprocessor", "find_chat_template", "read_json", "rescale_and_normalize", "to_rgb"]

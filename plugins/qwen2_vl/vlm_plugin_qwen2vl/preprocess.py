@@ -26,6 +26,7 @@ Videos are not supported: a ``video`` part is refused by the core's message vali
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -34,8 +35,8 @@ from typing import Any
 
 from vlm.errors import ConfigError, InputError
 from vlm.images import MAX_PIXELS, load_image
-from vlm.inputs import ImageInput, ModelInputs, Prompt, iter_image_parts, normalize_messages, pixel_values_key
-from vlm.processing import find_chat_template, read_json, rescale_and_normalize, to_rgb
+from vlm.inputs import ImageInput, ModelInputs, pixel_values_key
+from vlm.processing import ImagePromptPreprocessor, find_chat_template, read_json, rescale_and_normalize, to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2VLImageProcessor's defaults
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -196,7 +197,7 @@ def mrope_positions(
 # ----------------------------------------------------------------------------- preprocessor
 
 
-class Qwen2VLPreprocessor:
+class Qwen2VLPreprocessor(ImagePromptPreprocessor):
     """Turns a prompt into :class:`vlm.inputs.ModelInputs` for a Qwen2-VL / Qwen2.5-VL model.
 
     :param tokenizer: the model directory's transformers tokenizer.
@@ -206,7 +207,8 @@ class Qwen2VLPreprocessor:
         :func:`vlm.images.load_image`.
 
     A prompt is a plain string (no images), token ids, or chat messages whose content may hold
-    image parts (see :mod:`vlm.inputs`).
+    image parts (see :mod:`vlm.inputs`); :class:`vlm.processing.ImagePromptPreprocessor` renders
+    and expands it, this class makes the pixels and the positions.
     """
 
     def __init__(
@@ -226,7 +228,7 @@ class Qwen2VLPreprocessor:
         self.settings = ImageSettings.from_model_dir(self.model_path)
         self.chat_template = find_chat_template(self.model_path, tokenizer)
         # the processor's rule: the tokenizer may name its image token, else <|image_pad|>
-        self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PAD
+        self.image_token = self.placeholder = getattr(tokenizer, "image_token", None) or IMAGE_PAD
         self.image_token_id = self._image_token_id()
         self._check_vision_config()
 
@@ -248,15 +250,14 @@ class Qwen2VLPreprocessor:
     def _check_vision_config(self) -> None:
         """preprocessor_config.json must cut patches the way the vision tower reads them."""
         vision = self.hf_config.vision_config
-        for field, ours in (("patch_size", self.settings.patch_size), ("temporal_patch_size", self.settings.temporal_patch_size), ("spatial_merge_size", self.settings.merge_size)):
+        s = self.settings
+        for field, ours in (("patch_size", s.patch_size), ("temporal_patch_size", s.temporal_patch_size), ("spatial_merge_size", s.merge_size)):
             theirs = getattr(vision, field, None)
             if theirs is not None and int(theirs) != ours:
                 raise ConfigError(
                     f"{self.model_path / 'preprocessor_config.json'} cuts pictures with {field} {ours} but "
                     f"config.json's vision_config says {theirs}; fix one of them"
                 )
-
-    # -- images
 
     def preprocess_image(self, source: Any) -> ImageInput:
         """Load one picture (path, URL, bytes, PIL image) and make its patches."""
@@ -272,65 +273,13 @@ class Qwen2VLPreprocessor:
             extra={"image_grid_thw": grid, "image_size": image.size},
         )
 
-    # -- prompts
-
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> tuple[str, list[Any]]:
-        """Messages -> (prompt text with one image token per image, image sources in order)."""
-        messages = normalize_messages(messages)
-        sources = list(iter_image_parts(messages))
-        if not self.chat_template:
-            raise InputError(
-                "this model has no chat template (chat_template.jinja, chat_template.json or "
-                "tokenizer_config.json 'chat_template'); send a plain prompt string instead of chat messages"
-            )
-        from jinja2 import TemplateError
-
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        except TemplateError as exc:
-            raise InputError(f"the chat template rejected the messages ({exc}); fix the message list") from None
-        return text, sources
-
-    def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs:
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            if self.image_token_id in prompt:
-                raise InputError(
-                    f"a token-id prompt cannot carry images (it holds {self.image_token} tokens); send "
-                    "chat messages with image parts instead"
-                )
-            return ModelInputs(token_ids=list(prompt), image_token_id=self.image_token_id)
-        if isinstance(prompt, list):
-            text, sources = self.render(prompt, add_generation_prompt)
-            bos = getattr(self.tokenizer, "bos_token", None)
-            add_special_tokens = not (bos and text.startswith(bos))  # as transformers' processor decides
-        elif isinstance(prompt, str):
-            text, sources, add_special_tokens = prompt, [], True
-        else:
-            raise InputError(f"a prompt must be a string, a list of messages or token ids, not {type(prompt).__name__}")
-
-        pieces = text.split(self.image_token)
-        if len(pieces) - 1 != len(sources):
-            raise InputError(
-                f"the prompt has {len(pieces) - 1} image placeholder(s) {self.image_token!r} but {len(sources)} "
-                f"image(s); remove {self.image_token!r} from the text and send images as image parts"
-            )
-        images = [self.preprocess_image(source) for source in sources]
-        expanded = [pieces[0]]
-        for image, piece in zip(images, pieces[1:]):
-            expanded += [self.image_token * image.num_tokens, piece]
-        ids = list(self.tokenizer("".join(expanded), add_special_tokens=add_special_tokens)["input_ids"])
-        if not ids:
-            raise InputError("the prompt is empty after tokenization; send at least one token")
-        if not images:
-            return ModelInputs(token_ids=ids, prompt=text, image_token_id=self.image_token_id)
-        grids = [image.extra["image_grid_thw"] for image in images]
-        positions, delta = mrope_positions(ids, self.image_token_id, grids, self.settings.merge_size)
-        return ModelInputs(
-            token_ids=ids, images=images, positions=positions, position_delta=delta, prompt=text,
-            image_token_id=self.image_token_id,
-        )
+    def finish(self, inputs: ModelInputs) -> ModelInputs:
+        """Prompts with pictures get their M-RoPE positions; others count 0..T-1 (the engine's default)."""
+        if not inputs.images:
+            return inputs
+        grids = [image.extra["image_grid_thw"] for image in inputs.images]
+        positions, delta = mrope_positions(inputs.token_ids, self.image_token_id, grids, self.settings.merge_size)
+        return dataclasses.replace(inputs, positions=positions, position_delta=delta)
 
 
 __all__ = [
