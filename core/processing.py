@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm.errors import ConfigError, InputError
+from vlm.images import MAX_PIXELS, load_image
 from vlm.inputs import ImageInput, ModelInputs, Prompt, iter_image_parts, normalize_messages
 
 
@@ -88,19 +89,56 @@ class ImagePromptPreprocessor:
     per image; replace each with :meth:`expand_image` (``image_token`` x the image's token count);
     tokenize (no special tokens when the template already wrote BOS).
 
-    A subclass sets ``tokenizer``, ``chat_template`` (:func:`find_chat_template`), ``placeholder``,
-    ``image_token`` and ``image_token_id``, and implements :meth:`preprocess_image`. It may
-    override :meth:`prepare_messages` (rewrite messages for its template), :meth:`expand_image`
-    (e.g. wrap the image tokens in start / end tokens) and :meth:`finish` (e.g. add positions).
-    Every refusal is an :class:`~vlm.errors.InputError` in one line.
+    :param tokenizer: the model directory's transformers tokenizer.
+    :param hf_config: the model's config.
+    :param model_path: the model directory (processor files, chat template: :func:`find_chat_template`).
+    :param allowed_dir, allow_remote, max_pixels: image-loading policy for :meth:`load_image`, see
+        :func:`vlm.images.load_image`.
+
+    A subclass sets ``placeholder``, ``image_token`` and ``image_token_id`` (:meth:`vocabulary_id`
+    checks a token exists) and implements :meth:`preprocess_image`. It may override
+    :meth:`prepare_messages` (rewrite messages for its template), :meth:`expand_image` (e.g. wrap
+    the image tokens in start / end tokens) and :meth:`finish` (e.g. add positions). Every refusal
+    is an :class:`~vlm.errors.InputError` in one line.
     """
 
-    tokenizer: Any
-    chat_template: str | None = None
     placeholder: str
     image_token: str
     image_token_id: int | None = None
     supports_images: bool = True
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        hf_config: Any,
+        model_path: str | Path,
+        *,
+        allowed_dir: str | Path | None = None,
+        allow_remote: bool = False,
+        max_pixels: int = MAX_PIXELS,
+    ):
+        self.tokenizer = tokenizer
+        self.hf_config = hf_config
+        self.model_path = Path(model_path)
+        self.load_options = dict(allowed_dir=allowed_dir, allow_remote=allow_remote, max_pixels=max_pixels)
+        self.chat_template = find_chat_template(self.model_path, tokenizer)
+
+    def load_image(self, source: Any) -> Any:
+        """A PIL image from a path, URL, bytes or PIL image, under this preprocessor's loading policy."""
+        return load_image(source, **self.load_options)
+
+    def vocabulary_id(self, token: str, needs: str) -> int:
+        """The id of ``token``; a :class:`~vlm.errors.ConfigError` naming ``needs`` when the tokenizer lacks it."""
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == getattr(self.tokenizer, "unk_token_id", None):
+            raise ConfigError(f"the tokenizer in {self.model_path} has no {token} token; {needs}")
+        config_id = getattr(self.hf_config, "image_token_id", None)
+        if token == self.image_token and config_id is not None and config_id != token_id:
+            raise ConfigError(
+                f"config.json image_token_id is {config_id} but the tokenizer's {token} is {token_id}; "
+                "the tokenizer does not belong to this model"
+            )
+        return token_id
 
     def preprocess_image(self, source: Any) -> ImageInput:
         """Load one image (path, URL, bytes, PIL image) and make its pixels and token count."""

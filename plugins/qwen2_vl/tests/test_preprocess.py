@@ -18,33 +18,24 @@ from PIL import Image
 
 from vlm.config import load_model_config
 from vlm.errors import ConfigError, InputError
+from vlm.testing.conformance import odd_images
 from vlm.testing.qwen2_vl import load_reference_processor, write_tiny_qwen2_vl
 from vlm_plugin_qwen2vl.preprocess import ImageSettings, Qwen2VLPreprocessor, smart_resize
 
 REAL_BUDGET = {"min_pixels": 3136, "max_pixels": 12845056}
 
 
-def noise(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+def noise(width: int, height: int, seed: int = 0) -> Image.Image:
     """Random pixels: the hardest case for resampling parity."""
-    rgba = np.random.RandomState(seed).randint(0, 256, (height, width, 4), dtype=np.uint8)
-    image = Image.fromarray(rgba, "RGBA")
-    if mode == "RGBA":
-        return image
-    if mode == "P":
-        return image.convert("RGB").quantize(64)
-    return image.convert(mode)
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+#: the conformance kit's odd sizes and modes (1x1, 17x300, RGBA, L, P, CMYK, ...), and pictures
+#: beyond the pixel budgets
 IMAGES = {
-    "1x1": (1, 1, "RGB"),
-    "17x300": (17, 300, "RGB"),
-    "300x17": (300, 17, "RGB"),
-    "1000x50": (1000, 50, "RGB"),
-    "800x600": (800, 600, "RGB"),
-    "RGBA-333x250": (333, 250, "RGBA"),
-    "L-120x90": (120, 90, "L"),
-    "P-64x200": (64, 200, "P"),
-    "CMYK-40x40": (40, 40, "CMYK"),
+    **dict(odd_images()),
+    "1000x50 RGB": noise(1000, 50),
+    "800x600 RGB": noise(800, 600),
 }
 
 
@@ -101,9 +92,8 @@ def check(ours, reference, messages):
 @pytest.mark.parametrize("budget", ["tiny", "real"])
 @pytest.mark.parametrize("name", list(IMAGES))
 def test_one_image_equals_transformers(pairs, budget, name):
-    width, height, mode = IMAGES[name]
     ours, reference = pairs[budget]
-    check(ours, reference, user(noise(width, height, mode), "What is this?"))
+    check(ours, reference, user(IMAGES[name], "What is this?"))
 
 
 def test_two_images_text_only_and_history(pairs):
@@ -195,4 +185,9 @@ def test_mismatched_files_are_config_errors(checkpoints, tmp_path):
         Qwen2VLPreprocessor(AutoTokenizer.from_pretrained(path), load_model_config(path).hf_config, path)
     (path / "preprocessor_config.json").unlink()
     with pytest.raises(ConfigError, match="no preprocessor_config.json"):
+        Qwen2VLPreprocessor(AutoTokenizer.from_pretrained(path), load_model_config(path).hf_config, path)
+    (path / "preprocessor_config.json").write_text(json.dumps(config))
+    model = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**model, "image_token_id": 5}))
+    with pytest.raises(ConfigError, match="does not belong to this model"):
         Qwen2VLPreprocessor(AutoTokenizer.from_pretrained(path), load_model_config(path).hf_config, path)

@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from vlm.errors import ConfigError, InputError
-from vlm.images import MAX_PIXELS, load_image
 from vlm.inputs import ImageInput, ModelInputs, pixel_values_key
-from vlm.processing import ImagePromptPreprocessor, find_chat_template, read_json, rescale_and_normalize, to_rgb
+from vlm.processing import ImagePromptPreprocessor, read_json, rescale_and_normalize, to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2VLImageProcessor's defaults
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -211,41 +210,15 @@ class Qwen2VLPreprocessor(ImagePromptPreprocessor):
     and expands it, this class makes the pixels and the positions.
     """
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        hf_config: Any,
-        model_path: str | Path,
-        *,
-        allowed_dir: str | Path | None = None,
-        allow_remote: bool = False,
-        max_pixels: int = MAX_PIXELS,
-    ):
-        self.tokenizer = tokenizer
-        self.hf_config = hf_config
-        self.model_path = Path(model_path)
-        self.load_options = dict(allowed_dir=allowed_dir, allow_remote=allow_remote, max_pixels=max_pixels)
+    def __init__(self, tokenizer: Any, hf_config: Any, model_path: str | Path, **load_options: Any):
+        super().__init__(tokenizer, hf_config, model_path, **load_options)
         self.settings = ImageSettings.from_model_dir(self.model_path)
-        self.chat_template = find_chat_template(self.model_path, tokenizer)
         # the processor's rule: the tokenizer may name its image token, else <|image_pad|>
         self.image_token = self.placeholder = getattr(tokenizer, "image_token", None) or IMAGE_PAD
-        self.image_token_id = self._image_token_id()
+        self.image_token_id = self.vocabulary_id(
+            self.image_token, "Qwen2-VL needs <|vision_start|>, <|image_pad|> and <|vision_end|> in its vocabulary"
+        )
         self._check_vision_config()
-
-    def _image_token_id(self) -> int:
-        token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        if token_id is None or token_id == getattr(self.tokenizer, "unk_token_id", None):
-            raise ConfigError(
-                f"the tokenizer in {self.model_path} has no {self.image_token} token; Qwen2-VL needs "
-                "<|vision_start|>, <|image_pad|> and <|vision_end|> in its vocabulary"
-            )
-        config_id = getattr(self.hf_config, "image_token_id", None)
-        if config_id is not None and config_id != token_id:
-            raise ConfigError(
-                f"config.json image_token_id is {config_id} but the tokenizer's {self.image_token} is "
-                f"{token_id}; the tokenizer does not belong to this model"
-            )
-        return token_id
 
     def _check_vision_config(self) -> None:
         """preprocessor_config.json must cut patches the way the vision tower reads them."""
@@ -261,7 +234,7 @@ class Qwen2VLPreprocessor(ImagePromptPreprocessor):
 
     def preprocess_image(self, source: Any) -> ImageInput:
         """Load one picture (path, URL, bytes, PIL image) and make its patches."""
-        image = load_image(source, **self.load_options)
+        image = self.load_image(source)
         patches, grid = preprocess_pixels(to_rgb(image), self.settings)
         # the grid is part of the key: a flat-coloured picture and its transpose have equal
         # patches but different rotary positions, hence different features
