@@ -255,6 +255,9 @@ class EngineConfig(Settings):
     block_size: PositiveInt = Field(16, description="tokens per KV-cache block")
     kv_cache_gib: float = Field(2.0, gt=0, description="memory budget for the KV cache")
     enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of prefixes already computed")
-    num_threads: PositiveInt | None = Field(None, description="CPU threads; default: all cores")
+    num_threads: PositiveInt | None = Field(None, description="CPU threads; default: all cores (shared between ranks)")
+    tensor_parallel_size: PositiveInt = Field(
+        1, description="shard the model over this many processes on this machine (CPU, gloo); rank 0 serves"
+    )
     seed: int = Field(0, description="default seed for sampling")
     allow_download: bool = Field(False, description="download a hub id that is not cached")

@@ -80,3 +80,89 @@ def test_two_ranks_match_one_process(tiny_models, tmp_path, model_type):
         assert result["heads"] == all_heads // 2  # really sharded
         assert result["tokens"] == expected_tokens
         torch.testing.assert_close(result["logits"], expected_logits, atol=1e-4, rtol=0)
+
+
+def _collect_logits(llm):
+    """Patch rank 0's runner to keep every step's logits (the workers' are identical by construction)."""
+    captured = []
+    runner = llm.engine.runner
+    original = runner.execute
+
+    def execute(step):
+        logits, seqs = original(step)
+        if logits is not None:
+            captured.append(logits.clone())
+        return logits, seqs
+
+    runner.execute = execute
+    return captured
+
+
+def test_spawned_ranks_match_one_process_under_continuous_batching(tiny_models):
+    """``tensor_parallel_size=2``: rank 0 owns the requests and broadcasts them each step.
+
+    Requests join mid-generation and one is aborted, so the workers must replay adds and aborts
+    at the right steps to stay in lockstep; tokens and logits equal the single process's.
+    """
+    from vlm import LLM, SamplingParams
+
+    model_dir = tiny_models("qwen2")
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    def drive(llm):
+        engine = llm.engine
+        logits = _collect_logits(llm)
+        ids = [engine.add_request(PROMPTS[0], params)]
+        outputs = {}
+        for step in range(40):
+            if step == 3:
+                ids.append(engine.add_request(PROMPTS[1], params))
+                ids.append(engine.add_request("to be aborted", params))
+            if step == 5:
+                engine.abort(ids[2])
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out.outputs[0].token_ids
+            if not engine.has_unfinished():
+                break
+        return [outputs.get(i) for i in ids], torch.cat(logits), engine.kv_cache.allocator.num_used
+
+    single = LLM(model_dir, num_threads=1)
+    expected_tokens, expected_logits, _ = drive(single)
+    expected_again = [o.outputs[0].token_ids for o in single.generate(PROMPTS, params)]
+    # from here on this process is rank 0 of a process group: no other engine may be built in it
+    llm = LLM(model_dir, tensor_parallel_size=2)
+    try:
+        assert llm.engine.model.model.layers[0].self_attn.num_heads == 2  # of 4: really sharded
+        tokens, logits, used = drive(llm)
+        assert tokens == expected_tokens and tokens[2] is None and len(tokens[0]) == 12
+        torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0)
+        assert used == 0
+        # a second batch on the same workers still matches
+        again = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+        assert again == expected_again
+    finally:
+        llm.engine.close()
+    assert not llm.engine._tp._workers[0].is_alive()
+
+
+def test_tensor_parallel_size_must_divide_the_heads(tiny_models):
+    from vlm import LLM
+
+    with pytest.raises(Exception, match="not divisible by the tensor-parallel size"):
+        LLM(tiny_models("qwen2"), tensor_parallel_size=3)
+    assert not dist.is_initialized(), "a failed start must not leave this process in a process group"
+
+
+def test_vlmrun_tp_prints_the_same_answer(tiny_models):
+    """``vlmrun --tp 2`` in a fresh interpreter: the workers start, answer, and exit with it."""
+    import subprocess
+    import sys
+
+    model_dir = tiny_models("qwen2")
+    command = [sys.executable, "-m", "vlm.cli.main", "--model", model_dir, "--prompt", "Hello",
+               "--temperature", "0", "--max-tokens", "8"]
+    one = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    two = subprocess.run([*command, "--tp", "2"], capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout and len(one.stdout.strip()) > 0

@@ -18,6 +18,7 @@ from vlm.engine.model_runner import ModelRunner
 from vlm.engine.sampler import sample
 from vlm.engine.scheduler import Scheduler
 from vlm.engine.sequence import Sequence
+from vlm.engine.tensor_parallel import TensorParallelDriver, threads_per_rank
 from vlm.errors import ConfigError, InputError
 from vlm.inputs import ModelInputs, Prompt
 from vlm.grounding import BOX_START, GroundedBox, parse_boxes
@@ -65,8 +66,6 @@ def _eos_token_ids(model_dir: Path, tokenizer, hf_config) -> set[int]:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
         )
@@ -75,6 +74,16 @@ class LLMEngine:
         self.dtype = self._dtype()
         self.tokenizer = load_tokenizer(self.model_dir)
         self._box_start_id: int | None = None  # looked up on the first finished request
+        self._tp = self._start_tensor_parallel(config)
+        if config.num_threads or self._tp:
+            torch.set_num_threads(config.num_threads or threads_per_rank(config.tensor_parallel_size))
+        try:
+            self._build(config)
+        except BaseException:
+            self.close()  # the workers failed the same way; leave no process group behind
+            raise
+
+    def _build(self, config: EngineConfig) -> None:
         self.model, self.plugin = build_model(self.model_config, self.dtype, self.device, config.plugin)
         self.preprocessor = build_preprocessor(self.model_config, self.tokenizer, self.plugin)
         load_checkpoint(self.model, self.model_dir)
@@ -108,6 +117,30 @@ class LLMEngine:
             "loaded %s with plugin %s (%s, %s); KV cache %d blocks x %d tokens",
             self.model_dir, self.plugin, self.dtype, self.device, num_blocks, config.block_size,
         )
+
+    def _start_tensor_parallel(self, config: EngineConfig) -> TensorParallelDriver | None:
+        """Spawn ranks 1..N-1 for ``tensor_parallel_size=N`` unless a launcher (torchrun) already did."""
+        size = config.tensor_parallel_size
+        if tp_world_size() > 1:
+            if size not in (1, tp_world_size()):
+                raise ConfigError(
+                    f"tensor_parallel_size={size} but the process group has {tp_world_size()} ranks; "
+                    "leave tensor_parallel_size unset under torchrun"
+                )
+            return None
+        if size == 1:
+            return None
+        if self.device.type != "cpu":
+            raise ConfigError(
+                f"tensor_parallel_size={size} spawns CPU (gloo) ranks; on {self.device.type} launch one "
+                "process per device with torchrun instead"
+            )
+        return TensorParallelDriver(config.model_dump(), size)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at exit)."""
+        if self._tp is not None:
+            self._tp.shutdown()
 
     def _dtype(self) -> torch.dtype:
         if self.config.dtype != "auto":
@@ -174,6 +207,8 @@ class LLMEngine:
         )
         self._sequences[request_id] = seq
         self.scheduler.add(seq)
+        if self._tp is not None:
+            self._tp.add(request_id, inputs, params)
         return request_id
 
     def _check_positions(self, inputs: ModelInputs) -> None:
@@ -213,6 +248,8 @@ class LLMEngine:
         if seq is not None:
             seq.finish_reason = "abort"
             self.scheduler.finish(seq)
+            if self._tp is not None:
+                self._tp.abort(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -221,6 +258,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one forward step; return an output for every sequence that produced a token."""
+        if self._tp is not None:
+            self._tp.before_step()
         scheduled = self.scheduler.schedule()
         if scheduled.empty:
             if self.scheduler.waiting:
