@@ -133,3 +133,13 @@ def test_malformed_positions_are_refused(mrope_model):
     with pytest.raises(InputError, match="does not take them"):
         plain.engine.add_request(ModelInputs(token_ids=[1, 2], positions=torch.zeros(3, 2, dtype=torch.long)))
     assert llm.engine.kv_cache.allocator.num_used == 0
+
+
+def test_prompt_ending_in_an_image_whose_last_token_is_a_one_token_step(mrope_model):
+    """Chunks of 16 leave the 33rd prompt token to a one-token (decode-shaped) step: it must
+    still take its explicit image position, not ``index + delta``."""
+    positions, delta = multimodal_positions(33, 13, (4, 5))  # the prompt's last 20 tokens are the image
+    assert positions[0, -1].item() != 32 + delta  # so a wrong position would change the output
+    inputs = ModelInputs(token_ids=list(range(40, 73)), positions=positions, position_delta=delta)
+    chunked = load(mrope_model, max_num_batched_tokens=16)
+    assert chunked.generate([inputs], greedy())[0].outputs[0].token_ids == reference(mrope_model, inputs, NEW_TOKENS)[0]

@@ -34,8 +34,14 @@ class ModelRunner:
         sampled: list[Sequence] = []
         explicit_positions: list[tuple[int, torch.Tensor]] = []  # (flat offset, [3, n] prompt positions)
         for seq in step.decodes:
-            token_ids.extend(seq.token_ids(seq.num_computed, seq.num_computed + 1))
-            positions.append(seq.num_computed + seq.inputs.position_delta)
+            index = seq.num_computed
+            token_ids.extend(seq.token_ids(index, index + 1))
+            if seq.inputs.positions is not None and index < len(seq.inputs.token_ids):
+                # a prompt's last token can arrive as a one-token step (after preemption and a prefix hit)
+                explicit_positions.append((len(token_ids) - 1, seq.inputs.positions[:, index : index + 1]))
+                positions.append(index)
+            else:
+                positions.append(index + seq.inputs.position_delta)
             query_lens.append(1)
             context_lens.append(seq.num_computed + 1)
             logits_index.append(len(token_ids) - 1)

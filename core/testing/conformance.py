@@ -123,6 +123,19 @@ def _one_thread(check: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _with_tokens_appended(inputs: Any, tokens: list[int]) -> Any:
+    """The prompt followed by ``tokens`` as one prompt; explicit (M-RoPE) positions are extended
+    the way the engine places generated tokens: ``index + position_delta`` in every row."""
+    import torch
+
+    full = dataclasses.replace(inputs, token_ids=inputs.token_ids + tokens)
+    if getattr(inputs, "positions", None) is None:
+        return full
+    start = inputs.positions.shape[1]
+    more = torch.arange(start, start + len(tokens)).expand(inputs.positions.shape[0], -1) + inputs.position_delta
+    return dataclasses.replace(full, positions=torch.cat([inputs.positions, more.to(inputs.positions.dtype)], dim=1))
+
+
 def describe_config(config: Any) -> str:
     return (
         f"architectures={getattr(config, 'architectures', None)} "
@@ -888,7 +901,7 @@ class Conformance:
         vocab = min(self.model_config.text.vocab_size, 256)
         continuation = [int(t) for t in torch.randint(0, vocab, (steps,), generator=rng)]
         continuation = [t if t != inputs.image_token_id else 0 for t in continuation]
-        full = dataclasses.replace(inputs, token_ids=inputs.token_ids + continuation)
+        full = _with_tokens_appended(inputs, continuation)
         harness = self.harness()
 
         whole = harness.sequence(full)
