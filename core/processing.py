@@ -96,7 +96,9 @@ class ImagePromptPreprocessor:
         :func:`vlm.images.load_image`.
 
     A subclass sets ``placeholder``, ``image_token`` and ``image_token_id`` (:meth:`vocabulary_id`
-    checks a token exists) and implements :meth:`preprocess_image`. It may override
+    checks a token exists), ``supports_images`` for a checkpoint without a vision tower, and
+    ``chat_template`` where the processor's rule is not :func:`find_chat_template`'s, and
+    implements :meth:`preprocess_image`. It may override
     :meth:`prepare_messages` (rewrite messages for its template), :meth:`expand_image` (e.g. wrap
     the image tokens in start / end tokens) and :meth:`finish` (e.g. add positions). Every refusal
     is an :class:`~vlm.errors.InputError` in one line.
@@ -127,10 +129,13 @@ class ImagePromptPreprocessor:
         """A PIL image from a path, URL, bytes or PIL image, under this preprocessor's loading policy."""
         return load_image(source, **self.load_options)
 
-    def vocabulary_id(self, token: str, needs: str) -> int:
-        """The id of ``token``; a :class:`~vlm.errors.ConfigError` naming ``needs`` when the tokenizer lacks it."""
+    def vocabulary_id(self, token: str, needs: str, required: bool = True) -> int | None:
+        """The id of ``token``; a :class:`~vlm.errors.ConfigError` naming ``needs`` when the tokenizer
+        lacks it (``None`` instead when not ``required``, e.g. a text-only checkpoint's image token)."""
         token_id = self.tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == getattr(self.tokenizer, "unk_token_id", None):
+            if not required:
+                return None
             raise ConfigError(f"the tokenizer in {self.model_path} has no {token} token; {needs}")
         config_id = getattr(self.hf_config, "image_token_id", None)
         if token == self.image_token and config_id is not None and config_id != token_id:

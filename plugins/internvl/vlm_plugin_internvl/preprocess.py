@@ -25,15 +25,14 @@ tokens per tile = (tile / patch)^2 x downsample_ratio^2 (256 for 448-px tiles, p
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from vlm.errors import ConfigError, InputError
-from vlm.images import MAX_PIXELS, load_image
-from vlm.inputs import ImageInput, ModelInputs, Prompt, iter_image_parts, normalize_messages, pixel_values_key
+from vlm.errors import ConfigError
+from vlm.inputs import ImageInput, pixel_values_key
+from vlm.processing import ImagePromptPreprocessor, find_chat_template, read_json, to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -91,17 +90,6 @@ def closest_grid(width: int, height: int, settings: ImageSettings) -> tuple[int,
     return best
 
 
-def to_rgb(image: Any) -> Any:
-    """RGB, compositing transparency onto white (transformers' image-processor rule)."""
-    from PIL import Image
-
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def tile_image(image: Any, settings: ImageSettings) -> tuple[list[Any], tuple[int, int]]:
     """Cut an RGB PIL image into tiles (+ thumbnail); returns the tiles and ``(columns, rows)``."""
     th, tw = settings.tile_height, settings.tile_width
@@ -157,18 +145,6 @@ def _pair(value: Any) -> tuple[int, int]:
     return (int(value), int(value))
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}); fix or re-download it") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object; fix or re-download it")
-    return data
-
-
 def is_original_layout(hf_config: Any) -> bool:
     return getattr(hf_config, "model_type", None) == "internvl_chat" or "InternVLChatModel" in (
         getattr(hf_config, "architectures", None) or []
@@ -182,8 +158,8 @@ def hf_image_settings(model_path: str | Path) -> tuple[ImageSettings, dict[str, 
     passes ``crop_to_patches=True``.
     """
     model_path = Path(model_path)
-    processor = _read_json(model_path / "processor_config.json") or {}
-    image = _read_json(model_path / "preprocessor_config.json") or processor.get("image_processor")
+    processor = read_json(model_path / "processor_config.json") or {}
+    image = read_json(model_path / "preprocessor_config.json") or processor.get("image_processor")
     if image is None:
         raise ConfigError(
             f"{model_path} has no preprocessor_config.json (nor an image_processor entry in "
@@ -230,24 +206,10 @@ def tokens_per_tile(hf_config: Any, settings: ImageSettings) -> int:
     return int((settings.tile_height // patch_h) * (settings.tile_width // patch_w) * ratio**2)
 
 
-def find_chat_template(model_path: str | Path, tokenizer: Any) -> str | None:
-    """The template transformers' processor would use: the processor's, else the tokenizer's."""
-    model_path = Path(model_path)
-    jinja = model_path / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    for name in ("chat_template.json", "processor_config.json"):
-        template = (_read_json(model_path / name) or {}).get("chat_template")
-        if isinstance(template, str):
-            return template
-    template = getattr(tokenizer, "chat_template", None)
-    return template if isinstance(template, str) else None
-
-
 # ----------------------------------------------------------------------------- preprocessor
 
 
-class InternVLPreprocessor:
+class InternVLPreprocessor(ImagePromptPreprocessor):
     """Turns a prompt into :class:`vlm.inputs.ModelInputs` for an InternVL model.
 
     :param tokenizer: the model directory's transformers tokenizer.
@@ -258,42 +220,33 @@ class InternVLPreprocessor:
         :func:`vlm.images.load_image`.
 
     A prompt is a plain string (no images), token ids, or chat messages whose content may hold
-    image parts (see :mod:`vlm.inputs`).
+    image parts (see :mod:`vlm.inputs`); :class:`vlm.processing.ImagePromptPreprocessor` renders
+    and expands it, this class makes the tiles and wraps each image's tokens in ``<img>`` ... ``</img>``.
     """
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        hf_config: Any,
-        model_path: str | Path,
-        *,
-        allowed_dir: str | Path | None = None,
-        allow_remote: bool = False,
-        max_pixels: int = MAX_PIXELS,
-    ):
-        self.tokenizer = tokenizer
-        self.hf_config = hf_config
-        self.model_path = Path(model_path)
-        self.load_options = dict(allowed_dir=allowed_dir, allow_remote=allow_remote, max_pixels=max_pixels)
+    def __init__(self, tokenizer: Any, hf_config: Any, model_path: str | Path, **load_options: Any):
+        super().__init__(tokenizer, hf_config, model_path, **load_options)
         self.original_layout = is_original_layout(hf_config)
         self.supports_images = getattr(hf_config, "vision_config", None) is not None
         if self.original_layout:
             # OpenGVLab: "<image>" in the text; the image tokens are plain added tokens
-            self.start_token, self.end_token, self.context_token = IMG_START, IMG_END, IMG_CONTEXT
+            self.start_token, self.end_token, self.image_token = IMG_START, IMG_END, IMG_CONTEXT
             self.placeholder = ORIGINAL_IMAGE_PLACEHOLDER
             self.chat_template = getattr(tokenizer, "chat_template", None)
         else:
             # transformers: the tokenizer names its image tokens; the template writes the context token
             self.start_token = getattr(tokenizer, "start_image_token", None) or IMG_START
             self.end_token = getattr(tokenizer, "end_image_token", None) or IMG_END
-            self.context_token = getattr(tokenizer, "context_image_token", None) or IMG_CONTEXT
-            self.placeholder = self.context_token
-            self.chat_template = find_chat_template(self.model_path, tokenizer)
-        self.image_token_id = self._token_id(self.context_token)
+            self.image_token = getattr(tokenizer, "context_image_token", None) or IMG_CONTEXT
+            self.placeholder = self.image_token
+        self.image_token_id = self.vocabulary_id(
+            self.image_token, f"InternVL needs {IMG_START}, {IMG_END} and {IMG_CONTEXT} in its vocabulary",
+            required=self.supports_images,
+        )
         if self.supports_images:
             self.settings = self._image_settings()
             self.tokens_per_tile = tokens_per_tile(hf_config, self.settings)
-            self._check_hf_config()
+            self._check_image_seq_length()
 
     def _image_settings(self) -> ImageSettings:
         if self.original_layout:
@@ -301,8 +254,8 @@ class InternVLPreprocessor:
         settings, self.processor_config = hf_image_settings(self.model_path)
         return settings
 
-    def _check_hf_config(self) -> None:
-        """processor_config.json and config.json must agree with what the model makes."""
+    def _check_image_seq_length(self) -> None:
+        """processor_config.json must agree with what the model makes."""
         if self.original_layout:
             return
         declared = self.processor_config.get("image_seq_length")
@@ -312,29 +265,10 @@ class InternVLPreprocessor:
                 f"model makes {self.tokens_per_tile} tokens per {self.settings.tile_width}-px tile "
                 "((tile / patch)^2 * downsample_ratio^2); fix one of them"
             )
-        config_id = getattr(self.hf_config, "image_token_id", None)
-        if config_id is not None and config_id != self.image_token_id:
-            raise ConfigError(
-                f"config.json image_token_id is {config_id} but the tokenizer's {self.context_token} is "
-                f"{self.image_token_id}; the tokenizer does not belong to this model"
-            )
-
-    def _token_id(self, token: str) -> int | None:
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == getattr(self.tokenizer, "unk_token_id", None):
-            if self.supports_images:
-                raise ConfigError(
-                    f"the tokenizer in {self.model_path} has no {token} token; InternVL needs "
-                    f"{IMG_START}, {IMG_END} and {IMG_CONTEXT} in its vocabulary"
-                )
-            return None
-        return token_id
-
-    # -- images
 
     def preprocess_image(self, source: Any) -> ImageInput:
         """Load one image (path, URL, bytes, PIL image) and make its tiles."""
-        image = load_image(source, **self.load_options)
+        image = self.load_image(source)
         tiles, grid = tile_image(to_rgb(image), self.settings)
         pixel_values = normalize_tiles(tiles, self.settings)
         return ImageInput(
@@ -344,71 +278,18 @@ class InternVLPreprocessor:
             extra={"grid": grid, "num_tiles": len(tiles), "image_size": image.size},
         )
 
-    # -- prompts
-
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> tuple[str, list[Any]]:
-        """Messages -> (prompt text with one placeholder per image, image sources in order)."""
-        messages = normalize_messages(messages)
-        sources = list(iter_image_parts(messages))
-        if sources and not self.supports_images:
-            raise InputError("this model takes no images (config.json has no vision_config); send text only")
-        if not self.chat_template:
-            raise InputError(
-                "this model has no chat template (chat_template.jinja or tokenizer_config.json "
-                "'chat_template'); send a plain prompt string instead of chat messages"
-            )
+    def prepare_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """OpenGVLab templates take string contents: an image is ``<image>\\n`` in the text."""
         if self.original_layout:
-            # OpenGVLab templates take string contents: an image is "<image>\n" in the text
             for message in messages:
                 if isinstance(message["content"], list):
                     parts = message["content"]
                     message["content"] = "".join(p["text"] if p["type"] == "text" else self.placeholder + "\n" for p in parts)
-        from jinja2 import TemplateError
+        return messages
 
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        except TemplateError as exc:
-            raise InputError(f"the chat template rejected the messages ({exc}); fix the message list") from None
-        return text, sources
-
-    def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs:
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            if self.image_token_id is not None and self.image_token_id in prompt:
-                raise InputError(
-                    f"a token-id prompt cannot carry images (it holds {self.context_token} tokens); send "
-                    "chat messages with image parts instead"
-                )
-            return ModelInputs(token_ids=list(prompt), image_token_id=self.image_token_id)
-        if isinstance(prompt, list):
-            text, sources = self.render(prompt, add_generation_prompt)
-            bos = getattr(self.tokenizer, "bos_token", None)
-            add_special_tokens = not (bos and text.startswith(bos))  # as transformers' processor decides
-        elif isinstance(prompt, str):
-            text, sources, add_special_tokens = prompt, [], True
-        else:
-            raise InputError(f"a prompt must be a string, a list of messages or token ids, not {type(prompt).__name__}")
-
-        pieces = text.split(self.placeholder)
-        if len(pieces) - 1 != len(sources):
-            raise InputError(
-                f"the prompt has {len(pieces) - 1} image placeholder(s) {self.placeholder!r} but "
-                f"{len(sources)} image(s); remove {self.placeholder!r} from the text and send images as image parts"
-            )
-        images = [self.preprocess_image(source) for source in sources]
-        expanded = [pieces[0]]
-        for image, piece in zip(images, pieces[1:]):
-            expanded += [self.start_token, self.context_token * image.num_tokens, self.end_token, piece]
-
-        ids = list(self.tokenizer("".join(expanded), add_special_tokens=add_special_tokens)["input_ids"])
-        if not ids:
-            raise InputError("the prompt is empty after tokenization; send at least one token")
-        if self.image_token_id is not None and ids.count(self.image_token_id) != sum(i.num_tokens for i in images):
-            raise InputError(
-                f"the prompt text contains {self.context_token!r}, which is reserved for images; remove it"
-            )
-        return ModelInputs(token_ids=ids, images=images, prompt=text, image_token_id=self.image_token_id)
+    def expand_image(self, image: ImageInput) -> str:
+        """``<img>`` + ``<IMG_CONTEXT>`` x the image's tokens + ``</img>``."""
+        return self.start_token + self.image_token * image.num_tokens + self.end_token
 
 
 __all__ = [
