@@ -27,10 +27,9 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from vlm.errors import ConfigError, InputError
-from vlm.images import MAX_PIXELS, load_image
-from vlm.inputs import ImageInput, ModelInputs, Prompt, iter_image_parts, normalize_messages, pixel_values_key
-from vlm.processing import find_chat_template, read_json
+from vlm.errors import ConfigError
+from vlm.inputs import ImageInput, pixel_values_key
+from vlm.processing import ImagePromptPreprocessor, read_json
 
 IMAGE_TOKEN = "<image>"  # LlavaProcessor's default
 _PROBE = "\x00vlm-probe\x00"
@@ -57,7 +56,7 @@ def anyres_num_tokens(
     return current_height * current_width + newlines + patches * patches + additional_tokens
 
 
-class LlavaPreprocessor:
+class LlavaPreprocessor(ImagePromptPreprocessor):
     """Turns a prompt into :class:`vlm.inputs.ModelInputs` for a LLaVA-1.5 or LLaVA-NeXT model.
 
     :param tokenizer: the model directory's transformers tokenizer.
@@ -65,29 +64,18 @@ class LlavaPreprocessor:
     :param model_path: the model directory (preprocessor / processor configs, chat template).
     :param allowed_dir, allow_remote, max_pixels: image-loading policy, see
         :func:`vlm.images.load_image`.
+
+    :class:`vlm.processing.ImagePromptPreprocessor` renders and expands prompts; this class makes
+    the pixels, counts each image's tokens and fits messages to the template's content style.
     """
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        hf_config: Any,
-        model_path: str | Path,
-        *,
-        allowed_dir: str | Path | None = None,
-        allow_remote: bool = False,
-        max_pixels: int = MAX_PIXELS,
-    ):
-        self.tokenizer = tokenizer
-        self.hf_config = hf_config
-        self.model_path = Path(model_path)
-        self.load_options = dict(allowed_dir=allowed_dir, allow_remote=allow_remote, max_pixels=max_pixels)
+    def __init__(self, tokenizer: Any, hf_config: Any, model_path: str | Path, **load_options: Any):
+        super().__init__(tokenizer, hf_config, model_path, **load_options)
         self.anyres = getattr(hf_config, "model_type", None) == "llava_next"
         self.processor_config = read_json(self.model_path / "processor_config.json") or {}
-        self.chat_template = find_chat_template(self.model_path, tokenizer)
         self.image_token = getattr(tokenizer, "image_token", None) or self.processor_config.get("image_token", IMAGE_TOKEN)
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        if self.image_token_id is None or self.image_token_id == getattr(tokenizer, "unk_token_id", None):
-            raise ConfigError(f"the tokenizer in {self.model_path} has no {self.image_token} token; LLaVA needs it")
+        self.placeholder = self.image_token
+        self.image_token_id = self.vocabulary_id(self.image_token, "LLaVA needs it")
         self.image_processor = self._image_processor()
         self._settle_token_counts()
         self._template_reads_parts: bool | None = None
@@ -168,7 +156,7 @@ class LlavaPreprocessor:
 
     def preprocess_image(self, source: Any) -> ImageInput:
         """Load one image (path, URL, bytes, PIL image) and process it as the reference processor does."""
-        image = load_image(source, **self.load_options)
+        image = self.load_image(source)
         out = self.image_processor([image], return_tensors="pt")
         pixel_values = out["pixel_values"][0]  # LLaVA: [3, S, S]; NeXT: [1 + tiles, 3, S, S]
         if not self.anyres:
@@ -197,15 +185,8 @@ class LlavaPreprocessor:
             self._template_reads_parts = _PROBE in rendered
         return self._template_reads_parts
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> tuple[str, list[Any]]:
-        """Messages -> (prompt text with one ``<image>`` per image, image sources in order)."""
-        messages = normalize_messages(messages)
-        sources = list(iter_image_parts(messages))
-        if not self.chat_template:
-            raise InputError(
-                "this model has no chat template (chat_template.jinja or tokenizer_config.json "
-                "'chat_template'); send a plain prompt string instead of chat messages"
-            )
+    def prepare_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Contents as the template reads them: parts for llava-hf's templates, else a string."""
         for message in messages:
             content = message["content"]
             if self._reads_parts():
@@ -216,49 +197,7 @@ class LlavaPreprocessor:
                 # a string-only template: images first, as llava-hf's templates write them
                 images = "".join(self.image_token + "\n" for p in content if p["type"] == "image")
                 message["content"] = images + "".join(p["text"] for p in content if p["type"] == "text")
-        from jinja2 import TemplateError
-
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        except TemplateError as exc:
-            raise InputError(f"the chat template rejected the messages ({exc}); fix the message list") from None
-        return text, sources
-
-    def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs:
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            if self.image_token_id in prompt:
-                raise InputError(
-                    f"a token-id prompt cannot carry images (it holds {self.image_token} tokens); send chat "
-                    "messages with image parts instead"
-                )
-            return ModelInputs(token_ids=list(prompt), image_token_id=self.image_token_id)
-        if isinstance(prompt, list):
-            text, sources = self.render(prompt, add_generation_prompt)
-            bos = getattr(self.tokenizer, "bos_token", None)
-            add_special_tokens = not (bos and text.startswith(bos))  # as the processor's apply_chat_template decides
-        elif isinstance(prompt, str):
-            text, sources, add_special_tokens = prompt, [], True
-        else:
-            raise InputError(f"a prompt must be a string, a list of messages or token ids, not {type(prompt).__name__}")
-
-        pieces = text.split(self.image_token)
-        if len(pieces) - 1 != len(sources):
-            raise InputError(
-                f"the prompt has {len(pieces) - 1} image placeholder(s) {self.image_token!r} but {len(sources)} "
-                f"image(s); remove {self.image_token!r} from the text and send images as image parts"
-            )
-        images = [self.preprocess_image(source) for source in sources]
-        expanded = [pieces[0]]
-        for image, piece in zip(images, pieces[1:]):
-            expanded += [self.image_token * image.num_tokens, piece]
-        ids = list(self.tokenizer("".join(expanded), add_special_tokens=add_special_tokens)["input_ids"])
-        if not ids:
-            raise InputError("the prompt is empty after tokenization; send at least one token")
-        if ids.count(self.image_token_id) != sum(image.num_tokens for image in images):
-            raise InputError(f"the prompt text spells {self.image_token!r} in another way; remove it")
-        return ModelInputs(token_ids=ids, images=images, prompt=text, image_token_id=self.image_token_id)
+        return messages
 
 
 __all__ = ["LlavaPreprocessor", "anyres_num_tokens"]
