@@ -1,9 +1,10 @@
-"""Building blocks for model files: tensor-parallel linears, norms, activations, rotary, attention.
+"""Building blocks for model files: tensor-parallel linears, norms, activations, rotary, attention,
+and :class:`VisionLanguageModel`, the base of a VLM's model class.
 
 Plugins build models only from these; the blocks call ``vlm.kernels`` for the hot ops.
 """
 
-from vlm.nn.activation import GeluAndMul, SiluAndMul
+from vlm.nn.activation import GeluAndMul, QuickGELU, SiluAndMul, get_act_fn
 from vlm.nn.attention import Attention, VisionAttention
 from vlm.nn.embedding import ParallelLMHead, VocabParallelEmbedding
 from vlm.nn.linear import (
@@ -28,9 +29,13 @@ from vlm.nn.weights import (
     load_weights_by_mapping,
     load_with_language_model,
 )
+from vlm.nn.vlm import VisionLanguageModel
 
 __all__ = [
     "Attention",
+    "QuickGELU",
+    "VisionLanguageModel",
+    "get_act_fn",
     "LayerNorm",
     "LoadReport",
     "ReplicatedLinear",
