@@ -16,26 +16,24 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.forward_batch import ForwardBatch
 from vlm.models import build_language_model
 from vlm.nn import (
     LayerNorm,
     RMSNorm,
     VisionAttention,
+    VisionLanguageModel,
     WeightLoader,
     WeightMapping,
     build_qkv_proj,
     build_replicated_linear,
-    load_with_language_model,
+    get_act_fn,
 )
-from vlm.nn.weights import LoadReport
 
 
 def _pair(value: Any) -> int:
@@ -82,13 +80,6 @@ def _norm(settings: VisionSettings, dtype, device) -> nn.Module:
     if settings.norm_type == "rms_norm":
         return RMSNorm(settings.hidden_size, settings.eps, dtype=dtype, device=device)
     return LayerNorm(settings.hidden_size, settings.eps, dtype=dtype, device=device)
-
-
-def _activation(name: str):
-    if name in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
-        approximate = "none" if name == "gelu" else "tanh"
-        return lambda x: F.gelu(x, approximate=approximate)
-    raise ValueError(f"unsupported activation {name!r} in the InternVL config")
 
 
 class InternVisionEmbeddings(nn.Module):
@@ -148,7 +139,7 @@ class InternMLP(nn.Module):
         super().__init__()
         self.fc1 = build_replicated_linear(s.hidden_size, s.intermediate_size, bias=True, dtype=dtype, device=device)
         self.fc2 = build_replicated_linear(s.intermediate_size, s.hidden_size, bias=True, dtype=dtype, device=device)
-        self.act = _activation(s.hidden_act)
+        self.act = get_act_fn(s.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -196,7 +187,7 @@ class InternVLProjector(nn.Module):
         self.layer_norm = LayerNorm(in_features, 1e-5, dtype=dtype, device=device)
         self.linear_1 = build_replicated_linear(in_features, out_features, bias=True, dtype=dtype, device=device)
         self.linear_2 = build_replicated_linear(out_features, out_features, bias=True, dtype=dtype, device=device)
-        self.act = _activation(act)
+        self.act = get_act_fn(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
@@ -211,8 +202,9 @@ def pixel_shuffle(x: torch.Tensor, scale: float, v1: bool = False) -> torch.Tens
     return x if v1 else x.permute(0, 2, 1, 3).contiguous()
 
 
-class InternVLChatModel(nn.Module):
-    """The model protocol plus ``embed_images``; text goes straight to the language model."""
+class InternVLChatModel(VisionLanguageModel):
+    """InternViT, pixel shuffle and projector for ``embed_images``; text goes straight to the
+    language model (:class:`vlm.nn.VisionLanguageModel`)."""
 
     def __init__(self, hf_config: Any, model_config: Any, dtype=torch.float32, device=None):
         super().__init__()
@@ -229,17 +221,6 @@ class InternVLChatModel(nn.Module):
         self.projector = InternVLProjector(s.hidden_size * scale * scale, text_config.hidden_size, s.projector_act, dtype, device)
         self.language_model = build_language_model(text_config, model_config, dtype, device)
 
-    # -- the model protocol ---------------------------------------------------------------
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed_tokens(input_ids)
-
-    def forward(self, input_ids, positions, batch: ForwardBatch, inputs_embeds=None) -> torch.Tensor:
-        return self.language_model(input_ids, positions, batch, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden_states)
-
     def embed_images(self, images: list[Any]) -> list[torch.Tensor]:
         """One batched pass over every tile of every image -> ``[tiles * tokens_per_tile, hidden]`` each."""
         pixel_values = torch.cat([image.pixel_values for image in images]).to(self.projector.linear_1.bias.dtype)
@@ -253,14 +234,22 @@ class InternVLChatModel(nn.Module):
         tiles = [image.pixel_values.shape[0] for image in images]
         return [part.reshape(-1, part.shape[-1]) for part in features.split(tiles)]
 
-    # -- weights ----------------------------------------------------------------------------
+    # -- weights (load_weights: VisionLanguageModel's) ---------------------------------------
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> LoadReport:
+    def own_weight_loader(self) -> WeightLoader:
         if self.vision.hf_layout:
-            own = WeightLoader(self, mappings=_HF_QKV, rename=hf_to_internal)
-            return load_with_language_model(weights, own, self.language_model, _hf_language_model_name)
-        own = WeightLoader(self, rename=original_to_internal)
-        return load_with_language_model(weights, own, self.language_model, _original_language_model_name)
+            return WeightLoader(self, mappings=_HF_QKV, rename=hf_to_internal)
+        return WeightLoader(self, rename=original_to_internal)
+
+    def language_model_name(self, name: str) -> str | None:
+        """Both layouts save ``language_model.{model,lm_head}.*`` (the base's rule); transformers'
+        in-memory names of the Hugging Face layout are ``model.language_model.*`` and ``lm_head.*``."""
+        if self.vision.hf_layout:
+            if name.startswith("model.language_model."):
+                return "model." + name[len("model.language_model.") :]
+            if name.startswith("lm_head."):
+                return name
+        return super().language_model_name(name)
 
 
 _HF_QKV = [
@@ -300,17 +289,3 @@ def original_to_internal(name: str) -> str:
     for index, target in (("0", "layer_norm"), ("1", "linear_1"), ("3", "linear_2")):
         name = re.sub(rf"^mlp1\.{index}\.", f"projector.{target}.", name)
     return name
-
-
-def _hf_language_model_name(name: str) -> str | None:
-    if name.startswith("language_model."):  # as saved: language_model.model.*, language_model.lm_head.*
-        return name[len("language_model.") :]
-    if name.startswith("model.language_model."):  # transformers' in-memory names
-        return "model." + name[len("model.language_model.") :]
-    if name.startswith("lm_head."):
-        return name
-    return None
-
-
-def _original_language_model_name(name: str) -> str | None:
-    return name[len("language_model.") :] if name.startswith("language_model.") else None
