@@ -10,7 +10,7 @@ model (Llama, Mistral, Qwen2, ...) from whichever plugin claims the nested text 
   ``LlavaNextModel.pack_image_features`` does.
 
 Module names follow transformers' (``vision_tower.encoder.layers.N.self_attn...``), so the
-checkpoint names map with prefixes only (:func:`own_name`, :func:`language_model_name`). Layers
+checkpoint names map with prefixes only (``own_name``, ``language_model_name``). Layers
 after the deepest one ``vision_feature_layer`` reads are neither built nor loaded, and neither
 are the towers' ``post_layernorm`` and SigLIP's pooling head: LLaVA reads hidden states before them.
 """
@@ -19,26 +19,23 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from vlm.errors import ConfigError
-from vlm.forward_batch import ForwardBatch
 from vlm.models import build_language_model
 from vlm.nn import (
     LayerNorm,
     VisionAttention,
+    VisionLanguageModel,
     WeightLoader,
     WeightMapping,
     build_qkv_proj,
     build_replicated_linear,
-    load_with_language_model,
+    get_act_fn,
 )
-from vlm.nn.activation import get_act_fn
-from vlm.nn.weights import LoadReport
 
 #: vision_config.model_type -> does the tower have a class token and a LayerNorm before the encoder?
 VISION_TOWERS = {"clip_vision_model": True, "siglip_vision_model": False}
@@ -187,8 +184,9 @@ class LlavaMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaForConditionalGeneration(nn.Module):
-    """LLaVA-1.5: the model protocol plus ``embed_images``; text goes straight to the language model."""
+class LlavaForConditionalGeneration(VisionLanguageModel):
+    """LLaVA-1.5: vision tower and projector for ``embed_images``; text goes straight to the
+    language model (:class:`vlm.nn.VisionLanguageModel`)."""
 
     def __init__(self, hf_config: Any, model_config: Any, dtype=torch.float32, device=None):
         super().__init__()
@@ -209,17 +207,6 @@ class LlavaForConditionalGeneration(nn.Module):
         )
         self.language_model = build_language_model(text_config, model_config, dtype, device)
 
-    # -- the model protocol ---------------------------------------------------------------
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed_tokens(input_ids)
-
-    def forward(self, input_ids, positions, batch: ForwardBatch, inputs_embeds=None) -> torch.Tensor:
-        return self.language_model(input_ids, positions, batch, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden_states)
-
     def tile_features(self, images: list[Any]) -> list[torch.Tensor]:
         """One batched pass over every tile of every image -> ``[tiles, tokens_per_tile, hidden]`` per image."""
         pixel_values = torch.cat([image.pixel_values for image in images])
@@ -229,11 +216,10 @@ class LlavaForConditionalGeneration(nn.Module):
     def embed_images(self, images: list[Any]) -> list[torch.Tensor]:
         return [tiles.reshape(-1, tiles.shape[-1]) for tiles in self.tile_features(images)]
 
-    # -- weights ----------------------------------------------------------------------------
+    # -- weights (load_weights: VisionLanguageModel's) ---------------------------------------
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> LoadReport:
-        own = WeightLoader(self, mappings=_QKV, ignore=_UNUSED, rename=self.own_name)
-        return load_with_language_model(weights, own, self.language_model, language_model_name)
+    def own_weight_loader(self) -> WeightLoader:
+        return WeightLoader(self, mappings=_QKV, ignore=_UNUSED, rename=self.own_name)
 
     def own_name(self, name: str) -> str | None:
         """A vision / projector / newline tensor's checkpoint name -> its parameter name (None: skip)."""
@@ -244,6 +230,17 @@ class LlavaForConditionalGeneration(nn.Module):
         if layer and int(layer.group(1)) >= self.vision.layers_used:
             return None  # after the deepest feature layer: never run, so not built
         return name
+
+    def language_model_name(self, name: str) -> str | None:
+        """The language model's name for one of its tensors, in any LLaVA layout; None for the rest."""
+        if name.startswith("language_model."):  # as the Hub's repos store it: language_model.{model,lm_head}.*
+            rest = name[len("language_model.") :]
+            return rest if rest.startswith(("model.", "lm_head.")) else "model." + rest
+        if name.startswith("model.language_model."):  # transformers 5's module names
+            return "model." + name[len("model.language_model.") :]
+        if name.startswith("lm_head."):
+            return name
+        return None
 
 
 class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
@@ -307,15 +304,3 @@ _QKV = [
 
 #: stored but never read by LLaVA (checked after own_name renamed them)
 _UNUSED = [r"^vision_tower\.post_layernorm\.", r"^vision_tower\.head\.", r"\.position_ids$"]
-
-
-def language_model_name(name: str) -> str | None:
-    """The language model's name for one of its tensors, in any LLaVA layout; None for the rest."""
-    if name.startswith("language_model."):  # as the Hub's repos store it: language_model.{model,lm_head}.*
-        rest = name[len("language_model.") :]
-        return rest if rest.startswith(("model.", "lm_head.")) else "model." + rest
-    if name.startswith("model.language_model."):  # transformers 5's module names
-        return "model." + name[len("model.language_model.") :]
-    if name.startswith("lm_head."):
-        return name
-    return None
