@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,6 @@ from torch import nn
 
 from vlm import kernels
 from vlm.config import text_config_of
-from vlm.forward_batch import ForwardBatch
 from vlm.models import build_language_model
 from vlm.nn import (
     GeluAndMul,
@@ -38,16 +37,16 @@ from vlm.nn import (
     RotaryEmbedding,
     SiluAndMul,
     VisionAttention,
+    VisionLanguageModel,
     WeightLoader,
     WeightMapping,
     build_merged_colwise_linear,
     build_qkv_proj,
     build_replicated_linear,
     build_rowwise_linear,
-    load_with_language_model,
+    get_act_fn,
 )
-from vlm.nn.activation import get_act_fn
-from vlm.nn.weights import LoadReport, ShapeMismatch
+from vlm.nn.weights import ShapeMismatch
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches
 
@@ -267,8 +266,9 @@ class Qwen2VisionTransformer(nn.Module):
 # ----------------------------------------------------------------------------- the model
 
 
-class Qwen2VLForConditionalGeneration(nn.Module):
-    """The model protocol plus ``embed_images``; text goes straight to the language model."""
+class Qwen2VLForConditionalGeneration(VisionLanguageModel):
+    """The vision tower for ``embed_images``; text goes straight to the language model
+    (:class:`vlm.nn.VisionLanguageModel`)."""
 
     #: the engine passes [3, T] positions (M-RoPE: temporal, height, width)
     position_dims = 3
@@ -282,17 +282,6 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         text_config.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.language_model = build_language_model(text_config, model_config, dtype, device)
 
-    # -- the model protocol ---------------------------------------------------------------
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed_tokens(input_ids)
-
-    def forward(self, input_ids, positions, batch: ForwardBatch, inputs_embeds=None) -> torch.Tensor:
-        return self.language_model(input_ids, positions, batch, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden_states)
-
     def embed_images(self, images: list[Any]) -> list[torch.Tensor]:
         """One pass of the tower over the patches of every picture -> ``[num_tokens, hidden]`` each."""
         patches = torch.cat([image.pixel_values for image in images])
@@ -300,11 +289,22 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         features = self.visual(patches, grids)
         return list(features.split([image.num_tokens for image in images]))
 
-    # -- weights ----------------------------------------------------------------------------
+    # -- weights (load_weights: VisionLanguageModel's) ---------------------------------------
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> LoadReport:
-        own = WeightLoader(self, mappings=_VISION_MLP, rename=_own_name)
-        return load_with_language_model(weights, own, self.language_model, _language_model_name)
+    def own_weight_loader(self) -> WeightLoader:
+        return WeightLoader(self, mappings=_VISION_MLP, rename=_own_name)
+
+    def language_model_name(self, name: str) -> str | None:
+        """The Qwen2 name of a language-model tensor in either naming, or None for the vision tower's.
+
+        Saved checkpoints: ``model.layers.*``, ``model.embed_tokens.*``, ``model.norm.*``, ``lm_head.*``;
+        transformers' in-memory names: ``model.language_model.*`` instead of ``model.*``.
+        """
+        if re.match(r"^(model\.)?visual\.", name):
+            return None
+        if name.startswith("model.language_model."):
+            return "model." + name[len("model.language_model.") :]
+        return name
 
 
 _VISION_MLP = [
@@ -316,16 +316,3 @@ _VISION_MLP = [
 def _own_name(name: str) -> str:
     # saved files say "visual.*"; transformers' in-memory names add a "model." prefix
     return re.sub(r"^model\.(?=visual\.)", "", name)
-
-
-def _language_model_name(name: str) -> str | None:
-    """The Qwen2 name of a language-model tensor in either naming, or None for the vision tower's.
-
-    Saved checkpoints: ``model.layers.*``, ``model.embed_tokens.*``, ``model.norm.*``, ``lm_head.*``;
-    transformers' in-memory names: ``model.language_model.*`` instead of ``model.*``.
-    """
-    if re.match(r"^(model\.)?visual\.", name):
-        return None
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model.") :]
-    return name
