@@ -15,7 +15,6 @@ Checkpoint names (see tiny_checkpoint.py): ``vision_tower.*``, ``projector.*`` a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -23,17 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.config import text_config_of
-from vlm.forward_batch import ForwardBatch
 from vlm.models import build_language_model
 from vlm.nn import (
     LayerNorm,
-    LoadReport,
     VisionAttention,
+    VisionLanguageModel,
     WeightLoader,
     WeightMapping,
     build_qkv_proj,
     build_replicated_linear,
-    load_with_language_model,
 )
 
 
@@ -146,8 +143,11 @@ def merge_patches(x: torch.Tensor, grid: int, merge: int) -> torch.Tensor:
     return x.reshape(b, g * g, merge * merge * d)
 
 
-class {{ C }}ForConditionalGeneration(nn.Module):
-    """The model protocol (forward, embed_tokens, compute_logits, load_weights) plus embed_images."""
+class {{ C }}ForConditionalGeneration(VisionLanguageModel):
+    """The vision tower and projector for ``embed_images``. VisionLanguageModel sends the rest of the
+    model protocol (forward, embed_tokens, compute_logits) to ``self.language_model`` and loads
+    checkpoints: ``language_model.*`` tensors to the language model, the rest through
+    :meth:`own_weight_loader`."""
 
     def __init__(self, hf_config: Any, model_config: Any, dtype=torch.float32, device=None):
         super().__init__()
@@ -160,17 +160,6 @@ class {{ C }}ForConditionalGeneration(nn.Module):
         # the core asks every plugin to match the nested text config (e.g. vlm-plugin-llama for Qwen2)
         self.language_model = build_language_model(text_config, model_config, dtype, device)
 
-    # -- the model protocol: text goes straight to the language model --------------------
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed_tokens(input_ids)
-
-    def forward(self, input_ids, positions, batch: ForwardBatch, inputs_embeds=None) -> torch.Tensor:
-        return self.language_model(input_ids, positions, batch, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden_states)
-
     def embed_images(self, images: list[Any]) -> list[torch.Tensor]:
         """One batched pass over every image -> one ``[tokens_per_image, hidden]`` tensor per image."""
         dtype = self.vision_tower.position_embedding.dtype
@@ -180,11 +169,11 @@ class {{ C }}ForConditionalGeneration(nn.Module):
         counts = [image.pixel_values.shape[0] for image in images]
         return [part.reshape(-1, part.shape[-1]) for part in features.split(counts)]
 
-    # -- weights -------------------------------------------------------------------------
+    # -- weights: VisionLanguageModel.load_weights sends language_model.* to the language model
+    # (override language_model_name for other names); the rest, our own, load through this
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> LoadReport:
-        own = WeightLoader(self, mappings=QKV_MAPPINGS)
-        return load_with_language_model(weights, own, self.language_model, language_model_name)
+    def own_weight_loader(self) -> WeightLoader:
+        return WeightLoader(self, mappings=QKV_MAPPINGS)
 
 
 #: checkpoint q/k/v tensors are shards of the fused qkv_proj parameter
@@ -193,11 +182,6 @@ QKV_MAPPINGS = [
     WeightMapping("attn.qkv_proj", "attn.k_proj", "k"),
     WeightMapping("attn.qkv_proj", "attn.v_proj", "v"),
 ]
-
-
-def language_model_name(name: str) -> str | None:
-    """The language model plugin's name for a checkpoint tensor, or None for our own tensors."""
-    return name[len("language_model.") :] if name.startswith("language_model.") else None
 {%- else -%}
 """{{ C }}ForCausalLM: a small decoder-only language model built from vlm.nn blocks.
 
