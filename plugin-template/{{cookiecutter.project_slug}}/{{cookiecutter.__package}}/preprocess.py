@@ -15,21 +15,11 @@ from typing import Any
 from vlm.errors import ConfigError, InputError
 from vlm.images import load_image
 from vlm.inputs import ImageInput, ModelInputs, Prompt, iter_image_parts, normalize_messages, pixel_values_key
+from vlm.processing import to_rgb  # transparency composited onto white, as transformers does
 
 #: The placeholder token the chat template writes for an image, and the token its features replace.
 IMAGE_TOKEN = "<image>"
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
-
-
-def to_rgb(image: Any) -> Any:
-    """RGB, with transparency composited onto white (what transformers' image processors do)."""
-    from PIL import Image
-
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 class {{ C }}Preprocessor:
