@@ -59,7 +59,8 @@ def run_command(args: argparse.Namespace) -> int:
         raise SystemExit("error: --draw-boxes needs --prompt and --image (the boxes are drawn on the first image)")
     llm = LLM(args.model, **engine_settings(args))
     params = sampling_params_from_args(args, llm.engine.default_sampling_values())
-    has_template = bool(getattr(llm.tokenizer, "chat_template", None))
+    # VLM preprocessors may take the template from the processor's files (chat_template.json)
+    has_template = bool(getattr(getattr(llm.engine, "preprocessor", None), "chat_template", None) or getattr(llm.tokenizer, "chat_template", None))
     if args.prompt is not None:
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
         prompt: Any = text

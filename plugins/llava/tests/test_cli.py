@@ -64,3 +64,24 @@ def test_vlmrun_console_script(llava_checkpoints, pictures):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == api_answer(model_dir, [user("What is it?", pictures["tall"])]) + "\n"
+
+
+def test_text_prompt_uses_a_template_that_only_the_processor_files_carry(llava_checkpoints, tmp_path, capsys):
+    """Older llava-hf repos ship the chat template only in chat_template.json: a text-only
+    ``--prompt`` must still be rendered with it, not sent as raw text."""
+    import json
+
+    model_dir = tmp_path / "template-in-json"
+    shutil.copytree(llava_checkpoints["llava-clip-llama"], model_dir)
+    jinja = model_dir / "chat_template.jinja"
+    template = jinja.read_text()
+    jinja.unlink()
+    (model_dir / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    llm = LLM(str(model_dir))
+    assert not llm.tokenizer.chat_template and llm.engine.preprocessor.chat_template == template
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]
+    expected = llm.chat(messages, PARAMS)[0].outputs[0].text
+    raw = llm.generate(["Hello there"], PARAMS)[0].outputs[0].text
+    assert expected != raw
+    assert main(["--model", str(model_dir), "--prompt", "Hello there", "--temperature", "0", "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
