@@ -32,6 +32,16 @@ class LLM:
     def __init__(self, model: str, **engine_args: Any):
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
 
+    def close(self) -> None:
+        """Release what the engine holds beyond memory: tensor-parallel worker processes."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -193,3 +193,42 @@ def test_vlmrun_serve_tp_answers_like_offline(tiny_models, tmp_path):
         assert "tensor parallel: rank 0 of 2" in server.log()
     finally:
         server.stop()
+
+
+def test_spawned_ranks_survive_idle_time_and_fail_loudly(tiny_models, monkeypatch):
+    """Waiting for requests is not a collective timeout; a second engine in the process, a dead
+    worker and a failed step are one-line errors, never a hang."""
+    import time
+
+    from vlm import LLM, SamplingParams
+    from vlm.errors import ConfigError
+
+    monkeypatch.setenv("VLM_TP_COLLECTIVE_TIMEOUT_S", "2")  # the model's collectives; inherited by the worker
+    model_dir = tiny_models("qwen2")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(model_dir, num_threads=1).generate(PROMPTS, params)]
+    with LLM(model_dir, tensor_parallel_size=2) as llm:
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == expected
+        time.sleep(4)  # longer than the collective timeout, with the worker waiting for a command
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == expected
+        with pytest.raises(ConfigError, match="already runs a tensor-parallel engine"):
+            LLM(model_dir)
+
+        original = llm.engine.runner.execute
+        llm.engine.runner.execute = lambda step: (_ for _ in ()).throw(RuntimeError("boom"))
+        llm.engine.add_request("Hello", params)
+        with pytest.raises(RuntimeError, match="boom"):
+            llm.engine.step()
+        llm.engine.runner.execute = original
+        with pytest.raises(RuntimeError, match="tensor-parallel engine is stopped"):
+            llm.engine.step()
+        assert not any(w.is_alive() for w in llm.engine._tp._workers)
+    assert not dist.is_initialized()
+
+    with LLM(model_dir, tensor_parallel_size=2) as llm:  # a new engine after the old one stopped
+        llm.engine._tp._workers[0].kill()
+        llm.engine._tp._workers[0].join(10)
+        llm.engine.add_request("Hello", params)
+        with pytest.raises(RuntimeError, match="worker vlm-tp-rank1 exited"):
+            llm.engine.step()
+    assert not dist.is_initialized()

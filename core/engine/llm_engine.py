@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from vlm.engine.model_runner import ModelRunner
 from vlm.engine.sampler import sample
 from vlm.engine.scheduler import Scheduler
 from vlm.engine.sequence import Sequence
-from vlm.engine.tensor_parallel import TensorParallelDriver, threads_per_rank
+from vlm.engine.tensor_parallel import TensorParallelDriver, active_driver, threads_per_rank
 from vlm.errors import ConfigError, InputError
 from vlm.inputs import ModelInputs, Prompt
 from vlm.grounding import BOX_START, GroundedBox, parse_boxes
@@ -74,7 +76,10 @@ class LLMEngine:
         self.dtype = self._dtype()
         self.tokenizer = load_tokenizer(self.model_dir)
         self._box_start_id: int | None = None  # looked up on the first finished request
+        self._step_lock = threading.Lock()
         self._tp = self._start_tensor_parallel(config)
+        if self._tp is not None:
+            atexit.register(self.close)
         if config.num_threads or self._tp:
             torch.set_num_threads(config.num_threads or threads_per_rank(config.tensor_parallel_size))
         try:
@@ -121,6 +126,12 @@ class LLMEngine:
     def _start_tensor_parallel(self, config: EngineConfig) -> TensorParallelDriver | None:
         """Spawn ranks 1..N-1 for ``tensor_parallel_size=N`` unless a launcher (torchrun) already did."""
         size = config.tensor_parallel_size
+        driver = active_driver()
+        if driver is not None:
+            raise ConfigError(
+                f"this process already runs a tensor-parallel engine (rank 0 of {driver.world_size}), whose "
+                "process group any other engine here would join; close it first (llm.close())"
+            )
         if tp_world_size() > 1:
             if size not in (1, tp_world_size()):
                 raise ConfigError(
@@ -139,8 +150,17 @@ class LLMEngine:
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (also done at exit)."""
-        if self._tp is not None:
-            self._tp.shutdown()
+        if self._tp is None:
+            return
+        # not while another thread is inside a step's collectives; if one seems stuck there, the
+        # workers are terminated without a last word
+        if self._step_lock.acquire(timeout=30):
+            try:
+                self._tp.shutdown()
+            finally:
+                self._step_lock.release()
+        else:
+            self._tp.shutdown(tell_workers=False, leave_group=False)
 
     def _dtype(self) -> torch.dtype:
         if self.config.dtype != "auto":
@@ -258,8 +278,21 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one forward step; return an output for every sequence that produced a token."""
-        if self._tp is not None:
-            self._tp.before_step()
+        if self._tp is None:
+            return self._step()
+        with self._step_lock:
+            if self._tp.closed:
+                raise RuntimeError("the tensor-parallel engine is stopped (closed, or a step failed); start a new one")
+            try:
+                self._tp.before_step()
+                return self._step()
+            except BaseException:
+                # the workers may now disagree with us about the batch (and may be waiting in one of
+                # its collectives): stop them rather than hang later
+                self._tp.shutdown(tell_workers=False)
+                raise
+
+    def _step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
         if scheduled.empty:
             if self.scheduler.waiting:

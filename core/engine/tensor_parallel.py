@@ -7,20 +7,28 @@ worker replays those commands on its own engine and steps. Scheduling and sampli
 deterministic functions of that state, so every rank runs the same batch and meets the others
 in the same collectives (the all-reduces and all-gathers of ``vlm.nn``'s sharded layers).
 
+Commands travel in their own process group with no practical timeout (a worker may wait for
+the next request for days); the model's collectives keep :data:`COLLECTIVE_TIMEOUT`. A step that
+fails on rank 0 stops the workers: after a failure the ranks may no longer agree on the batch,
+so the engine refuses further steps instead of hanging in a collective.
+
 Under ``torchrun`` there is nothing to spawn: every rank runs the user's script (SPMD), as
 ``tests/test_tensor_parallel.py`` shows.
 
-Commands travel with ``torch.distributed.broadcast_object_list`` (pickle) between processes this
-one started on 127.0.0.1; nothing from outside is unpickled.
+The ranks talk over loopback (``GLOO_SOCKET_IFNAME=lo``) and commands are pickled
+(``broadcast_object_list``) between processes this one started; the store that pairs them up has
+no authentication, so other local users of the machine are trusted as with any local port.
+Each step costs one small broadcast; a request's pixels travel to every worker once.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import socket
+import sys
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -32,6 +40,17 @@ logger = logging.getLogger("vlm")
 
 # A step waits this long for the other ranks (the slowest step is a large prefill or image batch).
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+# Waiting for the next command is waiting for users: effectively forever.
+COMMAND_TIMEOUT = timedelta(days=365)
+# Spawned workers import torch and vlm before they can join; beyond this, start-up has failed.
+STARTUP_TIMEOUT_S = 300.0
+
+_active_driver: TensorParallelDriver | None = None
+
+
+def active_driver() -> TensorParallelDriver | None:
+    """The driver this process started, if it still runs (one tensor-parallel engine per process)."""
+    return _active_driver if _active_driver is not None and not _active_driver.closed else None
 
 
 def _free_port() -> int:
@@ -44,19 +63,24 @@ def threads_per_rank(world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // world_size)
 
 
-def _receive() -> Any:
-    box = [None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def _init_group(rank: int, world_size: int, port: int) -> dist.ProcessGroup:
+    """Join the default group (model collectives) and return the command group."""
+    seconds = os.environ.get("VLM_TP_COLLECTIVE_TIMEOUT_S")  # for tests
+    timeout = timedelta(seconds=float(seconds)) if seconds else COLLECTIVE_TIMEOUT
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timeout)
+    return dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
 
 
 class TensorParallelDriver:
     """Rank 0's side: starts the workers, then sends each step's commands."""
 
     def __init__(self, engine_fields: dict[str, Any], world_size: int):
+        global _active_driver
         self.world_size = world_size
+        self.closed = False
         self._pending: list[tuple] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # add/abort come from the engine's callers, step/shutdown too
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only; the workers inherit it
         port = _free_port()
         context = mp.get_context("spawn")  # fork would copy rank 0's threads and torch state
         self._workers = [
@@ -66,12 +90,37 @@ class TensorParallelDriver:
         ]
         for worker in self._workers:
             worker.start()
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
-        )
-        self._closed = False
-        atexit.register(self.shutdown)
+        self._commands = self._rendezvous(world_size, port)
+        _active_driver = self
         logger.info("tensor parallel: rank 0 of %d, workers %s", world_size, [w.pid for w in self._workers])
+
+    def _rendezvous(self, world_size: int, port: int) -> dist.ProcessGroup:
+        """Join the workers, but notice a worker that dies before it joins instead of waiting."""
+        result: dict[str, Any] = {}
+
+        def join() -> None:
+            try:
+                result["group"] = _init_group(0, world_size, port)
+            except BaseException as exc:  # reported below
+                result["error"] = exc
+
+        thread = threading.Thread(target=join, name="vlm-tp-rendezvous", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while thread.is_alive():
+            thread.join(0.2)
+            dead = [w for w in self._workers if w.exitcode is not None]
+            if dead or time.monotonic() > deadline:
+                for worker in self._workers:
+                    worker.terminate()
+                why = f"exited with code {dead[0].exitcode}" if dead else f"did not join within {STARTUP_TIMEOUT_S:.0f} s"
+                raise RuntimeError(
+                    f"tensor-parallel worker {(dead or self._workers)[0].name} {why}; see its log above "
+                    "(in a script, start the engine under `if __name__ == '__main__':`, which spawned workers need)"
+                )
+        if "error" in result:
+            raise result["error"]
+        return result["group"]
 
     def add(self, request_id: str, inputs: Any, params: Any) -> None:
         with self._lock:
@@ -85,66 +134,74 @@ class TensorParallelDriver:
         """Send what changed since the last step; the workers replay it and step with us."""
         with self._lock:
             commands, self._pending = self._pending, []
-        self._check_workers()
-        dist.broadcast_object_list([commands + [("step",)]], src=0)
-
-    def _check_workers(self) -> None:
         dead = [w for w in self._workers if not w.is_alive()]
         if dead:
             raise RuntimeError(
                 f"tensor-parallel worker {dead[0].name} exited (code {dead[0].exitcode}); see its log above "
                 "and restart vlmrun"
             )
+        dist.broadcast_object_list([commands + [("step",)]], src=0, group=self._commands)
 
-    def shutdown(self) -> None:
-        if self._closed:
+    def shutdown(self, tell_workers: bool = True, leave_group: bool = True) -> None:
+        """Stop the workers (they leave their loop, or are terminated) and leave the group.
+
+        ``tell_workers=False`` terminates them without a last broadcast (they may be waiting in a
+        step's collective); ``leave_group=False`` when another thread may still use the group.
+        """
+        global _active_driver
+        if self.closed:
             return
-        self._closed = True
+        self.closed = True
         try:
-            if all(w.is_alive() for w in self._workers):
-                dist.broadcast_object_list([[("stop",)]], src=0)
-        except RuntimeError:  # a worker went away meanwhile: nothing left to stop
-            pass
-        try:
+            if tell_workers and all(w.is_alive() for w in self._workers):
+                dist.broadcast_object_list([[("stop",)]], src=0, group=self._commands)
             for worker in self._workers:
                 worker.join(timeout=30)
+        except RuntimeError:  # a worker went away meanwhile: nothing left to stop
+            pass
         finally:
             for worker in self._workers:
                 if worker.is_alive():
                     worker.terminate()
-            if dist.is_initialized():
+                    worker.join(10)
+            if dist.is_initialized() and leave_group:
                 dist.destroy_process_group()
+            if _active_driver is self:
+                _active_driver = None
 
 
 def _worker_main(rank: int, world_size: int, port: int, engine_fields: dict[str, Any]) -> None:
     from vlm.config import EngineConfig
     from vlm.engine.llm_engine import LLMEngine
 
+    logging.basicConfig(level=logging.INFO, format=f"vlm rank {rank}: %(message)s")
     torch.set_num_threads(engine_fields.get("num_threads") or threads_per_rank(world_size))
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
-    )
+    commands = _init_group(rank, world_size, port)
     try:
         engine = LLMEngine(EngineConfig(**engine_fields))
-    except Exception as exc:  # rank 0 builds the same engine, fails the same way and reports it
-        logger.info("tensor-parallel rank %d: %s", rank, exc)
+    except Exception as exc:  # rank 0 builds the same engine and fails the same way
+        logger.error("could not build the engine: %s", exc)
         dist.destroy_process_group()
-        return
+        sys.exit(1)
     try:
         while True:
-            for command in _receive():
+            box: list[Any] = [None]
+            dist.broadcast_object_list(box, src=0, group=commands)
+            for command in box[0]:
                 kind = command[0]
                 if kind == "add":
                     _, request_id, inputs, params = command
                     engine.add_request(inputs, params, request_id)
                 elif kind == "abort":
                     engine.abort(command[1])
+                elif kind == "step":
+                    engine.step()
                 elif kind == "stop":
                     return
-                elif kind == "step":
-                    try:
-                        engine.step()
-                    except Exception:  # rank 0 hit the same error and carries on: so do we
-                        logger.exception("tensor-parallel rank %d: step failed", rank)
+    except Exception:
+        # out of step with rank 0 from here on: leave, so rank 0 sees a dead worker, not a hang
+        logger.exception("tensor-parallel rank %d failed", rank)
+        sys.exit(1)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()

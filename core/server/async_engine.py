@@ -205,6 +205,9 @@ class AsyncEngine:
         if self._thread is not None and self._thread.is_alive():
             self._inbox.put(_Stop())
             self._thread.join(timeout)
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()  # tensor-parallel workers, if any
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     @property
