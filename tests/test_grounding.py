@@ -86,14 +86,6 @@ def test_engine_parses_boxes_from_the_tokens_with_special_tokens_kept(tiny_qwen2
     assert LLMEngine._grounded_boxes(engine, SimpleNamespace(output_token_ids=[1, 2], text="plain")) == []
 
 
-def test_finished_outputs_carry_boxes_and_running_ones_do_not(tiny_qwen2):
-    from vlm import LLM, SamplingParams
-
-    llm = LLM(tiny_qwen2)
-    outputs = list(llm.engine.stream("Hello", SamplingParams(temperature=0, max_tokens=3)))
-    assert all(o.outputs[0].boxes == [] for o in outputs)  # no boxes in this answer, and none before the end
-
-
 def test_vlmrun_draw_boxes_saves_the_picture(tmp_path, monkeypatch, capsys):
     """The CLI path with a stand-in engine that answers with a Qwen2-VL box."""
     from vlm.cli import main as cli_main

@@ -36,6 +36,9 @@ from vlm.testing.checkpoints import build_byte_tokenizer
 
 #: Qwen2-VL's vision tokens, in the order of the real vocabulary (after the ChatML tokens).
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+#: Qwen2-VL's grounding markup, special tokens as in the real tokenizer (after the vision tokens,
+#: so the vision token ids stay the same)
+GROUNDING_TOKENS = ["<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>"]
 
 #: The chat template of the Qwen2-VL / Qwen2.5-VL Instruct checkpoints (chat_template.json).
 CHAT_TEMPLATE = (
@@ -67,7 +70,7 @@ TINY_MAX_PIXELS = 28 * 28 * 12
 
 def build_qwen2_vl_tokenizer():
     """A byte-level BPE tokenizer with ChatML and Qwen2-VL's vision tokens and chat template."""
-    tokenizer = build_byte_tokenizer(extra_special_tokens=VISION_TOKENS)
+    tokenizer = build_byte_tokenizer(extra_special_tokens=VISION_TOKENS + GROUNDING_TOKENS)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 

@@ -243,7 +243,9 @@ class Qwen2VLPreprocessor(ImagePromptPreprocessor):
             pixel_values=patches,
             num_tokens=patches.shape[0] // self.settings.merge_size**2,
             key=key,
-            extra={"image_grid_thw": grid, "image_size": image.size},
+            # Qwen2.5-VL answers grounding questions in pixels of the resized picture
+            extra={"image_grid_thw": grid, "image_size": image.size,
+                   "resized_size": (grid[2] * self.settings.patch_size, grid[1] * self.settings.patch_size)},
         )
 
     def finish(self, inputs: ModelInputs) -> ModelInputs:
