@@ -265,6 +265,9 @@ def test_errors(preprocessors):
     one_line_error(lambda: ours(video), "type 'video'")
     one_line_error(lambda: ours(3.5), "float")
     assert ours([5, 6, 7]).token_ids == [5, 6, 7]
+    # a sliver would be scaled up by its short side: refused before the image processor runs
+    one_line_error(lambda: ours(user("what?", noise(2, 401))), "aspect ratio above 200:1")
+    assert ours(user("what?", noise(2, 400))).images  # 200:1 is still served
 
 
 def edited(source: Path, out: Path, config=None, processor=None, image=None) -> Path:

@@ -27,11 +27,12 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from vlm.errors import ConfigError
+from vlm.errors import ConfigError, InputError
 from vlm.inputs import ImageInput, pixel_values_key
 from vlm.processing import ImagePromptPreprocessor, read_json
 
 IMAGE_TOKEN = "<image>"  # LlavaProcessor's default
+MAX_ASPECT_RATIO = 200  # as Qwen2-VL's smart_resize: beyond it, a picture is refused
 _PROBE = "\x00vlm-probe\x00"
 
 
@@ -157,6 +158,13 @@ class LlavaPreprocessor(ImagePromptPreprocessor):
     def preprocess_image(self, source: Any) -> ImageInput:
         """Load one image (path, URL, bytes, PIL image) and process it as the reference processor does."""
         image = self.load_image(source)
+        if not self.anyres and max(image.size) > MAX_ASPECT_RATIO * min(image.size):
+            # CLIP's processor scales the *short* side to the crop size before cropping: a 60000x1
+            # picture of a few bytes would become a multi-GB intermediate
+            raise InputError(
+                f"a {image.width}x{image.height} picture has an aspect ratio above {MAX_ASPECT_RATIO}:1, which "
+                "this model's preprocessing would blow up to a huge intermediate image; crop or pad it first"
+            )
         out = self.image_processor([image], return_tensors="pt")
         pixel_values = out["pixel_values"][0]  # LLaVA: [3, S, S]; NeXT: [1 + tiles, 3, S, S]
         if not self.anyres:
