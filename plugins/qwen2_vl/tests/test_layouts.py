@@ -97,3 +97,21 @@ def test_in_memory_tensor_names_load_the_same(tmp_path):
     [(got, got_logits)] = generate_with_logits(LLM(str(renamed)), [messages()], params)
     assert got == want
     torch.testing.assert_close(got_logits, want_logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "vision, needle",
+    [({"window_size": 14}, "window_size 14 is smaller than one merged token"), ({"patch_size": None}, "vision_config is incomplete")],
+)
+def test_broken_vision_configs_are_one_line_errors(vision, needle):
+    from transformers import Qwen2_5_VLConfig
+
+    from vlm.errors import ConfigError
+    from vlm_plugin_qwen2vl.model import VisionSettings
+
+    config = Qwen2_5_VLConfig(vision_config={"depth": 2, "hidden_size": 32, "num_heads": 2, "out_hidden_size": 64})
+    for key, value in vision.items():
+        setattr(config.vision_config, key, value)
+    with pytest.raises(ConfigError, match=needle) as exc:
+        VisionSettings(config)
+    assert "\n" not in str(exc.value)

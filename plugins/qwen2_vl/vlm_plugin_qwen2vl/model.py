@@ -29,6 +29,7 @@ from torch import nn
 
 from vlm import kernels
 from vlm.config import text_config_of
+from vlm.errors import ConfigError
 from vlm.models import build_language_model
 from vlm.nn import (
     GeluAndMul,
@@ -55,6 +56,18 @@ class VisionSettings:
     """The vision fields of both configs, under one set of names."""
 
     def __init__(self, hf_config: Any):
+        try:
+            self._read(hf_config)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"config.json's vision_config is incomplete or malformed ({exc}); compare it with the "
+                              "model's published config.json") from None
+        if self.window_size is not None and self.window_size < self.patch_size * self.merge_size:
+            raise ConfigError(
+                f"vision_config.window_size {self.window_size} is smaller than one merged token "
+                f"({self.patch_size * self.merge_size} px); Qwen2.5-VL checkpoints use 112"
+            )
+
+    def _read(self, hf_config: Any) -> None:
         vc = hf_config.vision_config
         self.qwen2_5 = getattr(hf_config, "model_type", None) == "qwen2_5_vl" or getattr(vc, "model_type", None) == "qwen2_5_vl_vision"
         self.depth = vc.depth
@@ -144,6 +157,8 @@ class Qwen2_5VisionMLP(nn.Module):
     def __init__(self, s: VisionSettings, dtype, device):
         super().__init__()
         size = s.intermediate_size
+        # sharded like a language model's MLP (the tower's largest GEMMs); the intermediate size
+        # must divide by the tensor-parallel size (3420 in Qwen2.5-VL: up to 4 ranks)
         self.gate_up_proj = build_merged_colwise_linear(s.width, [size, size], bias=True, dtype=dtype, device=device)
         self.down_proj = build_rowwise_linear(size, s.width, bias=True, dtype=dtype, device=device)
         if s.hidden_act == "silu":
@@ -252,7 +267,7 @@ class Qwen2VisionTransformer(nn.Module):
             order, lengths = window_order(grids, s.merge_size, s.window_size // s.merge_size // s.patch_size)
             order = order.to(device)
             unit = s.merge_size**2  # patches of one merged token stay together
-            x, cos, sin = (t.view(-1, unit, t.shape[-1])[order].view(-1, t.shape[-1]) for t in (x, cos, sin))
+            x, cos, sin = (part.view(-1, unit, part.shape[-1])[order].view(-1, part.shape[-1]) for part in (x, cos, sin))
             windows = cumulative_lengths(lengths, device)
 
         for index, block in enumerate(self.blocks):
