@@ -109,9 +109,11 @@ def test_broken_vision_configs_are_one_line_errors(vision, needle):
     from vlm.errors import ConfigError
     from vlm_plugin_qwen2vl.model import VisionSettings
 
-    config = Qwen2_5_VLConfig(vision_config={"depth": 2, "hidden_size": 32, "num_heads": 2, "out_hidden_size": 64})
-    for key, value in vision.items():
-        setattr(config.vision_config, key, value)
+    from types import SimpleNamespace
+
+    base = Qwen2_5_VLConfig(vision_config={"depth": 2, "hidden_size": 32, "num_heads": 2, "out_hidden_size": 64})
+    fields = {**base.vision_config.to_dict(), **vision}
+    config = SimpleNamespace(model_type="qwen2_5_vl", vision_config=SimpleNamespace(**{k: v for k, v in fields.items() if v is not None}))
     with pytest.raises(ConfigError, match=needle) as exc:
         VisionSettings(config)
     assert "\n" not in str(exc.value)
