@@ -8,6 +8,7 @@ fields it depends on so that a broken config is a one-line error naming the fiel
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 from collections.abc import Iterable
@@ -197,6 +198,14 @@ def text_config_of(hf_config: Any) -> Any:
     if hasattr(hf_config, "get_text_config"):
         return hf_config.get_text_config()
     return hf_config
+
+
+def composite_text_config(hf_config: Any) -> Any:
+    """A VLM's nested text config as its language model must be built: with the LM head tied (or
+    not) by the composite config's top-level ``tie_word_embeddings``, as transformers ties it."""
+    text_config = copy.copy(text_config_of(hf_config))
+    text_config.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+    return text_config
 
 
 def _config_dict(config: Any) -> dict[str, Any]:

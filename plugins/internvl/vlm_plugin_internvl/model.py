@@ -13,7 +13,6 @@ The language model is whatever plugin claims the nested text config (``vlm.model
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm.config import composite_text_config
 from vlm.models import build_language_model
 from vlm.nn import (
     LayerNorm,
@@ -212,11 +212,8 @@ class InternVLChatModel(VisionLanguageModel):
         self.vision = VisionSettings(hf_config)
         s = self.vision
         self.vision_model = InternVisionModel(s, dtype, device)
-        text_config = hf_config.get_text_config()
-        if s.hf_layout:
-            # transformers ties the LM head by the *top-level* flag of a composite config
-            text_config = copy.copy(text_config)
-            text_config.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        # the original layout's llm_config carries its own tie flag
+        text_config = composite_text_config(hf_config) if s.hf_layout else hf_config.get_text_config()
         scale = int(round(1 / s.downsample_ratio))
         self.projector = InternVLProjector(s.hidden_size * scale * scale, text_config.hidden_size, s.projector_act, dtype, device)
         self.language_model = build_language_model(text_config, model_config, dtype, device)

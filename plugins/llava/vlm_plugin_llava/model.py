@@ -17,7 +17,6 @@ are the towers' ``post_layernorm`` and SigLIP's pooling head: LLaVA reads hidden
 
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from vlm.errors import ConfigError
+from vlm.config import composite_text_config
 from vlm.models import build_language_model
 from vlm.nn import (
     LayerNorm,
@@ -194,9 +194,8 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
         self.vision = VisionSettings(hf_config)
         s = self.vision
         self.vision_tower = VisionTower(s, dtype, device)
-        text_config = copy.copy(hf_config.get_text_config())
-        # transformers ties the LM head by the top-level flag (LlavaConfig folds the text config's into it)
-        text_config.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        # LlavaConfig folds the text config's tie flag into its own, which composite_text_config reads
+        text_config = composite_text_config(hf_config)
         self.multi_modal_projector = LlavaMultiModalProjector(
             s.hidden_size * len(s.feature_layers),
             text_config.hidden_size,

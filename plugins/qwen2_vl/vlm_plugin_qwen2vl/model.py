@@ -19,7 +19,6 @@ M-RoPE from ``mrope_section`` when the engine passes ``[3, T]`` positions (``pos
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from vlm import kernels
-from vlm.config import text_config_of
+from vlm.config import composite_text_config
 from vlm.errors import ConfigError
 from vlm.models import build_language_model
 from vlm.nn import (
@@ -292,10 +291,7 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
         super().__init__()
         self.config = hf_config
         self.visual = Qwen2VisionTransformer(VisionSettings(hf_config), dtype, device)
-        # transformers ties the LM head by the *top-level* flag of a composite config
-        text_config = copy.copy(text_config_of(hf_config))
-        text_config.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.language_model = build_language_model(text_config, model_config, dtype, device)
+        self.language_model = build_language_model(composite_text_config(hf_config), model_config, dtype, device)
 
     def embed_images(self, images: list[Any]) -> list[torch.Tensor]:
         """One pass of the tower over the patches of every picture -> ``[num_tokens, hidden]`` each."""
