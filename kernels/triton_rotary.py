@@ -108,9 +108,9 @@ def _mrope_kernel(
     sin_table_ptr,
     positions_ptr,  # [3, T] contiguous int64
     section_rows_ptr,  # [half] int32: which positions row each frequency reads
+    num_tokens,
     q_out_ptr,
     k_out_ptr,
-    num_tokens,
     q_tok_stride,
     q_head_stride,
     k_tok_stride,
@@ -143,6 +143,50 @@ def _mrope_kernel(
 INTERPRETED = isinstance(_rotary_kernel, InterpretedFunction)
 
 
+def _launch(kernel, q: torch.Tensor, k: torch.Tensor, rotary_dim: int, is_neox: bool,
+            heads_per_program: int | None, angle_args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``kernel`` over (token, head block): the launch shared by rotary and M-RoPE, which
+    differ only in where a token's angles come from (``angle_args`` lead the kernel's arguments)."""
+    T, n_q_heads, head_dim = q.shape
+    n_k_heads = k.shape[1]
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if T == 0:
+        return q_out, k_out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    half = rotary_dim // 2
+    block_half = triton.next_power_of_2(half)
+    block_pass = triton.next_power_of_2(head_dim - rotary_dim) if head_dim > rotary_dim else 0
+    block_h = heads_per_program or min(
+        triton.next_power_of_2(max(n_q_heads, n_k_heads)), max(1, PAIRS_PER_PROGRAM // block_half)
+    )
+    grid = (T, triton.cdiv(max(n_q_heads, n_k_heads), block_h))
+    kernel[grid](
+        q,
+        k,
+        *angle_args,
+        q_out,
+        k_out,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        n_q_heads,
+        n_k_heads,
+        half,
+        head_dim,
+        IS_NEOX=bool(is_neox),
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
+        BLOCK_PASS=block_pass,
+        num_warps=4,
+    )
+    return q_out, k_out
+
+
 def apply_rotary(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -159,48 +203,7 @@ def apply_rotary(
     for tests: fewer heads than Hq/Hk exercises the head-block masking.
     """
     rotary_dim = check_rotary_args(q, k, cos, sin)
-    T, n_q_heads, head_dim = q.shape
-    n_k_heads = k.shape[1]
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    if T == 0:
-        return q_out, k_out
-
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    cos, sin = cos.contiguous(), sin.contiguous()
-
-    half = rotary_dim // 2
-    block_half = triton.next_power_of_2(half)
-    block_pass = triton.next_power_of_2(head_dim - rotary_dim) if head_dim > rotary_dim else 0
-    block_h = heads_per_program or min(
-        triton.next_power_of_2(max(n_q_heads, n_k_heads)), max(1, PAIRS_PER_PROGRAM // block_half)
-    )
-    grid = (T, triton.cdiv(max(n_q_heads, n_k_heads), block_h))
-    _rotary_kernel[grid](
-        q,
-        k,
-        cos,
-        sin,
-        q_out,
-        k_out,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        n_q_heads,
-        n_k_heads,
-        half,
-        head_dim,
-        IS_NEOX=bool(is_neox),
-        BLOCK_H=block_h,
-        BLOCK_HALF=block_half,
-        BLOCK_PASS=block_pass,
-        num_warps=4,
-    )
-    return q_out, k_out
+    return _launch(_rotary_kernel, q, k, rotary_dim, is_neox, heads_per_program, (cos.contiguous(), sin.contiguous()))
 
 
 def apply_mrope(
@@ -216,51 +219,17 @@ def apply_mrope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of ``reference.apply_mrope``; returns new tensors."""
     check_mrope_args(positions, cos_table, section_rows)
-    T, n_q_heads, head_dim = q.shape
-    half = cos_table.shape[1]
-    rotary_dim = 2 * half
-    if k.shape[0] != T or k.shape[2] != head_dim or positions.shape[1] != T or not 0 < rotary_dim <= head_dim:
+    rotary_dim = 2 * cos_table.shape[1]
+    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or positions.shape[1] != q.shape[0] or not 0 < rotary_dim <= q.shape[2]:
         raise ValueError(
             f"apply_mrope: q {tuple(q.shape)}, k {tuple(k.shape)}, positions {tuple(positions.shape)} and "
             f"cos_table {tuple(cos_table.shape)} disagree"
         )
-    n_k_heads = k.shape[1]
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    if T == 0:
-        return q_out, k_out
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    block_half = triton.next_power_of_2(half)
-    block_pass = triton.next_power_of_2(head_dim - rotary_dim) if head_dim > rotary_dim else 0
-    block_h = heads_per_program or min(
-        triton.next_power_of_2(max(n_q_heads, n_k_heads)), max(1, PAIRS_PER_PROGRAM // block_half)
-    )
-    grid = (T, triton.cdiv(max(n_q_heads, n_k_heads), block_h))
-    _mrope_kernel[grid](
-        q,
-        k,
+    angle_args = (
         cos_table.contiguous(),
         sin_table.contiguous(),
         positions.to(torch.int64).contiguous(),
         section_rows.to(device=q.device, dtype=torch.int32).contiguous(),
-        q_out,
-        k_out,
-        T,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        n_q_heads,
-        n_k_heads,
-        half,
-        head_dim,
-        IS_NEOX=bool(is_neox),
-        BLOCK_H=block_h,
-        BLOCK_HALF=block_half,
-        BLOCK_PASS=block_pass,
-        num_warps=4,
+        q.shape[0],
     )
-    return q_out, k_out
+    return _launch(_mrope_kernel, q, k, rotary_dim, is_neox, heads_per_program, angle_args)
