@@ -27,7 +27,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--kv-cache-gib", type=float, help="memory budget of the KV cache (default 2)")
     engine.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     engine.add_argument("--max-num-seqs", type=int, help="sequences decoded together per step (default 64)")
-    engine.add_argument("--max-num-batched-tokens", type=int, help="tokens in one forward step (default 2048)")
+    engine.add_argument("--max-num-batched-tokens", type=int, help="tokens in one forward step (default 512 on CPU, 2048 on GPU)")
     engine.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, metavar="N",
                         help="shard the model over N processes on this machine (CPU); this one serves")
     engine.add_argument("--no-prefix-caching", action="store_true", help="recompute shared prefixes")

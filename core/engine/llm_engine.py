@@ -111,7 +111,7 @@ class LLMEngine:
             self.kv_cache.allocator,
             config.block_size,
             config.max_num_seqs,
-            config.max_num_batched_tokens,
+            config.max_num_batched_tokens or (512 if self.device.type == "cpu" else 2048),
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)

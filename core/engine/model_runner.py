@@ -114,8 +114,11 @@ class ModelRunner:
                     found[image.key] = None
                 else:
                     found[image.key] = cached
-        if todo:
-            for image, embeds in zip(todo, self.model.embed_images(todo)):
+        # On CPU one image per vision pass: several images' activations at once overflow the caches
+        # (InternViT, measured: 2.13 s per tile alone, 2.51 s per tile in a batch of 7). GPUs want batches.
+        groups = [[image] for image in todo] if self.device.type == "cpu" else [todo] if todo else []
+        for group in groups:
+            for image, embeds in zip(group, self.model.embed_images(group)):
                 if embeds.shape[0] != image.num_tokens:
                     raise InputError(
                         f"the model produced {embeds.shape[0]} features for an image that has "

@@ -219,9 +219,16 @@ class InternVLChatModel(VisionLanguageModel):
         self.language_model = build_language_model(text_config, model_config, dtype, device)
 
     def embed_images(self, images: list[Any]) -> list[torch.Tensor]:
-        """One batched pass over every tile of every image -> ``[tiles * tokens_per_tile, hidden]`` each."""
+        """Every tile of every image through the tower -> ``[tiles * tokens_per_tile, hidden]`` each.
+
+        One batched pass on GPUs; tile by tile on CPU, where a batch's activations overflow the
+        caches (2.13 s per 448-px tile alone, 2.51 s per tile in a batch of 7, measured).
+        """
         pixel_values = torch.cat([image.pixel_values for image in images]).to(self.projector.linear_1.bias.dtype)
-        features = self.vision_model(pixel_values)
+        if pixel_values.device.type == "cpu":
+            features = torch.cat([self.vision_model(tile) for tile in pixel_values.split(1)])
+        else:
+            features = self.vision_model(pixel_values)
         if self.vision.drop_cls:
             features = features[:, 1:]
         side = int(math.isqrt(features.shape[1]))
