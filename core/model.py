@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 
 class ModelProtocol(Protocol):
+    #: optional class attribute: 3 for multimodal rope (Qwen2-VL), so the engine passes ``[3, T]``
+    #: positions (the preprocessor's ``ModelInputs.positions`` / ``position_delta``); 1 if absent
+    position_dims: int
+
     def forward(
         self,
         input_ids: torch.Tensor,
