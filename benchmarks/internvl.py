@@ -94,7 +94,12 @@ def bench_vlm(llm, requests, new_tokens: int) -> tuple[float, float]:
 def bench_transformers(model, requests, new_tokens: int) -> tuple[float, float]:
     input_ids = torch.tensor([ids for ids, _ in requests])
     pixels = torch.cat([p for _, p in requests])
-    kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(input_ids), pixel_values=pixels)
+    return hf_generate_timings(model, input_ids, new_tokens, pixel_values=pixels)
+
+
+def hf_generate_timings(model, input_ids: torch.Tensor, new_tokens: int, **inputs) -> tuple[float, float]:
+    """transformers' time to first token (a 1-token generate) and decode tok/s for one unpadded batch."""
+    kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(input_ids), **inputs)
     model.generate(input_ids, max_new_tokens=2, **kwargs)  # warm-up
     start = time.perf_counter()
     model.generate(input_ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
@@ -102,7 +107,7 @@ def bench_transformers(model, requests, new_tokens: int) -> tuple[float, float]:
     start = time.perf_counter()
     model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
     total = time.perf_counter() - start
-    return ttft, len(requests) * (new_tokens - 1) / max(total - ttft, 1e-9)
+    return ttft, input_ids.shape[0] * (new_tokens - 1) / max(total - ttft, 1e-9)
 
 
 def main() -> None:

@@ -15,12 +15,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from internvl import hf_generate_timings  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -80,20 +85,11 @@ def bench_transformers(model, requests, new_tokens: int) -> tuple[float, float]:
 
     input_ids = torch.tensor([r.token_ids for r in requests])
     extra = [reference_inputs(r) for r in requests]
-    kwargs = dict(
-        do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(input_ids),
+    return hf_generate_timings(
+        model, input_ids, new_tokens,
         pixel_values=torch.cat([e["pixel_values"] for e in extra]),
         image_grid_thw=torch.cat([e["image_grid_thw"] for e in extra]),
     )
-    model.generate(input_ids, max_new_tokens=2, **kwargs)  # warm-up
-    start = time.perf_counter()
-    model.generate(input_ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
-    ttft = time.perf_counter() - start
-    start = time.perf_counter()
-    model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-    total = time.perf_counter() - start
-    return ttft, len(requests) * (new_tokens - 1) / max(total - ttft, 1e-9)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
