@@ -6,6 +6,7 @@ batch 1 is ``bandwidth / weight bytes`` (every decode step reads every weight on
 
     python benchmarks/decode.py                      # batch 1 and 8
     python benchmarks/decode.py --batch 1 8 16 --bandwidth-gbs 21
+    python benchmarks/decode.py --device cuda --batch 1 8 16 --bandwidth-gbs 4800   # both engines on the GPU
 """
 
 from __future__ import annotations
@@ -55,30 +56,38 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(0, 256, (batch, length), generator=generator).tolist()
 
 
+def clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device has finished the work queued so far (CUDA is asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def bench_transformers(model, ids: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    input_ids = torch.tensor(ids)
+    device = model.device
+    input_ids = torch.tensor(ids, device=device)
     mask = torch.ones_like(input_ids)
     kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=mask)
     model.generate(input_ids[:, :8], max_new_tokens=2, **kwargs)  # warm-up
-    start = time.perf_counter()
+    start = clock(device)
     model.generate(input_ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
-    ttft = time.perf_counter() - start
-    start = time.perf_counter()
+    ttft = clock(device) - start
+    start = clock(device)
     model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-    total = time.perf_counter() - start
+    total = clock(device) - start
     return ttft, len(ids) * (new_tokens - 1) / max(total - ttft, 1e-9)
 
 
-def bench_vlm(llm, ids: list[list[int]], new_tokens: int) -> tuple[float, float]:
+def bench_vlm(llm, ids: list[list[int]], new_tokens: int, device: torch.device) -> tuple[float, float]:
     from vlm import SamplingParams
 
     llm.generate([ids[0][:8]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # warm-up
-    start = time.perf_counter()
+    start = clock(device)
     llm.generate(ids, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-    ttft = time.perf_counter() - start
-    start = time.perf_counter()
+    ttft = clock(device) - start
+    start = clock(device)
     llm.generate(ids, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
-    total = time.perf_counter() - start
+    total = clock(device) - start
     return ttft, len(ids) * (new_tokens - 1) / max(total - ttft, 1e-9)
 
 
@@ -87,7 +96,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--bandwidth-gbs", type=float, default=21.0, help="measured memory bandwidth (GB/s)")
+    parser.add_argument("--bandwidth-gbs", type=float, default=21.0,
+                        help="measured memory bandwidth (GB/s) of the device (default: the CPU's)")
+    parser.add_argument("--device", default="cpu", help="where both engines run: cpu, cuda, cuda:N (default: cpu)")
     parser.add_argument("--model", type=Path, default=CACHE / "qwen2-0.5b-random")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -97,21 +108,25 @@ def main() -> None:
 
     from vlm import LLM
 
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device")
     path = checkpoint(args.model)
     # no prefix caching: the TTFT run would otherwise leave the prompts cached for the timed run
-    llm = LLM(str(path), max_num_seqs=max(args.batch), max_model_len=args.prompt_len + args.new_tokens + 16,
-              enable_prefix_caching=False)
+    llm = LLM(str(path), device=args.device, dtype="float32", max_num_seqs=max(args.batch),
+              max_model_len=args.prompt_len + args.new_tokens + 16, enable_prefix_caching=False)
     # every decode step reads every weight once (the tied LM head reads the embedding's size)
     weight_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     ceiling = args.bandwidth_gbs * 1e9 / weight_bytes
-    hf = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    print(f"weights {weight_bytes / 1e9:.2f} GB fp32; batch-1 bandwidth ceiling {ceiling:.1f} tok/s "
-          f"at {args.bandwidth_gbs} GB/s; threads {torch.get_num_threads()}")
+    hf = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads {torch.get_num_threads()}"
+    print(f"device {device} ({where}); weights {weight_bytes / 1e9:.2f} GB fp32; batch-1 bandwidth ceiling "
+          f"{ceiling:.1f} tok/s at {args.bandwidth_gbs} GB/s")
     print(f"{'batch':>5} {'vlm tok/s':>10} {'hf tok/s':>9} {'ratio':>6} {'vlm TTFT':>9} {'hf TTFT':>8} {'% ceiling':>9}")
     results = []
     for batch in args.batch:
         ids = prompts(batch, args.prompt_len, QWEN2_0_5B["vocab_size"])
-        vlm_ttft, vlm_tps = bench_vlm(llm, ids, args.new_tokens)
+        vlm_ttft, vlm_tps = bench_vlm(llm, ids, args.new_tokens, device)
         hf_ttft, hf_tps = bench_transformers(hf, ids, args.new_tokens) if hf is not None else (float("nan"),) * 2
         row = dict(batch=batch, vlm_tok_s=vlm_tps, hf_tok_s=hf_tps, ratio=vlm_tps / hf_tps,
                    vlm_ttft_s=vlm_ttft, hf_ttft_s=hf_ttft, pct_of_ceiling=100 * vlm_tps / batch / ceiling if batch == 1 else None)

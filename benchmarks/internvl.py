@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-IMAGE_TOKEN = 260  # <IMG_CONTEXT> of vlm.testing.internvl's tokenizer (checked by the preprocessor)
+IMAGE_TOKEN = 260  # <IMG_CONTEXT> of vlm_plugin_internvl.testing's tokenizer (checked by the preprocessor)
 
 
 def checkpoint(path: Path) -> Path:
@@ -55,7 +55,7 @@ def write_processor_files(path: Path) -> None:
 
     from transformers import GotOcr2ImageProcessorPil
 
-    from vlm.testing.internvl import build_internvl_tokenizer
+    from vlm_plugin_internvl.testing import build_internvl_tokenizer
 
     build_internvl_tokenizer().save_pretrained(path)
     GotOcr2ImageProcessorPil(

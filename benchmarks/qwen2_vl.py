@@ -36,7 +36,7 @@ def checkpoint(path: Path, flavor: str) -> Path:
     if (path / "config.json").is_file():
         return path
     print(f"writing a random {flavor} 2B-shaped checkpoint to {path} (once)")
-    from vlm.testing.qwen2_vl import write_tiny_qwen2_vl
+    from vlm_plugin_qwen2vl.testing import write_tiny_qwen2_vl
 
     text = dict(
         vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -81,7 +81,7 @@ def bench_vlm(llm, requests, new_tokens: int) -> tuple[float, float]:
 
 
 def bench_transformers(model, requests, new_tokens: int) -> tuple[float, float]:
-    from vlm.testing.qwen2_vl import reference_inputs
+    from vlm_plugin_qwen2vl.testing import reference_inputs
 
     input_ids = torch.tensor([r.token_ids for r in requests])
     extra = [reference_inputs(r) for r in requests]
@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from vlm import LLM
-    from vlm.testing.qwen2_vl import ReferenceModel, write_tiny_qwen2_vl
+    from vlm_plugin_qwen2vl.testing import ReferenceModel, write_tiny_qwen2_vl
 
     if args.tiny:
         path = args.model or CACHE / f"{args.flavor}-tiny"

@@ -149,7 +149,7 @@ def build_model(
 ) -> torch.nn.Module:
     """Build the model, with parameters allocated but not loaded.
 
-    Called only on the chosen plugin. The module follows :class:`vlm.model.ModelProtocol` (VLMs: :class:`vlm.model.VisionModelProtocol`):
+    Called only on the chosen plugin. The module follows :class:`vlm.plugin.model_protocol.ModelProtocol` (VLMs: :class:`vlm.plugin.model_protocol.VisionModelProtocol`):
     ``forward(input_ids, positions, batch, inputs_embeds=None)`` over a flat batch of tokens
     from many sequences with a KV cache, ``compute_logits(hidden_states)``,
     ``embed_tokens(input_ids)`` and ``load_weights(weights)``. Build it from ``vlm.nn`` layers.

@@ -1,4 +1,4 @@
-"""Finding a model directory and streaming its checkpoint into a model.
+"""Finding a model directory, streaming its checkpoint into a model, and :func:`load_model`.
 
 safetensors first (single file or sharded through ``model.safetensors.index.json``), memory-mapped
 and read one tensor at a time; ``.bin`` files only through ``torch.load(weights_only=True)``, which
@@ -8,14 +8,24 @@ never unpickles arbitrary objects. A progress bar appears for checkpoints that t
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from vlm.errors import ModelNotFoundError, WeightsError
+from vlm.errors import ConfigError, ModelNotFoundError, WeightsError
+from vlm.nn.linear import prepare_for_inference
+from vlm.plugin.manager import build_model
+
+if TYPE_CHECKING:
+    from vlm.config import ModelConfig
+    from vlm.nn.weights import LoadReport
+
+logger = logging.getLogger("vlm")
 
 _PROGRESS_MIN_BYTES = 256 * 2**20
 
@@ -174,13 +184,74 @@ def _bin_error_reason(exc: Exception) -> str:
     return lines[0] if lines else "unreadable"
 
 
-def load_checkpoint(model: torch.nn.Module, model_dir: Path, progress: bool = True, meta: bool = False):
-    """Stream the checkpoint of ``model_dir`` into ``model.load_weights``; raise on any mismatch.
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model directory's tokenizer (never with remote code), or a one-line ConfigError."""
+    from transformers import AutoTokenizer
 
-    :return: the :class:`vlm.nn.weights.LoadReport`.
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(
+            f"no usable tokenizer in {model_dir} ({first_line}); the model directory needs tokenizer files "
+            "(tokenizer.json or tokenizer_config.json + vocab)"
+        ) from None
+
+
+def read_generation_config(model_dir: Path) -> dict[str, Any]:
+    """``generation_config.json`` as a dict; empty when absent or not valid JSON (with a warning)."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        logger.warning("ignoring %s: not valid JSON", path)
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+class LoadedModel(NamedTuple):
+    model: torch.nn.Module
+    plugin: str  # the plugin that built it
+    report: LoadReport  # what load_weights matched, missed or could not place
+
+
+def load_model(
+    model_config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    plugin: str | None = None,
+    *,
+    model: torch.nn.Module | None = None,
+    weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+    strict: bool = True,
+    verify: Callable[[torch.nn.Module, LoadReport], None] | None = None,
+    progress: bool = True,
+) -> LoadedModel:
+    """Build the model with the plugin that serves it, stream the checkpoint into ``load_weights``
+    and prepare it for inference (packed CPU weights): the one way the engine, ``vlmrun check``
+    and the conformance kit get a model. On the ``meta`` device only shapes are read.
+
+    :param model: an already built model (the conformance kit builds it itself to check it).
+    :param weights: ``(name, tensor)`` pairs instead of the checkpoint's files.
+    :param strict: raise :class:`vlm.nn.weights.CheckpointMismatchError` unless every tensor and
+        parameter is matched; ``vlmrun check`` lists the mismatches instead.
+    :param verify: called with the model and the report after loading, before the weights are
+        repacked (the conformance kit checks there that every parameter was written).
     """
-    files = checkpoint_files(model_dir)
-    report = model.load_weights(iter_checkpoint(files, meta=meta, progress=progress and os.isatty(2)))
-    if not report.ok:
-        raise report.error(str(model_dir))
-    return report
+    if model is None:
+        model, plugin = build_model(model_config, dtype, device, plugin)
+    meta = device.type == "meta"
+    if weights is None:
+        files = checkpoint_files(Path(model_config.path))
+        weights = iter_checkpoint(files, meta=meta, progress=progress and os.isatty(2))
+    report = model.load_weights(weights)
+    if strict and not report.ok:
+        raise report.error(model_config.path)
+    if verify is not None:
+        verify(model, report)
+    model.eval()
+    if not meta:
+        prepare_for_inference(model)
+    return LoadedModel(model, plugin or "", report)

@@ -3,8 +3,8 @@ and attention over the paged KV cache (cache write, decode, prefill).
 
 Each op dispatches on its input: CUDA tensors run the Triton kernel, anything
 else runs the torch reference in ``vlm.kernels.reference`` (attention: the
-torch implementation in ``vlm.kernels.attention``). The environment
-variable ``VLM_KERNELS`` overrides that choice:
+torch implementation in ``vlm.kernels.torch_attention``). The environment
+variable ``VLM_KERNELS`` (see :mod:`vlm.platform`) overrides that choice:
 
     auto    (default) Triton for CUDA tensors when triton is installed, else torch
     torch   always the reference
@@ -23,13 +23,14 @@ Triton call.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from types import ModuleType
 
 import torch
 
-from . import attention, reference
+from vlm.platform import KERNELS_ENV, kernel_backend
+
+from . import reference, torch_attention
 
 __all__ = [
     "backend_for",
@@ -44,37 +45,12 @@ __all__ = [
     "paged_prefill_attention",
 ]
 
-ENV_VAR = "VLM_KERNELS"
-BACKENDS = ("auto", "torch", "triton")
-
-_triton_installed: bool | None = None
-
-
-def _triton_is_installed() -> bool:
-    # find_spec looks for the package without importing it (importing triton
-    # costs ~1 s); cached because the answer cannot change within a process.
-    global _triton_installed
-    if _triton_installed is None:
-        _triton_installed = importlib.util.find_spec("triton") is not None
-    return _triton_installed
-
-
-def _requested_backend() -> str:
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if value not in BACKENDS:
-        raise ValueError(
-            f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not a valid kernel backend; "
-            f"expected one of {', '.join(BACKENDS)}"
-        )
-    return value
+ENV_VAR = KERNELS_ENV
 
 
 def backend_for(tensor: torch.Tensor) -> str:
     """Return ``"torch"`` or ``"triton"``: the path an op on ``tensor`` takes."""
-    requested = _requested_backend()
-    if requested != "auto":
-        return requested
-    return "triton" if tensor.is_cuda and _triton_is_installed() else "torch"
+    return kernel_backend(tensor)
 
 
 def _triton_module(name: str, tensor: torch.Tensor) -> ModuleType:
@@ -173,7 +149,7 @@ def write_kv_cache(
     of the paged caches [num_blocks, block_size, Hk, D]."""
     if backend_for(k) == "triton":
         return _triton_module("triton_attention", k).write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
-    return attention.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    return torch_attention.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_decode_attention(
@@ -190,7 +166,7 @@ def paged_decode_attention(
         return _triton_module("triton_attention", q).paged_decode_attention(
             q, k_cache, v_cache, block_tables, context_lens, scale
         )
-    return attention.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return torch_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 def paged_prefill_attention(
@@ -208,4 +184,4 @@ def paged_prefill_attention(
         return _triton_module("triton_attention", q).paged_prefill_attention(
             q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale
         )
-    return attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+    return torch_attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)

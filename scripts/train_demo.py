@@ -86,7 +86,7 @@ def build_tokenizer():
 
 
 def chat_template() -> str:
-    from vlm.testing.internvl import HF_CHAT_TEMPLATE  # transformers' InternVL chat template
+    from vlm_plugin_internvl.testing import HF_CHAT_TEMPLATE  # transformers' InternVL chat template
 
     return HF_CHAT_TEMPLATE
 
@@ -139,7 +139,7 @@ def _drop_keys(path: Path, keys) -> None:
 
 
 def load_processor(out: Path):
-    from vlm.testing.internvl import load_reference_processor
+    from vlm_plugin_internvl.testing import load_reference_processor
 
     return load_reference_processor(out)
 

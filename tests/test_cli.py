@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from vlm import plugins
+from vlm.plugin import manager as plugins
 from vlm.cli.main import main
-from vlm.plugins import reset_registry
+from vlm.plugin.manager import reset_registry
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plugins"
 RIVAL = FIXTURES / "vlmtest_rival_qwen2.py"

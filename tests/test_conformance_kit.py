@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vlm.hookspecs import Claim, hookimpl
-from vlm.plugins import reset_registry
+from vlm.plugin.manager import reset_registry
 from vlm.testing.conformance import CHECKS, Conformance, ConformanceError, PluginConformanceTests, odd_images
 
 

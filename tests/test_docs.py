@@ -177,3 +177,39 @@ def test_every_conformance_check_is_in_the_guide(guide):
 def test_python_blocks_parse(guide):
     for block in python_blocks(guide):
         ast.parse(block)
+
+
+#: What plugin code may import from vlm-core: the plugin facade, the model blocks, and (in test
+#: helpers) the testing kit. Everything else in ``vlm`` may move between releases.
+PLUGIN_SURFACE = ("vlm.plugin", "vlm.nn", "vlm.testing")
+
+
+def _core_imports(path: Path) -> list[str]:
+    """Modules of ``vlm`` a source file imports (a regex: the template's files hold Jinja)."""
+    found = []
+    for match in re.finditer(r"^\s*(?:from\s+(vlm(?:\.[\w.]+)?)\s+import\s+(\w+)|import\s+(vlm(?:\.[\w.]+)?))", path.read_text(), re.M):
+        module = match.group(1) or match.group(3)
+        found.append(f"vlm.{match.group(2)}" if module == "vlm" else module)
+    return found
+
+
+def test_plugins_import_only_the_plugin_facade_and_vlm_nn():
+    template = ROOT / "plugin-template" / "{{cookiecutter.project_slug}}" / "{{cookiecutter.__package}}"
+    sources = [*sorted((ROOT / "plugins").glob("*/vlm_plugin_*/*.py")), *sorted(template.glob("*.py"))]
+    assert len(sources) >= 12 and sum(len(_core_imports(path)) for path in sources) >= 20
+    outside = {
+        f"{path.relative_to(ROOT)}: {module}"
+        for path in sources
+        for module in _core_imports(path)
+        if not any(module == allowed or module.startswith(allowed + ".") for allowed in PLUGIN_SURFACE)
+    }
+    assert not outside, f"plugin code imports core modules outside {PLUGIN_SURFACE}: {sorted(outside)}"
+
+
+def test_plugin_facade_imports_no_torch():
+    code = "import sys, vlm.plugin; assert 'torch' not in sys.modules, 'vlm.plugin imported torch'"
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -73,17 +73,17 @@ def test_draw_boxes_outlines_exactly_the_box():
 
 
 def test_engine_parses_boxes_from_the_tokens_with_special_tokens_kept(tiny_qwen2):
-    from vlm.engine.llm_engine import LLMEngine
+    from vlm.engine.output_processor import OutputProcessor
 
     tokenizer = build_byte_tokenizer(BOX_TOKENS)
     ids = tokenizer.encode(QWEN2_VL_ANSWER)
     text = tokenizer.decode(ids, skip_special_tokens=True)
     assert "<|box_start|>" not in text  # what the user sees in ``text``
-    engine = SimpleNamespace(tokenizer=tokenizer, _box_start_id=None)
+    outputs = OutputProcessor(tokenizer, eos_token_ids=set(), max_model_len=1024)
     seq = SimpleNamespace(output_token_ids=ids, text=text)
-    assert LLMEngine._grounded_boxes(engine, seq) == parse_boxes(QWEN2_VL_ANSWER)
-    assert LLMEngine._grounded_boxes(engine, SimpleNamespace(output_token_ids=[1, 2], text=QWEN2_5_VL_ANSWER)) == parse_boxes(QWEN2_5_VL_ANSWER)
-    assert LLMEngine._grounded_boxes(engine, SimpleNamespace(output_token_ids=[1, 2], text="plain")) == []
+    assert outputs._grounded_boxes(seq) == parse_boxes(QWEN2_VL_ANSWER)
+    assert outputs._grounded_boxes(SimpleNamespace(output_token_ids=[1, 2], text=QWEN2_5_VL_ANSWER)) == parse_boxes(QWEN2_5_VL_ANSWER)
+    assert outputs._grounded_boxes(SimpleNamespace(output_token_ids=[1, 2], text="plain")) == []
 
 
 def test_vlmrun_draw_boxes_saves_the_picture(tmp_path, monkeypatch, capsys):

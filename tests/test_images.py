@@ -1,4 +1,4 @@
-"""vlm.images.load_image: every input kind, every failure a one-line InputError naming the image;
+"""vlm.inputs.images.load_image: every input kind, every failure a one-line InputError naming the image;
 and the message-part helpers of vlm.inputs."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm import images as images_module
+from vlm.inputs import images as images_module
 from vlm.errors import InputError
-from vlm.images import image_content_key, load_image
+from vlm.inputs.images import image_content_key, load_image
 from vlm.inputs import ImageInput, ModelInputs, iter_image_parts, normalize_messages
 
 
@@ -321,7 +321,7 @@ def test_inputs_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, vlm.inputs, vlm.images; assert 'torch' not in sys.modules and 'PIL' not in sys.modules"
+    code = "import sys, vlm.inputs, vlm.inputs.images; assert 'torch' not in sys.modules and 'PIL' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -420,10 +420,12 @@ def test_env_var_forces_backend(monkeypatch, value, expected):
 
 
 def test_auto_uses_triton_for_cuda_tensors_when_installed(monkeypatch):
+    from vlm import platform
+
     fake_cuda_tensor = types.SimpleNamespace(is_cuda=True)
-    monkeypatch.setattr(K, "_triton_installed", True)
+    monkeypatch.setattr(platform, "triton_installed", lambda: True)
     assert K.backend_for(fake_cuda_tensor) == "triton"
-    monkeypatch.setattr(K, "_triton_installed", False)
+    monkeypatch.setattr(platform, "triton_installed", lambda: False)
     assert K.backend_for(fake_cuda_tensor) == "torch"
 
 

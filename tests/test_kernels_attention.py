@@ -20,7 +20,7 @@ if not ON_GPU:
 import pytest  # noqa: E402
 
 from vlm import kernels as K  # noqa: E402
-from vlm.kernels import attention as torch_attn  # noqa: E402
+from vlm.kernels import torch_attention as torch_attn  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.float16]

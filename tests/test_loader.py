@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 import vlm
 from vlm.errors import ModelNotFoundError, WeightsError
 from vlm.loader import checkpoint_files, resolve_model_path
-from vlm.nn import MergedColwiseLinear, QKVLinear, WeightMapping, load_weights_by_mapping
+from vlm.nn import WeightMapping, load_weights_by_mapping
+from vlm.nn.linear import MergedColwiseLinear, QKVLinear
 from vlm.nn.weights import CheckpointMismatchError, ShapeMismatch
 
 PROMPT = "Hello world, this is"

@@ -55,6 +55,7 @@ def load(path: str, **kwargs) -> LLM:
     llm = LLM(path, **kwargs)
     llm.engine.model.position_dims = 3
     llm.engine.runner.position_dims = 3
+    llm.engine.inputs.position_dims = 3
     return llm
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm.plugins import LOAD_PLUGINS_ENV, PLUGIN_FILES_ENV, TRACE_PLUGINS_ENV, reset_registry
+from vlm.plugin.manager import LOAD_PLUGINS_ENV, PLUGIN_FILES_ENV, TRACE_PLUGINS_ENV, reset_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "plugin-template"

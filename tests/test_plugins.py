@@ -19,9 +19,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from vlm import hookspecs, plugins
+from vlm import hookspecs
+from vlm.plugin import manager as plugins
 from vlm.errors import PluginError
-from vlm.plugins import add_plugin_file, get_registry, reset_registry
+from vlm.plugin.manager import add_plugin_file, get_registry, reset_registry
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plugins"
 FAKE_CONFIG = SimpleNamespace(architectures=["FakeForCausalLM"], model_type="fake")
@@ -261,7 +262,7 @@ def test_models_build_model_uses_forced_plugin(install, monkeypatch):
     """``--plugin`` reaches the hook call: only the forced plugin's build_model runs."""
     install({"fake_a": "vlmtest_fake_a", "fake_b": "vlmtest_fake_b"})
     monkeypatch.setenv("VLM_LOAD_PLUGINS", "fake_a,fake_b")
-    from vlm import models
+    from vlm.plugin import manager as models
 
     config = SimpleNamespace(hf_config=FAKE_CONFIG)
     model, name = models.build_model(config, "f32", "meta", plugin="fake_a")
@@ -338,7 +339,7 @@ def test_plugin_file_with_future_api_is_refused(tmp_path):
 
 def _plugins_seen_in_child() -> dict:
     """Runs in a spawned process: what a model-building worker would see."""
-    from vlm.plugins import get_registry
+    from vlm.plugin.manager import get_registry
 
     first = get_registry()
     count = len(first.pm.get_plugins())

@@ -36,7 +36,7 @@ def model(tmp_path_factory, tiny_qwen2) -> tuple[str, bool]:
     try:
         import vlm_plugin_internvl  # noqa: F401
 
-        from vlm.testing.internvl import write_tiny_internvl
+        from vlm_plugin_internvl.testing import write_tiny_internvl
     except ImportError as exc:
         warnings.warn(f"InternVL plugin not available ({exc}); the load test runs text-only", stacklevel=1)
         return tiny_qwen2, False

@@ -24,14 +24,14 @@ SIZES = [(40, 120), (90, 50), (64, 64), (17, 300), (200, 30)]
 def _writers():
     writers = {}
     try:
-        from vlm.testing.qwen2_vl import write_tiny_qwen2_vl
+        from vlm_plugin_qwen2vl.testing import write_tiny_qwen2_vl
 
         writers["qwen2_vl"] = lambda path: write_tiny_qwen2_vl(path, "qwen2_vl", seed=2)
         writers["qwen2_5_vl"] = lambda path: write_tiny_qwen2_vl(path, "qwen2_5_vl", seed=2)
     except ImportError:
         pass
     try:
-        from vlm.testing.llava import write_tiny_llava
+        from vlm_plugin_llava.testing import write_tiny_llava
 
         writers["llava"] = lambda path: write_tiny_llava(path, "llava-clip-llama", seed=2)
         writers["llava_next"] = lambda path: write_tiny_llava(path, "llava-next-clip-mistral", seed=2)

@@ -82,7 +82,7 @@ def bench_engine(args: argparse.Namespace) -> list[RequestTiming]:
     from vlm.cli.run import user_message
     from vlm.config import EngineConfig
     from vlm.engine.llm_engine import LLMEngine
-    from vlm.images import load_image
+    from vlm.inputs.images import load_image
     from vlm.sampling_params import SamplingParams
 
     settings = {"max_num_seqs": args.concurrency, **engine_settings(args)}

@@ -16,15 +16,12 @@ def check_command(args: Namespace) -> int:
     import torch
 
     from vlm.config import load_model_config
-    from vlm.engine.llm_engine import load_tokenizer
-    from vlm.loader import checkpoint_files, iter_checkpoint, resolve_model_path
-    from vlm.models import build_model
+    from vlm.loader import checkpoint_files, load_model, load_tokenizer, resolve_model_path
 
     model_dir = resolve_model_path(args.model, args.allow_download)
     config = load_model_config(model_dir)
-    model, plugin = build_model(config, torch.float32, torch.device("meta"), args.plugin)
     files = checkpoint_files(model_dir)
-    report = model.load_weights(iter_checkpoint(files, meta=True))
+    _, plugin, report = load_model(config, torch.float32, torch.device("meta"), args.plugin, strict=False)
     problems = []
     try:
         tokenizer = load_tokenizer(model_dir)

@@ -24,7 +24,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 def demo_command(args: argparse.Namespace) -> int:
     from vlm import LLM, SamplingParams
     from vlm.errors import VlmError
-    from vlm.images import load_image
+    from vlm.inputs.images import load_image
 
     if not (DEMO_MODEL / "config.json").is_file():
         raise VlmError(f"the demo model is missing from {DEMO_MODEL}; reinstall vlm-core or run scripts/train_demo.py")

@@ -6,7 +6,7 @@ import json
 import sys
 from argparse import Namespace
 
-from vlm.plugins import get_registry
+from vlm.plugin.manager import get_registry
 
 
 def plugins_command(args: Namespace) -> int:

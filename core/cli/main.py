@@ -68,7 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugins = sub.add_parser("plugins", help="list installed plugins")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
-    plugins.add_argument("--all", action="store_true", help="include plugins that failed to load (default: shown)")
     _add_plugin_options(plugins)
 
     which = sub.add_parser("which", help="explain which plugin serves a model")
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        from vlm.plugins import add_plugin_file
+        from vlm.plugin.manager import add_plugin_file
 
         for path in args.plugin_file:
             add_plugin_file(path)

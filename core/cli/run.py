@@ -80,7 +80,7 @@ def run_command(args: argparse.Namespace) -> int:
 def _answer_and_draw(llm, prompt: Any, params, args: argparse.Namespace) -> int:
     """Stream the answer, then save the first image with the answer's grounding boxes drawn."""
     from vlm.grounding import draw_boxes
-    from vlm.images import load_image
+    from vlm.inputs.images import load_image
 
     inputs = llm.engine.preprocess(prompt)
     final = None
@@ -107,7 +107,7 @@ def user_message(text: str, images: list[Any]) -> dict[str, Any]:
 
 def _checked_image(path: str) -> Any:
     """Load a picture now, so a bad one is reported before the model runs (raises InputError)."""
-    from vlm.images import load_image
+    from vlm.inputs.images import load_image
 
     return load_image(path)
 

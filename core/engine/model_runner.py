@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from typing import NamedTuple
 
 import torch
 
@@ -11,7 +13,15 @@ from vlm.engine.kv_cache import KVCache
 from vlm.engine.scheduler import ScheduledStep
 from vlm.engine.sequence import Sequence
 from vlm.errors import InputError
-from vlm.forward_batch import ForwardBatch, ImageSpan
+from vlm.platform import vision_batches
+from vlm.nn.forward_batch import ForwardBatch, ImageSpan
+
+
+class StepResult(NamedTuple):
+    input_ids: torch.Tensor  # [T] the flat batch's token ids
+    hidden_states: torch.Tensor  # [T, hidden], one row per token
+    logits_rows: torch.Tensor  # rows of hidden_states whose next token is sampled
+    sampled: list[Sequence]  # the sequences of those rows, in order
 
 
 class ModelRunner:
@@ -114,11 +124,10 @@ class ModelRunner:
                     found[image.key] = None
                 else:
                     found[image.key] = cached
-        # On CPU one image per vision pass: several images' activations at once overflow the caches
-        # (InternViT, measured: 2.13 s per tile alone, 2.51 s per tile in a batch of 7). GPUs want batches.
-        groups = [[image] for image in todo] if self.device.type == "cpu" else [todo] if todo else []
-        for group in groups:
-            for image, embeds in zip(group, self.model.embed_images(group)):
+        for group in vision_batches(self.device, todo):
+            # preprocessors make pixels on the CPU; the tower runs where the model is
+            on_device = [dataclasses.replace(image, pixel_values=image.pixel_values.to(self.device)) for image in group]
+            for image, embeds in zip(group, self.model.embed_images(on_device)):
                 if embeds.shape[0] != image.num_tokens:
                     raise InputError(
                         f"the model produced {embeds.shape[0]} features for an image that has "
@@ -140,10 +149,15 @@ class ModelRunner:
         return ImageSpan(token_index=index.to(self.device), embeds=seq.image_embeds[first:last])
 
     @torch.inference_mode()
-    def execute(self, step: ScheduledStep) -> tuple[torch.Tensor | None, list[Sequence]]:
+    def forward(self, step: ScheduledStep, inputs_embeds: torch.Tensor | None = None) -> StepResult:
+        """One forward pass over the step's flat batch; the scheduled tokens count as computed after it.
+
+        :param inputs_embeds: embeddings to use instead of the model's own for the batch's tokens
+            (the conformance kit checks that a model honours them); by default the core embeds the
+            tokens itself only when it has image features to write over placeholders.
+        """
         input_ids, positions, batch, logits_rows, sampled = self.prepare(step)
-        inputs_embeds = None
-        if batch.images:
+        if inputs_embeds is None and batch.images:
             # the core writes image features over the placeholder tokens, for every VLM plugin
             inputs_embeds = self.model.embed_tokens(input_ids)
             for span in batch.images:
@@ -153,6 +167,12 @@ class ModelRunner:
             seq.num_computed += count
         for seq in step.decodes:
             seq.num_computed += 1
-        if not sampled:
-            return None, sampled
-        return self.model.compute_logits(hidden_states[logits_rows]), sampled
+        return StepResult(input_ids, hidden_states, logits_rows, sampled)
+
+    @torch.inference_mode()
+    def execute(self, step: ScheduledStep) -> tuple[torch.Tensor | None, list[Sequence]]:
+        """Run the step; the logits of every sequence that samples a token now, and those sequences."""
+        result = self.forward(step)
+        if not result.sampled:
+            return None, result.sampled
+        return self.model.compute_logits(result.hidden_states[result.logits_rows]), result.sampled

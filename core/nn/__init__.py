@@ -1,63 +1,69 @@
 """Building blocks for model files: tensor-parallel linears, norms, activations, rotary, attention,
 and :class:`VisionLanguageModel`, the base of a VLM's model class.
 
-Plugins build models only from these; the blocks call ``vlm.kernels`` for the hot ops.
+Plugins build models only from these (and :mod:`vlm.plugin` for everything that is not model
+code); the blocks call ``vlm.kernels`` for the hot ops. Each layer has one name here: linear
+layers are made by their ``build_*`` function (the classes they return live in
+:mod:`vlm.nn.linear`).
 """
 
+from vlm.distributed import tp_rank, tp_world_size
+from vlm.kernels import apply_rotary
+from vlm.platform import vision_batches
 from vlm.nn.activation import GeluAndMul, QuickGELU, SiluAndMul, get_act_fn
 from vlm.nn.attention import Attention, VisionAttention
 from vlm.nn.embedding import ParallelLMHead, VocabParallelEmbedding
+from vlm.nn.forward_batch import ForwardBatch
 from vlm.nn.linear import (
-    ColwiseLinear,
-    MergedColwiseLinear,
-    QKVLinear,
-    ReplicatedLinear,
-    RowwiseLinear,
     build_colwise_linear,
     build_merged_colwise_linear,
     build_qkv_proj,
     build_replicated_linear,
     build_rowwise_linear,
+    prepare_for_inference,
 )
 from vlm.nn.norm import LayerNorm, RMSNorm
 from vlm.nn.rotary import RotaryEmbedding
+from vlm.nn.vision_language import VisionLanguageModel
 from vlm.nn.weights import (
     LoadReport,
+    ShapeMismatch,
     WeightLoader,
     WeightMapping,
     default_weight_loader,
     load_weights_by_mapping,
     load_with_language_model,
 )
-from vlm.nn.vlm import VisionLanguageModel
 
 __all__ = [
     "Attention",
-    "QuickGELU",
-    "VisionLanguageModel",
-    "get_act_fn",
+    "ForwardBatch",
+    "GeluAndMul",
     "LayerNorm",
     "LoadReport",
-    "ReplicatedLinear",
-    "VisionAttention",
-    "WeightLoader",
-    "build_replicated_linear",
-    "load_with_language_model",
-    "ColwiseLinear",
-    "GeluAndMul",
-    "MergedColwiseLinear",
     "ParallelLMHead",
-    "QKVLinear",
+    "QuickGELU",
     "RMSNorm",
     "RotaryEmbedding",
-    "RowwiseLinear",
+    "ShapeMismatch",
     "SiluAndMul",
+    "VisionAttention",
+    "VisionLanguageModel",
     "VocabParallelEmbedding",
+    "WeightLoader",
     "WeightMapping",
+    "apply_rotary",
     "build_colwise_linear",
     "build_merged_colwise_linear",
     "build_qkv_proj",
+    "build_replicated_linear",
     "build_rowwise_linear",
     "default_weight_loader",
+    "get_act_fn",
     "load_weights_by_mapping",
+    "load_with_language_model",
+    "prepare_for_inference",
+    "tp_rank",
+    "tp_world_size",
+    "vision_batches",
 ]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.forward_batch import ForwardBatch
+from vlm.nn.forward_batch import ForwardBatch
 from vlm.kernels import paged_decode_attention, paged_prefill_attention, write_kv_cache
 
 

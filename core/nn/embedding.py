@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_world_size
-from vlm.nn.gemm import linear, pack_weight
+from vlm.kernels.cpu_gemm import linear, pack_weight
 from vlm.nn.weights import ShapeMismatch
 
 

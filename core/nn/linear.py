@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vlm.distributed import all_reduce, divide, tp_rank, tp_world_size
-from vlm.nn.gemm import PackableLinear
+from vlm.kernels.cpu_gemm import linear, pack_weight
 from vlm.nn.weights import ShapeMismatch
 
 
@@ -28,6 +28,35 @@ def _parameter(shape: tuple[int, ...], dtype, device) -> nn.Parameter:
 def _check(expected: tuple[int, ...], got: torch.Tensor) -> None:
     if tuple(got.shape) != tuple(expected):
         raise ShapeMismatch(tuple(expected), tuple(got.shape))
+
+
+class PackableLinear(nn.Module):
+    """Base of the ``vlm.nn`` linears: holds ``weight`` / ``bias`` and the optional packed weight."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.packed_weight: torch.Tensor | None = None
+
+    def prepare_for_inference(self) -> None:
+        packed = pack_weight(self.weight)
+        if packed is not None:
+            self.packed_weight = packed
+            # the dense copy is no longer read; keep the parameter (for names and shapes) but free it
+            self.weight.data = torch.empty((0, self.weight.shape[1]), dtype=self.weight.dtype)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return linear(x, self.weight, bias, self.packed_weight)
+
+
+def prepare_for_inference(model: nn.Module) -> None:
+    """Call every submodule's ``prepare_for_inference`` once weights are loaded."""
+    for module in model.modules():
+        prepare = getattr(module, "prepare_for_inference", None)
+        if prepare is not None and module is not model:
+            prepare()
 
 
 class ColwiseLinear(PackableLinear):

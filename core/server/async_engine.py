@@ -424,7 +424,7 @@ class AsyncEngine:
         self._streams.clear()
         # anything the engine still holds (a step may have failed half-way) goes too
         engine = self.engine
-        for engine_id in list(getattr(engine, "_sequences", {})):
+        for engine_id in engine.unfinished_request_ids():
             self._safe_abort(engine_id)
         scheduler = engine.scheduler
         for seq in list(scheduler.running) + list(scheduler.waiting):

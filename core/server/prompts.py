@@ -64,7 +64,7 @@ class PromptBuilder:
 
     def load_image(self, url: str, where: str) -> Any:
         """The image at ``url`` if the media policy allows it; ``where`` is the field named in a refusal."""
-        from vlm.images import load_image
+        from vlm.inputs.images import load_image
 
         head = url[:16].lower()
         if head.startswith("data:"):

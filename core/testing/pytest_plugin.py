@@ -3,19 +3,15 @@
 - ``tiny_models(model_type, **overrides)``: path of a tiny random transformers checkpoint with a
   locally built tokenizer, written once per test session.
 - ``tiny_qwen2``: the default one.
+
+Installing vlm-core adds this plugin to every pytest run in the environment, so it sets nothing
+globally: no environment variable is touched (``tests/test_pytest_plugin.py`` checks it). vlm's
+own suite sets ``TRITON_INTERPRET`` and ``HF_HUB_OFFLINE`` in the repository's ``conftest.py``.
 """
 
 from __future__ import annotations
 
-import os
-
-# Triton reads this when its kernels are first defined; vlm.kernels defines them lazily, but set
-# it before anything can import them so interpreter tests work in any order.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-# nothing in a test session may reach a model hub
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ takes seconds to import. The model and preprocessor modules are imported inside 
 
 from __future__ import annotations
 
-from vlm.hookspecs import Claim, hookimpl
+from vlm.plugin import Claim, hookimpl
 
 __version__ = "0.1.0"
 
@@ -56,7 +56,7 @@ def build_preprocessor(hf_config, tokenizer):
 @hookimpl
 def build_preprocessor(tokenizer):
     """Text-only: vlm's TextPreprocessor tokenizes prompts and applies the chat template."""
-    from vlm.inputs import TextPreprocessor
+    from vlm.plugin import TextPreprocessor
 
     return TextPreprocessor(tokenizer)
 {% endif %}

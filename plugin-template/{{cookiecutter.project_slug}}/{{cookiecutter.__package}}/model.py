@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.config import text_config_of
-from vlm.models import build_language_model
+from vlm.plugin import text_config_of
+from vlm.plugin import build_language_model
 from vlm.nn import (
     LayerNorm,
     VisionAttention,
@@ -199,8 +199,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm.distributed import tp_world_size
-from vlm.forward_batch import ForwardBatch
+from vlm.nn import tp_world_size
+from vlm.nn import ForwardBatch
 from vlm.nn import (
     Attention,
     LoadReport,

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlm.errors import ConfigError, InputError
-from vlm.images import load_image
-from vlm.inputs import ImageInput, ModelInputs, Prompt, iter_image_parts, normalize_messages, pixel_values_key
-from vlm.processing import to_rgb  # transparency composited onto white, as transformers does
+from vlm.plugin import ConfigError, InputError
+from vlm.plugin import load_image
+from vlm.plugin import ImageInput, ModelInputs, Prompt, iter_image_parts, normalize_messages, pixel_values_key
+from vlm.plugin import to_rgb  # transparency composited onto white, as transformers does
 
 #: The placeholder token the chat template writes for an image, and the token its features replace.
 IMAGE_TOKEN = "<image>"

@@ -11,7 +11,7 @@ from PIL import Image
 
 from vlm import LLM, SamplingParams
 from vlm.cli.main import main
-from vlm.testing.internvl import write_tiny_internvl
+from vlm_plugin_internvl.testing import write_tiny_internvl
 
 PARAMS = SamplingParams(temperature=0, max_tokens=12)
 

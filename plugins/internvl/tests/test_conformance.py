@@ -13,7 +13,7 @@ import pytest
 
 from vlm.config import RawConfig
 from vlm.testing.conformance import PluginConformanceTests
-from vlm.testing.internvl import write_tiny_internvl
+from vlm_plugin_internvl.testing import write_tiny_internvl
 
 
 @pytest.fixture(scope="module")

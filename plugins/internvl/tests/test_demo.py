@@ -55,7 +55,7 @@ def vlm_answers(held_out) -> list[str]:
 def transformers_answers(held_out) -> list[str]:
     from transformers import InternVLForConditionalGeneration
 
-    from vlm.testing.internvl import load_reference_processor
+    from vlm_plugin_internvl.testing import load_reference_processor
 
     processor = load_reference_processor(DEMO_MODEL)
     model = InternVLForConditionalGeneration.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()

@@ -4,9 +4,15 @@ Tiny checkpoints in both layouts hold the same random weights. For each prompt (
 images, no image) vlm's tokens must equal transformers' generate for 32 new tokens and every
 step's logits must agree within 1e-4; batched requests with different image counts must equal
 the same requests run alone.
+
+Both run on ``VLM_TEST_DEVICE`` (default cpu; ``cuda`` for the GPU check, scripts/gpu_check.sh);
+logits and features are compared on the CPU.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -15,9 +21,16 @@ from PIL import Image
 
 from vlm import LLM, SamplingParams
 from vlm.testing.logits import generate_with_logits
-from vlm.testing.internvl import load_reference_processor, write_tiny_internvl
+from vlm_plugin_internvl.testing import load_reference_processor, write_tiny_internvl
 
 NEW_TOKENS = 32
+DEVICE = os.environ.get("VLM_TEST_DEVICE", "cpu")
+# fp32 on both sides: vlm's dtype is pinned (on GPU "auto" means the checkpoint's dtype), and on
+# CUDA no TF32 in cuBLAS or cuDNN (10-bit mantissa: errors far above the 1e-4 compared here)
+ENGINE_ARGS = dict(device=DEVICE, dtype="float32")
+if DEVICE.startswith("cuda"):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def picture(seed: int, size: tuple[int, int]) -> Image.Image:
@@ -36,6 +49,11 @@ def conversations():
     return {"one image": one, "two images": two, "no image": none}
 
 
+def on_device(images):
+    """The images with their pixels on DEVICE, for calling the model's ``embed_images`` directly."""
+    return [dataclasses.replace(image, pixel_values=image.pixel_values.to(DEVICE)) for image in images]
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("internvl")
@@ -46,29 +64,30 @@ def checkpoints(tmp_path_factory):
 def reference_model(checkpoints):
     from transformers import InternVLForConditionalGeneration
 
-    return InternVLForConditionalGeneration.from_pretrained(checkpoints["hf"], dtype=torch.float32).eval()
+    return InternVLForConditionalGeneration.from_pretrained(checkpoints["hf"], dtype=torch.float32).to(DEVICE).eval()
 
 
 def reference(model, input_ids: list[int], pixel_values: torch.Tensor | None):
     """transformers' greedy tokens and per-step logits for exactly these inputs."""
-    ids = torch.tensor([input_ids])
-    kwargs = {} if pixel_values is None else {"pixel_values": pixel_values}
+    ids = torch.tensor([input_ids], device=DEVICE)
+    kwargs = {} if pixel_values is None else {"pixel_values": pixel_values.to(DEVICE)}
     with torch.inference_mode():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
             min_new_tokens=NEW_TOKENS, return_dict_in_generate=True, output_logits=True, pad_token_id=0, **kwargs,
         )
-    return out.sequences[0, ids.shape[1]:].tolist(), torch.stack([step[0] for step in out.logits])
+    return out.sequences[0, ids.shape[1]:].tolist(), torch.stack([step[0] for step in out.logits]).cpu()
 
 
 def run(llm: LLM, prompts):
-    """vlm greedy tokens, plus the logits each request was sampled from at every step."""
-    return generate_with_logits(llm, prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True))
+    """vlm greedy tokens, plus the logits each request was sampled from at every step (on the CPU)."""
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True)
+    return [(tokens, logits.cpu()) for tokens, logits in generate_with_logits(llm, prompts, params)]
 
 
 @pytest.fixture(scope="module", params=["hf", "original"])
 def engine(request, checkpoints):
-    return request.param, LLM(checkpoints[request.param])
+    return request.param, LLM(checkpoints[request.param], **ENGINE_ARGS)
 
 
 @pytest.mark.parametrize("case", ["one image", "two images", "no image"])
@@ -86,7 +105,7 @@ def test_greedy_tokens_and_logits_equal_transformers(engine, reference_model, ca
 
 def test_hf_layout_inputs_come_from_transformers_processor(checkpoints):
     """For the HF layout the inputs fed to both sides are the transformers processor's own."""
-    llm = LLM(checkpoints["hf"])
+    llm = LLM(checkpoints["hf"], **ENGINE_ARGS)
     processor = load_reference_processor(checkpoints["hf"])
     messages = conversations()["two images"]
     expected = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
@@ -110,9 +129,9 @@ def test_layouts_agree(checkpoints):
     """Same weights in both layouts: the same image question gets the same answer."""
     messages = [{"role": "user", "content": [{"type": "image", "image": picture(7, (64, 64))}, {"type": "text", "text": "What?"}]}]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    hf_llm, original_llm = LLM(checkpoints["hf"]), LLM(checkpoints["original"])
+    hf_llm, original_llm = LLM(checkpoints["hf"], **ENGINE_ARGS), LLM(checkpoints["original"], **ENGINE_ARGS)
     hf_inputs, original_inputs = hf_llm.engine.preprocess(messages), original_llm.engine.preprocess(messages)
     assert torch.equal(hf_inputs.images[0].pixel_values, original_inputs.images[0].pixel_values)
-    hf_features = hf_llm.engine.model.embed_images(hf_inputs.images)[0]
-    original_features = original_llm.engine.model.embed_images(original_inputs.images)[0]
+    hf_features = hf_llm.engine.model.embed_images(on_device(hf_inputs.images))[0].cpu()
+    original_features = original_llm.engine.model.embed_images(on_device(original_inputs.images))[0].cpu()
     torch.testing.assert_close(hf_features, original_features, atol=1e-5, rtol=0)

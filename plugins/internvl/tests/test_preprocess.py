@@ -1,7 +1,7 @@
 """InternVL preprocessing parity: token ids and pixel values equal to the references, exactly.
 
 - Hugging Face layout: transformers' ``InternVLProcessor`` + ``GotOcr2ImageProcessorPil``
-  (``vlm.testing.internvl.load_reference_processor``) through ``apply_chat_template``.
+  (``vlm_plugin_internvl.testing.load_reference_processor``) through ``apply_chat_template``.
 - original OpenGVLab layout: OpenGVLab's ``load_image`` / ``dynamic_preprocess`` and the prompt
   ``InternVLChatModel.chat`` builds, re-implemented below without torchvision (their
   ``T.Resize`` of an already tile-sized PIL image is a no-op, ``ToTensor`` is ``x / 255`` in
@@ -23,7 +23,7 @@ from PIL import Image
 
 from vlm.config import load_model_config
 from vlm.errors import InputError
-from vlm.testing.internvl import ORIGINAL_SYSTEM_MESSAGE, load_reference_processor, write_tiny_internvl
+from vlm_plugin_internvl.testing import ORIGINAL_SYSTEM_MESSAGE, load_reference_processor, write_tiny_internvl
 from vlm_plugin_internvl.preprocess import InternVLPreprocessor, to_rgb
 
 CONFIGS = {"tiny": dict(image_size=56, max_patches=6), "448": dict(image_size=448, max_patches=12)}

@@ -1,4 +1,4 @@
-"""vlm.testing.internvl: both tiny layouts hold the same weights, and the HF one loads in
+"""vlm_plugin_internvl.testing: both tiny layouts hold the same weights, and the HF one loads in
 transformers' processor offline."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlm.testing.internvl import load_reference_processor, write_tiny_internvl
+from vlm_plugin_internvl.testing import load_reference_processor, write_tiny_internvl
 
 # transformers' convert_internvl_weights_to_hf.py (original -> HF), applied to our output
 VISION = {

@@ -6,7 +6,7 @@ from whichever plugin claims the nested text config. torch is imported only insi
 
 from __future__ import annotations
 
-from vlm.hookspecs import claim_by_architecture, hookimpl
+from vlm.plugin import claim_by_architecture, hookimpl
 
 __version__ = "0.1.0"
 vlm_api_version = ">=1.0,<2"

@@ -30,9 +30,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from vlm.errors import ConfigError
-from vlm.inputs import ImageInput, pixel_values_key
-from vlm.processing import ImagePromptPreprocessor, find_chat_template, read_json, to_rgb
+from vlm.plugin import ConfigError
+from vlm.plugin import ImageInput, pixel_values_key
+from vlm.plugin import ImagePromptPreprocessor, find_chat_template, read_json, to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -217,10 +217,10 @@ class InternVLPreprocessor(ImagePromptPreprocessor):
         (original layout).
     :param model_path: the model directory (preprocessor / processor configs, chat template).
     :param allowed_dir, allow_remote, max_pixels: image-loading policy, see
-        :func:`vlm.images.load_image`.
+        :func:`vlm.inputs.images.load_image`.
 
     A prompt is a plain string (no images), token ids, or chat messages whose content may hold
-    image parts (see :mod:`vlm.inputs`); :class:`vlm.processing.ImagePromptPreprocessor` renders
+    image parts (see :mod:`vlm.inputs`); :class:`vlm.inputs.preprocessor.ImagePromptPreprocessor` renders
     and expands it, this class makes the tiles and wraps each image's tokens in ``<img>`` ... ``</img>``.
     """
 

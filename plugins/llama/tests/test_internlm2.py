@@ -19,7 +19,7 @@ import torch
 
 from vlm import LLM, SamplingParams
 from vlm.testing.logits import generate_with_logits
-from vlm.testing.internlm2 import write_tiny_internlm2
+from vlm_plugin_llama.testing import write_tiny_internlm2
 
 NEW_TOKENS = 32
 PROMPTS = ["Hello", "The quick brown fox jumps over", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"]
@@ -136,8 +136,8 @@ def test_grouped_wqkv_loads_each_tensor_parallel_rank_like_q_k_v(monkeypatch, he
     """Un-grouped wqkv gives every rank the slice that separate q/k/v tensors give it (kv heads
     split across ranks, or replicated when there are fewer than ranks), weight and bias."""
     import vlm.nn.linear as linear
-    from vlm.nn import QKVLinear
-    from vlm.testing.internlm2 import pack_wqkv
+    from vlm.nn import build_qkv_proj
+    from vlm_plugin_llama.testing import pack_wqkv
     from vlm_plugin_llama.internlm2 import grouped_qkv_loader
 
     head_dim, hidden = 4, 8
@@ -146,7 +146,7 @@ def test_grouped_wqkv_loads_each_tensor_parallel_rank_like_q_k_v(monkeypatch, he
     monkeypatch.setattr(linear, "tp_world_size", lambda: world)
     for rank in range(world):
         monkeypatch.setattr(linear, "tp_rank", lambda: rank)
-        separate, grouped = (QKVLinear(hidden, head_dim, heads, kv_heads, bias=True) for _ in range(2))
+        separate, grouped = (build_qkv_proj(hidden, head_dim, heads, kv_heads, bias=True) for _ in range(2))
         for param, tensors in ((separate.weight, (q, k, v)), (separate.bias, (qb, kb, vb))):
             for shard, tensor in zip("qkv", tensors):
                 param.weight_loader(param, tensor, shard)
@@ -162,7 +162,7 @@ def _load_report(model_dir, edit):
     """Build the model on the meta device and load the checkpoint's shapes, edited by ``edit``."""
     from vlm.config import load_model_config
     from vlm.loader import checkpoint_files, iter_checkpoint
-    from vlm.models import build_model
+    from vlm.plugin.manager import build_model
 
     config = load_model_config(model_dir)
     model, _ = build_model(config, torch.float32, torch.device("meta"))

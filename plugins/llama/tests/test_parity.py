@@ -2,9 +2,14 @@
 
 Each family gets a tiny random checkpoint written by transformers. Prompts have different
 lengths; vlm runs them alone and batched, transformers runs each alone, EOS ignored on both sides.
+
+Both run on ``VLM_TEST_DEVICE`` (default cpu; ``cuda`` for the GPU check, scripts/gpu_check.sh);
+logits are compared on the CPU.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -13,6 +18,14 @@ from vlm import LLM, SamplingParams
 from vlm.testing.logits import generate_with_logits
 
 NEW_TOKENS = 32
+DEVICE = os.environ.get("VLM_TEST_DEVICE", "cpu")
+# fp32 on both sides: vlm's dtype is pinned (on GPU "auto" means the checkpoint's dtype), and on
+# CUDA no TF32 in cuBLAS or cuDNN (10-bit mantissa: errors far above the 1e-4 compared here)
+ENGINE_ARGS = dict(device=DEVICE, dtype="float32")
+if DEVICE.startswith("cuda"):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
 PROMPTS = ["Hello", "The quick brown fox jumps over", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"]
 
 
@@ -21,28 +34,29 @@ def reference(model_dir: str, prompts: list[str]):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE)
     results = []
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(DEVICE)
         out = model.generate(
             ids, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
             return_dict_in_generate=True, output_logits=True, pad_token_id=0,
         )
         tokens = out.sequences[0, ids.shape[1]:].tolist()
-        results.append((tokens, torch.stack([step[0] for step in out.logits])))
+        results.append((tokens, torch.stack([step[0] for step in out.logits]).cpu()))
     return results
 
 
 def run_capturing_logits(llm: LLM, prompts):
-    """vlm greedy tokens, plus the logits each request was sampled from at every step."""
-    return generate_with_logits(llm, prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    """vlm greedy tokens, plus the logits each request was sampled from at every step (on the CPU)."""
+    results = generate_with_logits(llm, prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    return [(tokens, logits.cpu()) for tokens, logits in results]
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3"])
 def family(request, tiny_models):
     model_dir = tiny_models(request.param)
-    return model_dir, reference(model_dir, PROMPTS), LLM(model_dir)
+    return model_dir, reference(model_dir, PROMPTS), LLM(model_dir, **ENGINE_ARGS)
 
 
 def test_reference_output_is_varied(family):

@@ -7,7 +7,7 @@ the hooks that build something.
 
 from __future__ import annotations
 
-from vlm.hookspecs import claim_by_architecture, hookimpl
+from vlm.plugin import claim_by_architecture, hookimpl
 
 __version__ = "0.1.0"
 vlm_api_version = ">=1.0,<2"
@@ -34,7 +34,7 @@ def match(hf_config):
 
 @hookimpl
 def build_preprocessor(tokenizer):
-    from vlm.inputs import TextPreprocessor
+    from vlm.plugin import TextPreprocessor
 
     return TextPreprocessor(tokenizer)
 

@@ -6,7 +6,7 @@ differs in checkpoint layout only:
 - ``attention.wqkv`` packs q, k and v *grouped by kv head*: viewed as
   ``[num_kv_heads, q_per_kv + 2, head_dim, hidden]``, each kv head's q heads come first, then
   its k head, then its v head. We un-group it into full q, k and v and hand those to
-  :class:`vlm.nn.QKVLinear`'s loader, which keeps this rank's slice (so tensor parallelism works
+  :class:`vlm.nn.linear.QKVLinear`'s loader, which keeps this rank's slice (so tensor parallelism works
   unchanged).
 - other names: ``tok_embeddings``, ``attention.wo``, ``feed_forward.w1/w3/w2`` (gate/up/down),
   ``attention_norm``, ``ffn_norm``, ``output``.
@@ -23,14 +23,17 @@ the engine caps the context at ``max_position_embeddings``.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from vlm.errors import ConfigError
-from vlm.nn import QKVLinear, WeightMapping, load_weights_by_mapping
-from vlm.nn.weights import LoadReport, ShapeMismatch
+from vlm.nn import LoadReport, ShapeMismatch, WeightMapping, load_weights_by_mapping
+from vlm.plugin import ConfigError
 from vlm_plugin_llama.model import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from vlm.nn.linear import QKVLinear
 
 #: InternLM2 checkpoint name -> our (Llama) parameter name: prefixes, then dotted parts
 _PREFIXES = {"model.tok_embeddings.": "model.embed_tokens.", "output.": "lm_head."}

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from vlm.forward_batch import ForwardBatch
+from vlm.nn import ForwardBatch
 from vlm.nn import (
     Attention,
     ParallelLMHead,
@@ -25,8 +25,8 @@ from vlm.nn import (
     build_rowwise_linear,
     load_weights_by_mapping,
 )
-from vlm.distributed import tp_world_size
-from vlm.nn.weights import LoadReport
+from vlm.nn import tp_world_size
+from vlm.nn import LoadReport
 
 
 def _head_dim(config) -> int:

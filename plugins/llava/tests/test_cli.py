@@ -13,7 +13,7 @@ from PIL import Image
 
 from vlm import LLM, SamplingParams
 from vlm.cli.main import main
-from vlm.testing.llava import VARIANTS
+from vlm_plugin_llava.testing import VARIANTS
 
 PARAMS = SamplingParams(temperature=0, max_tokens=8)
 

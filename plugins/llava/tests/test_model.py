@@ -13,7 +13,7 @@ import torch
 from vlm import LLM
 from vlm.config import load_model_config
 from vlm.errors import ConfigError
-from vlm.testing.llava import LAYOUTS, write_tiny_llava
+from vlm_plugin_llava.testing import LAYOUTS, write_tiny_llava
 from vlm_plugin_llava.model import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 

@@ -6,9 +6,15 @@ For one image, two images of different sizes and no image, vlm's tokens must equ
 generate for 32 new tokens and every step's logits must agree within 1e-4, on the inputs that
 transformers' own processor makes; batched requests with different image sizes and counts must
 equal the same requests run alone.
+
+Both run on ``VLM_TEST_DEVICE`` (default cpu; ``cuda`` for the GPU check, scripts/gpu_check.sh);
+logits and features are compared on the CPU.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -16,15 +22,27 @@ import torch
 from PIL import Image
 
 from vlm import LLM, SamplingParams
-from vlm.testing.llava import VARIANTS, load_reference_processor
+from vlm_plugin_llava.testing import VARIANTS, load_reference_processor
 from vlm.testing.logits import generate_with_logits
 
 NEW_TOKENS = 32
+DEVICE = os.environ.get("VLM_TEST_DEVICE", "cpu")
+# fp32 on both sides: vlm's dtype is pinned (on GPU "auto" means the checkpoint's dtype), and on
+# CUDA no TF32 in cuBLAS or cuDNN (10-bit mantissa: errors far above the 1e-4 compared here)
+ENGINE_ARGS = dict(device=DEVICE, dtype="float32")
+if DEVICE.startswith("cuda"):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def picture(seed: int, size: tuple[int, int]) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def on_device(images):
+    """The images with their pixels on DEVICE, for calling the model's ``embed_images`` directly."""
+    return [dataclasses.replace(image, pixel_values=image.pixel_values.to(DEVICE)) for image in images]
 
 
 def user(*parts):
@@ -46,25 +64,26 @@ def variant(request, llava_checkpoints):
     from transformers import AutoModelForImageTextToText
 
     path = llava_checkpoints[request.param]
-    reference = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    return request.param, LLM(path), reference, load_reference_processor(path)
+    reference = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(DEVICE).eval()
+    return request.param, LLM(path, **ENGINE_ARGS), reference, load_reference_processor(path)
 
 
 def reference_generate(model, inputs) -> tuple[list[int], torch.Tensor]:
     """transformers' greedy tokens and per-step logits for the processor's inputs."""
-    ids = inputs["input_ids"]
-    extra = {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
+    ids = inputs["input_ids"].to(DEVICE)
+    extra = {k: inputs[k].to(DEVICE) for k in ("pixel_values", "image_sizes") if k in inputs}
     with torch.inference_mode():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
             min_new_tokens=NEW_TOKENS, return_dict_in_generate=True, output_logits=True, pad_token_id=0, **extra,
         )
-    return out.sequences[0, ids.shape[1]:].tolist(), torch.stack([step[0] for step in out.logits])
+    return out.sequences[0, ids.shape[1]:].tolist(), torch.stack([step[0] for step in out.logits]).cpu()
 
 
 def run(llm: LLM, prompts):
+    """vlm's tokens and per-step logits (on the CPU) for each prompt."""
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True)
-    return generate_with_logits(llm, prompts, params)
+    return [(tokens, logits.cpu()) for tokens, logits in generate_with_logits(llm, prompts, params)]
 
 
 @pytest.mark.parametrize("case", list(CONVERSATIONS))
@@ -91,10 +110,11 @@ def test_image_features_equal_transformers(variant):
     expected = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
-    extra = {k: expected[k] for k in ("image_sizes",) if k in expected}
+    extra = {k: expected[k].to(DEVICE) for k in ("image_sizes",) if k in expected}
     with torch.inference_mode():
-        reference = model.model.get_image_features(expected["pixel_values"], **extra).pooler_output
-        ours = llm.engine.model.embed_images(llm.engine.preprocess(messages).images)
+        reference = model.model.get_image_features(expected["pixel_values"].to(DEVICE), **extra).pooler_output
+        reference = [f.cpu() for f in reference]
+        ours = [f.cpu() for f in llm.engine.model.embed_images(on_device(llm.engine.preprocess(messages).images))]
     assert [tuple(f.shape) for f in ours] == [tuple(f.shape) for f in reference]
     for mine, theirs in zip(ours, reference):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)

@@ -21,7 +21,7 @@ from PIL import Image
 from vlm.config import load_model_config
 from vlm.errors import ConfigError, InputError
 from vlm.testing.conformance import odd_images
-from vlm.testing.llava import VARIANTS, load_reference_processor
+from vlm_plugin_llava.testing import VARIANTS, load_reference_processor
 from vlm_plugin_llava.preprocess import LlavaPreprocessor, anyres_num_tokens
 
 REAL_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -215,7 +215,7 @@ def test_anyres_count_equals_transformers_for_many_sizes(references):
     """anyres_num_tokens is LlavaNextProcessor._get_number_of_features, on the real grids."""
     from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 
-    from vlm.testing.llava import build_llava_tokenizer
+    from vlm_plugin_llava.testing import build_llava_tokenizer
 
     processor = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessorPil(image_grid_pinpoints=REAL_PINPOINTS, size={"shortest_edge": 336}),

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm.errors import ConfigError
-from vlm.config import composite_text_config
-from vlm.models import build_language_model
+from vlm.plugin import ConfigError
+from vlm.plugin import composite_text_config
+from vlm.plugin import build_language_model
 from vlm.nn import (
     LayerNorm,
     VisionAttention,

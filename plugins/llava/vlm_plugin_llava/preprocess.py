@@ -27,9 +27,9 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from vlm.errors import ConfigError, InputError
-from vlm.inputs import ImageInput, pixel_values_key
-from vlm.processing import ImagePromptPreprocessor, read_json
+from vlm.plugin import ConfigError, InputError
+from vlm.plugin import ImageInput, pixel_values_key
+from vlm.plugin import ImagePromptPreprocessor, read_json
 
 IMAGE_TOKEN = "<image>"  # LlavaProcessor's default
 MAX_ASPECT_RATIO = 200  # as Qwen2-VL's smart_resize: beyond it, a picture is refused
@@ -64,9 +64,9 @@ class LlavaPreprocessor(ImagePromptPreprocessor):
     :param hf_config: the ``LlavaConfig`` / ``LlavaNextConfig``.
     :param model_path: the model directory (preprocessor / processor configs, chat template).
     :param allowed_dir, allow_remote, max_pixels: image-loading policy, see
-        :func:`vlm.images.load_image`.
+        :func:`vlm.inputs.images.load_image`.
 
-    :class:`vlm.processing.ImagePromptPreprocessor` renders and expands prompts; this class makes
+    :class:`vlm.inputs.preprocessor.ImagePromptPreprocessor` renders and expands prompts; this class makes
     the pixels, counts each image's tokens and fits messages to the template's content style.
     """
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from vlm import LLM, SamplingParams
 from vlm.cli.main import main
-from vlm.testing.qwen2_vl import write_tiny_qwen2_vl
+from vlm_plugin_qwen2vl.testing import write_tiny_qwen2_vl
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """vlm-plugin-qwen2vl through the conformance kit that every plugin uses (vlm.testing.conformance),
 for Qwen2-VL and Qwen2.5-VL, with transformers' models as greedy-parity references (called with
-the grids and token types they need, see vlm.testing.qwen2_vl.ReferenceModel)."""
+the grids and token types they need, see vlm_plugin_qwen2vl.testing.ReferenceModel)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from vlm.config import RawConfig
 from vlm.testing.conformance import PluginConformanceTests
-from vlm.testing.qwen2_vl import FLAVORS, ReferenceModel, reference_inputs, write_tiny_qwen2_vl
+from vlm_plugin_qwen2vl.testing import FLAVORS, ReferenceModel, reference_inputs, write_tiny_qwen2_vl
 
 
 class TestQwen2VLConformance(PluginConformanceTests):

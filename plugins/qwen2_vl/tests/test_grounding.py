@@ -16,7 +16,7 @@ import vlm.engine.llm_engine as llm_engine
 from vlm import LLM, SamplingParams
 from vlm.cli.main import main
 from vlm.grounding import NORMALIZED_1000, PIXELS, GroundedBox
-from vlm.testing.qwen2_vl import write_tiny_qwen2_vl
+from vlm_plugin_qwen2vl.testing import write_tiny_qwen2_vl
 
 ANSWERS = {
     # Qwen2-VL: special-token markup, coordinates in 0..1000 of the picture

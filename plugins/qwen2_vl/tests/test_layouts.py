@@ -16,7 +16,7 @@ from PIL import Image
 from vlm import LLM, SamplingParams
 from vlm.config import load_model_config, text_config_of
 from vlm.testing.logits import generate_with_logits
-from vlm.testing.qwen2_vl import ReferenceModel, reference_inputs, write_tiny_qwen2_vl
+from vlm_plugin_qwen2vl.testing import ReferenceModel, reference_inputs, write_tiny_qwen2_vl
 from vlm_plugin_qwen2vl.text import as_qwen2_config
 
 NEW_TOKENS = 16

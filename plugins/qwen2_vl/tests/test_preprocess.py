@@ -19,7 +19,7 @@ from PIL import Image
 from vlm.config import load_model_config
 from vlm.errors import ConfigError, InputError
 from vlm.testing.conformance import odd_images
-from vlm.testing.qwen2_vl import load_reference_processor, write_tiny_qwen2_vl
+from vlm_plugin_qwen2vl.testing import load_reference_processor, write_tiny_qwen2_vl
 from vlm_plugin_qwen2vl.preprocess import ImageSettings, Qwen2VLPreprocessor, smart_resize
 
 REAL_BUDGET = {"min_pixels": 3136, "max_pixels": 12845056}

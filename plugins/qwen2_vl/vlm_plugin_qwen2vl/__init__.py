@@ -8,7 +8,7 @@ torch is imported only inside the hooks.
 
 from __future__ import annotations
 
-from vlm.hookspecs import claim_by_architecture, hookimpl
+from vlm.plugin import claim_by_architecture, hookimpl
 
 __version__ = "0.1.0"
 vlm_api_version = ">=1.0,<2"

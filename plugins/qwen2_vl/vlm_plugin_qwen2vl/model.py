@@ -26,10 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm import kernels
-from vlm.config import composite_text_config
-from vlm.errors import ConfigError
-from vlm.models import build_language_model
+from vlm.plugin import composite_text_config
+from vlm.plugin import ConfigError
+from vlm.plugin import build_language_model
 from vlm.nn import (
     GeluAndMul,
     LayerNorm,
@@ -40,13 +39,14 @@ from vlm.nn import (
     VisionLanguageModel,
     WeightLoader,
     WeightMapping,
+    apply_rotary,
     build_merged_colwise_linear,
     build_qkv_proj,
     build_replicated_linear,
     build_rowwise_linear,
     get_act_fn,
 )
-from vlm.nn.weights import ShapeMismatch
+from vlm.nn import ShapeMismatch
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches
 
@@ -133,7 +133,7 @@ class Qwen2VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
-        q, k = kernels.apply_rotary(q, k, cos, sin, is_neox=True)
+        q, k = apply_rotary(q, k, cos, sin, is_neox=True)
         return self.proj(self.attn(q, k, v, cu_seqlens=cu_seqlens))
 
 

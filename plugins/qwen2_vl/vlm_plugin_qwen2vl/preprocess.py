@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlm.errors import ConfigError, InputError
-from vlm.inputs import ImageInput, ModelInputs, pixel_values_key
-from vlm.processing import ImagePromptPreprocessor, read_json, rescale_and_normalize, to_rgb
+from vlm.plugin import ConfigError, InputError
+from vlm.plugin import ImageInput, ModelInputs, pixel_values_key
+from vlm.plugin import ImagePromptPreprocessor, read_json, rescale_and_normalize, to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2VLImageProcessor's defaults
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -203,10 +203,10 @@ class Qwen2VLPreprocessor(ImagePromptPreprocessor):
     :param hf_config: the model's ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig``.
     :param model_path: the model directory (preprocessor_config.json, chat template).
     :param allowed_dir, allow_remote, max_pixels: image-loading policy, see
-        :func:`vlm.images.load_image`.
+        :func:`vlm.inputs.images.load_image`.
 
     A prompt is a plain string (no images), token ids, or chat messages whose content may hold
-    image parts (see :mod:`vlm.inputs`); :class:`vlm.processing.ImagePromptPreprocessor` renders
+    image parts (see :mod:`vlm.inputs`); :class:`vlm.inputs.preprocessor.ImagePromptPreprocessor` renders
     and expands it, this class makes the pixels and the positions.
     """
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlm.hookspecs import Claim, hookimpl
+from vlm.plugin import Claim, hookimpl
 
 vlm_api_version = ">=1.0,<2"
 
@@ -56,13 +56,13 @@ def match(hf_config):
 
 @hookimpl
 def build_preprocessor(tokenizer):
-    from vlm.inputs import TextPreprocessor
+    from vlm.plugin import TextPreprocessor
 
     return TextPreprocessor(tokenizer)
 
 
 @hookimpl
 def build_model(hf_config, model_config, dtype, device):
-    from vlm.models import build_language_model
+    from vlm.plugin import build_language_model
 
     return build_language_model(as_qwen2_config(hf_config), model_config, dtype, device)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from vlm.forward_batch import ForwardBatch
+    from vlm.nn.forward_batch import ForwardBatch
     from vlm.inputs import ImageInput
     from vlm.nn.weights import LoadReport
 

@@ -1,55 +1,7 @@
-"""The plugin conformance kit: what every vlm plugin must do, checked on a tiny checkpoint.
-
-Each check raises :class:`ConformanceError` (an ``AssertionError``) whose message says what the
-plugin must change, e.g. ``load_weights left these checkpoint tensors unused: ...; map them in
-load_weights``. Two ways to use it:
-
-**In pytest** (what the first-party plugins and the cookiecutter template do): subclass
-:class:`PluginConformanceTests` in a test module, name the plugin and give a ``checkpoint``
-fixture (module scope or wider); every check becomes a test::
-
-    import pytest
-    from vlm.testing.conformance import PluginConformanceTests
-
-    class TestConformance(PluginConformanceTests):
-        plugin = "llama"                                     # entry-point name, or the module
-        reference = "transformers:AutoModelForCausalLM"      # optional: greedy parity against it
-
-    @pytest.fixture(scope="module")
-    def checkpoint(tiny_models):
-        return tiny_models("qwen2")
-
-**As functions**: ``Conformance(plugin, checkpoint, reference=None).check_match()`` and so on,
-or :func:`run_conformance` for all of them.
-
-The checks (:data:`CHECKS`, in order):
-
-- ``plugin_loads``: the plugin manager registered the plugin (no misspelled hook, a compatible
-  ``vlm_api_version``) and it implements the required hooks.
-- ``match``: ``match`` claims the checkpoint's config, the core picks this plugin for it, and it
-  declines configs of other families (and, for a VLM, its own nested text config).
-- ``architectures``: ``architectures()`` lists the checkpoint's architecture.
-- ``lazy_torch_import``: importing the plugin module does not import torch.
-- ``build_model``: the model honours the ``dtype`` and ``device`` it is given, has the protocol's
-  methods, and loads on the ``meta`` device as ``vlmrun check`` does.
-- ``load_weights``: every checkpoint tensor is consumed and every parameter written (nothing
-  missing, unexpected or mis-shaped in the :class:`vlm.nn.LoadReport`).
-- ``preprocessor``: text prompts, chat messages and token ids become :class:`vlm.inputs.ModelInputs`.
-- ``images``: odd sizes and modes (1x1, 17x300, RGBA, L, P, CMYK) are handled, and the number of
-  placeholder tokens equals ``ImageInput.num_tokens`` equals the rows ``embed_images`` returns.
-  A text-only plugin must refuse images with :class:`vlm.errors.InputError`.
-- ``forward``: shapes and dtypes of ``embed_tokens``, ``forward`` and ``compute_logits``, in
-  float32 and bfloat16, and ``inputs_embeds`` is honoured.
-- ``incremental_decoding``: a prefill followed by N decode steps with the paged KV cache, and a
-  prefill in two chunks, give the logits of one forward over the whole sequence.
-- ``batch_invariance``: through :class:`vlm.LLM`, requests batched together give the tokens and
-  logits they give alone.
-- ``greedy_parity`` (only with a reference): greedy tokens and logits equal the reference's.
-"""
+"""The checks: :class:`Conformance` runs each on one plugin and one tiny checkpoint."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -61,13 +13,24 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import pytest
+import dataclasses
 
 from vlm import hookspecs
-from vlm.config import RawConfig, load_model_config, text_config_of
+from vlm.config import load_model_config, text_config_of
 from vlm.errors import InputError, PluginError
 from vlm.inputs import ModelInputs
-from vlm.plugins import PluginInfo, get_registry
+from vlm.plugin.manager import PluginInfo, get_registry
+from vlm.testing.conformance.harness import Harness
+from vlm.testing.conformance.inputs import (
+    default_prompts,
+    describe_config,
+    describe_prompt,
+    image_message,
+    odd_images,
+    probe_configs,
+    random_picture,
+    with_tokens_appended,
+)
 
 CHECKS = (
     "plugin_loads",
@@ -123,184 +86,12 @@ def _one_thread(check: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _with_tokens_appended(inputs: Any, tokens: list[int]) -> Any:
-    """The prompt followed by ``tokens`` as one prompt; explicit (M-RoPE) positions are extended
-    the way the engine places generated tokens: ``index + position_delta`` in every row."""
-    import torch
-
-    full = dataclasses.replace(inputs, token_ids=inputs.token_ids + tokens)
-    if getattr(inputs, "positions", None) is None:
-        return full
-    start = inputs.positions.shape[1]
-    more = torch.arange(start, start + len(tokens)).expand(inputs.positions.shape[0], -1) + inputs.position_delta
-    return dataclasses.replace(full, positions=torch.cat([inputs.positions, more.to(inputs.positions.dtype)], dim=1))
-
-
-def describe_config(config: Any) -> str:
-    return (
-        f"architectures={getattr(config, 'architectures', None)} "
-        f"model_type={getattr(config, 'model_type', None)!r}"
-    )
-
-
-# ---------------------------------------------------------------------------------- inputs
-
-
-def _random_picture(seed: int, size: tuple[int, int], mode: str = "RGB"):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    width, height = size
-    if mode == "RGBA":
-        return Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8), "RGBA")
-    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
-    return image if mode == "RGB" else image.convert(mode)
-
-
-def odd_images() -> list[tuple[str, Any]]:
-    """``(label, PIL image)`` pairs of sizes and modes a preprocessor must handle."""
-    from PIL import Image
-
-    return [
-        ("1x1 RGB", Image.new("RGB", (1, 1), (200, 30, 30))),
-        ("17x300 RGB", _random_picture(11, (17, 300))),
-        ("300x17 RGB", _random_picture(12, (300, 17))),
-        ("64x48 RGBA (transparent)", _random_picture(13, (64, 48), "RGBA")),
-        ("33x33 L (grayscale)", _random_picture(14, (33, 33), "L")),
-        ("40x24 P (palette)", _random_picture(15, (40, 24), "P")),
-        ("20x20 CMYK", _random_picture(16, (20, 20), "CMYK")),
-    ]
-
-
-def image_message(*images: Any, text: str = "What is in the picture?") -> list[dict[str, Any]]:
-    """One user message holding ``images`` then ``text`` (OpenAI-style content parts)."""
-    content: list[dict[str, Any]] = [{"type": "image", "image": image} for image in images]
-    content.append({"type": "text", "text": text})
-    return [{"role": "user", "content": content}]
-
-
-def default_prompts(is_vlm: bool) -> list[Any]:
-    """Prompts of different lengths; for a VLM: one image, two images, and no image."""
-    if is_vlm:
-        return [
-            image_message(_random_picture(1, (90, 50)), text="Describe this."),
-            image_message(_random_picture(2, (40, 120)), _random_picture(3, (60, 60)), text="Compare them."),
-            [{"role": "user", "content": "Hello there, no picture today."}],
-        ]
-    return ["Hello", "The quick brown fox jumps over", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"]
-
-
-def _describe_prompt(prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return repr(prompt[:40])
-    from vlm.inputs import has_image_parts, iter_image_parts
-
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-        images = len(list(iter_image_parts(prompt))) if has_image_parts(prompt) else 0
-        return f"chat with {images} image(s)"
-    return f"{type(prompt).__name__} prompt"
-
-
-#: Configs of families no plugin should claim. A plugin that claims one of them claims
-#: everything, and would take models of other families away from the plugins that serve them.
-def probe_configs() -> list[Any]:
-    text = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
-    return [
-        RawConfig({"architectures": ["VlmConformanceProbeForCausalLM"], "model_type": "vlm_conformance_probe", **text}),
-        RawConfig({"model_type": "vlm_conformance_probe", **text}),  # architectures is None
-        RawConfig({
-            "architectures": ["VlmConformanceProbeForConditionalGeneration"],
-            "model_type": "vlm_conformance_probe_vl",
-            "text_config": {
-                "architectures": ["VlmConformanceProbeTextModel"], "model_type": "vlm_conformance_probe_text", **text,
-            },
-            "vision_config": {"model_type": "vlm_conformance_probe_vision", "hidden_size": 16},
-        }),
-    ]
-
-
-# ---------------------------------------------------------------------------------- harness
-
-
-class _Harness:
-    """Drives a loaded model the way the engine does (``ModelRunner.prepare``: flat batches over a
-    paged KV cache, image features written over placeholders) but returns every hidden state."""
-
-    def __init__(self, model: Any, text: Any, dtype: Any, block_size: int = 4, num_blocks: int = 512):
-        import torch
-
-        from vlm.engine.kv_cache import CacheShape, KVCache
-        from vlm.engine.model_runner import ModelRunner
-
-        shape = CacheShape(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, block_size)
-        self.model = model
-        self.block_size = block_size
-        self.cache = KVCache(shape, num_blocks, dtype, torch.device("cpu"))
-        self.runner = ModelRunner(model, self.cache, torch.device("cpu"))
-        self._count = 0
-
-    def sequence(self, inputs: ModelInputs, extra_tokens: int = 0):
-        import torch
-
-        from vlm.engine.sequence import Sequence
-        from vlm.sampling_params import SamplingParams
-
-        positions = None
-        if inputs.images:
-            positions = (torch.tensor(inputs.token_ids) == inputs.image_token_id).nonzero().flatten()
-        self._count += 1
-        seq = Sequence(
-            request_id=f"conformance-{self._count}", inputs=inputs, params=SamplingParams(),
-            detokenizer=None, placeholder_positions=positions,
-        )
-        total = len(inputs.token_ids) + extra_tokens
-        seq.blocks = [self.cache.allocator.allocate() for _ in range(-(-total // self.block_size))]
-        return seq
-
-    def step(self, decodes: Sequence[Any] = (), prefills: Sequence[tuple[Any, int]] = (), embeds_of: list[int] | None = None):
-        """One forward; returns the flat input ids and the hidden states of every token.
-
-        :param embeds_of: pass ``inputs_embeds`` = the embeddings of these token ids (one per token
-            of the batch) instead of letting the model embed ``input_ids``.
-        """
-        import torch
-
-        from vlm.engine.scheduler import ScheduledStep
-
-        step = ScheduledStep(decodes=list(decodes), prefills=list(prefills))
-        with torch.inference_mode():
-            input_ids, positions, batch, _, _ = self.runner.prepare(step)
-            inputs_embeds = None
-            if embeds_of is not None:
-                inputs_embeds = self.model.embed_tokens(torch.tensor(embeds_of, dtype=input_ids.dtype))
-            elif batch.images:
-                inputs_embeds = self.model.embed_tokens(input_ids)
-                for span in batch.images:
-                    inputs_embeds[span.token_index] = span.embeds.to(inputs_embeds.dtype)
-            hidden = self.model(input_ids, positions, batch, inputs_embeds=inputs_embeds)
-        for seq, count in prefills:
-            seq.num_computed += count
-        for seq in decodes:
-            seq.num_computed += 1
-        return input_ids, hidden
-
-    def logits(self, hidden):
-        import torch
-
-        with torch.inference_mode():
-            return self.model.compute_logits(hidden)
-
-
-# ---------------------------------------------------------------------------------- the kit
-
-
 class Conformance:
     """The checks for one plugin on one tiny checkpoint; expensive pieces are built once.
 
     :param plugin: the plugin's name (entry-point name, plugin-file name or distribution name) or
         its module; a module that is not registered yet is registered in the process-wide
-        registry (call :func:`vlm.plugins.reset_registry` afterwards to forget it).
+        registry (call :func:`vlm.plugin.manager.reset_registry` afterwards to forget it).
     :param checkpoint: a tiny checkpoint directory in Hugging Face layout.
     :param reference: for :meth:`check_greedy_parity`: a class with
         ``from_pretrained(path, dtype=...)`` (e.g. a transformers class), a ``"module:attr"``
@@ -376,9 +167,7 @@ class Conformance:
 
     def _hook(self, hook: str, **kwargs: Any) -> Any:
         """Call one hook of this plugin only (keyword arguments, as the core does)."""
-        pm = self.registry.pm
-        others = [plugin for name, plugin in pm.list_name_plugin() if name != self.name]
-        return pm.subset_hook_caller(hook, remove_plugins=others)(**kwargs)
+        return self.registry.hook_of(self.name, hook)(**kwargs)
 
     # -- the checkpoint ------------------------------------------------------------------
 
@@ -396,13 +185,13 @@ class Conformance:
 
     @functools.cached_property
     def tokenizer(self):
-        from vlm.engine.llm_engine import load_tokenizer
+        from vlm.loader import load_tokenizer
 
         return load_tokenizer(self.checkpoint)
 
     @functools.cached_property
     def preprocessor(self):
-        from vlm.models import build_preprocessor
+        from vlm.plugin.manager import build_preprocessor
 
         try:
             preprocessor = build_preprocessor(self.model_config, self.tokenizer, self.name)
@@ -441,7 +230,7 @@ class Conformance:
         """A fresh, unloaded model from the plugin's ``build_model``."""
         import torch
 
-        from vlm.models import build_model
+        from vlm.plugin.manager import build_model
 
         dtype = dtype or torch.float32
         device = torch.device(device or "cpu")
@@ -462,11 +251,12 @@ class Conformance:
         return iter_checkpoint(checkpoint_files(self.checkpoint), meta=meta, progress=False)
 
     def load(self, dtype: Any = None):
-        """Build and load a model, verifying that every tensor and parameter is accounted for."""
+        """Build and load a model as the engine does (:func:`vlm.loader.load_model`), verifying that
+        every tensor and parameter is accounted for."""
         import torch
 
-        from vlm.nn.gemm import prepare_for_inference
-        from vlm.nn.weights import LoadReport
+        from vlm.loader import load_model
+        from vlm.nn import LoadReport
 
         model = self.build(dtype)
         with torch.no_grad():
@@ -481,62 +271,67 @@ class Conformance:
                 read.append(name)
                 yield name, tensor
 
+        def verify(model: Any, report: Any) -> None:
+            if not isinstance(report, LoadReport):
+                _fail(
+                    f"load_weights returned {type(report).__name__}; return the vlm.nn.LoadReport of "
+                    "load_weights_by_mapping / load_with_language_model so that the core can report mismatches"
+                )
+            if len(read) < len(names):
+                _fail(
+                    f"load_weights read only {len(read)} of the checkpoint's {len(names)} tensors (next unread: "
+                    f"{names[len(read)]}); iterate over every (name, tensor) it is given"
+                )
+            problems = []
+            if report.unexpected:
+                problems.append(
+                    f"load_weights left these checkpoint tensors unused: {_short_list(report.unexpected)}; map them "
+                    "in load_weights (a WeightMapping for shards of a fused parameter, rename= for other names) or "
+                    "skip them on purpose with ignore=[regex]"
+                )
+            if report.missing:
+                problems.append(
+                    f"these model parameters got no checkpoint tensor: {_short_list(report.missing)}; map the "
+                    "checkpoint names that hold them in load_weights, or do not create the parameters"
+                )
+            if report.mismatched:
+                problems.append(
+                    f"these checkpoint tensors do not fit their parameters' shapes: {_short_list(report.mismatched)}; "
+                    "build the layers with the sizes in hf_config"
+                )
+            if problems:
+                _fail("; ".join(problems))
+            unwritten = [
+                name for name, param in model.named_parameters()
+                if param.is_floating_point() and param.numel() and bool(torch.isnan(param).any())
+            ]
+            if unwritten:
+                _fail(
+                    f"load_weights reported success but never wrote (all of) these parameters: "
+                    f"{_short_list(unwritten)}; every element must come from the checkpoint: load through each "
+                    "parameter's weight_loader (load_weights_by_mapping does)"
+                )
+
         try:
-            report = model.load_weights(counted())
+            loaded = load_model(
+                self.model_config, dtype or torch.float32, torch.device("cpu"), self.name,
+                model=model, weights=counted(), strict=False, verify=verify,
+            )
+        except ConformanceError:
+            raise
         except Exception as exc:
             _fail(f"load_weights raised {type(exc).__name__} (after reading {len(read)} tensors): {exc}")
-        if not isinstance(report, LoadReport):
-            _fail(
-                f"load_weights returned {type(report).__name__}; return the vlm.nn.LoadReport of "
-                "load_weights_by_mapping / load_with_language_model so that the core can report mismatches"
-            )
-        if len(read) < len(names):
-            _fail(
-                f"load_weights read only {len(read)} of the checkpoint's {len(names)} tensors (next unread: "
-                f"{names[len(read)]}); iterate over every (name, tensor) it is given"
-            )
-        problems = []
-        if report.unexpected:
-            problems.append(
-                f"load_weights left these checkpoint tensors unused: {_short_list(report.unexpected)}; map them in "
-                "load_weights (a WeightMapping for shards of a fused parameter, rename= for other names) or "
-                "skip them on purpose with ignore=[regex]"
-            )
-        if report.missing:
-            problems.append(
-                f"these model parameters got no checkpoint tensor: {_short_list(report.missing)}; map the "
-                "checkpoint names that hold them in load_weights, or do not create the parameters"
-            )
-        if report.mismatched:
-            problems.append(
-                f"these checkpoint tensors do not fit their parameters' shapes: {_short_list(report.mismatched)}; "
-                "build the layers with the sizes in hf_config"
-            )
-        if problems:
-            _fail("; ".join(problems))
-        unwritten = [
-            name for name, param in model.named_parameters()
-            if param.is_floating_point() and param.numel() and bool(torch.isnan(param).any())
-        ]
-        if unwritten:
-            _fail(
-                f"load_weights reported success but never wrote (all of) these parameters: {_short_list(unwritten)}; "
-                "every element must come from the checkpoint: load through each parameter's weight_loader "
-                "(load_weights_by_mapping does)"
-            )
-        model.eval()
-        prepare_for_inference(model)
-        return model
+        return loaded.model
 
     @functools.cached_property
     def model(self):
         """The float32 model, loaded and prepared as the engine prepares it."""
         return self.load()
 
-    def harness(self, model: Any = None, dtype: Any = None) -> _Harness:
+    def harness(self, model: Any = None, dtype: Any = None) -> Harness:
         import torch
 
-        return _Harness(model if model is not None else self.model, self.model_config.text, dtype or torch.float32)
+        return Harness(model if model is not None else self.model, self.model_config.text, dtype or torch.float32)
 
     @functools.cached_property
     def llm(self):
@@ -613,7 +408,7 @@ class Conformance:
             if any(r not in (None, False) for r in self._hook("match", hf_config=text)):
                 _fail(
                     f"match() also claims this checkpoint's nested text config ({describe_config(text)}); the core "
-                    "asks every plugin for a VLM's language model (vlm.models.build_language_model), so decline "
+                    "asks every plugin for a VLM's language model (vlm.plugin.build_language_model), so decline "
                     "configs whose architectures / model_type are not yours"
                 )
             try:
@@ -737,7 +532,7 @@ class Conformance:
     @_one_thread
     def check_images(self) -> None:
         if not self.is_vlm:
-            picture = _random_picture(0, (32, 32))
+            picture = random_picture(0, (32, 32))
             try:
                 self.preprocessor(image_message(picture))
             except InputError:
@@ -755,7 +550,7 @@ class Conformance:
 
         hidden = self.model_config.text.hidden_size
         cases = [(f"a {label} image", image_message(image), 1) for label, image in odd_images()]
-        pair = (_random_picture(21, (90, 50)), _random_picture(22, (50, 90)))
+        pair = (random_picture(21, (90, 50)), random_picture(22, (50, 90)))
         cases.append(("two images in one prompt", image_message(*pair), 2))
         for what, messages, count in cases:
             inputs = self.preprocess(messages, what)
@@ -824,7 +619,7 @@ class Conformance:
     def _probe(self) -> ModelInputs:
         """A prompt for the forward checks: with an image for a VLM."""
         if self.is_vlm:
-            inputs = self.preprocess(image_message(_random_picture(5, (70, 40)), text="What is this? Tell me."))
+            inputs = self.preprocess(image_message(random_picture(5, (70, 40)), text="What is this? Tell me."))
             self._check_placeholders(inputs, "a 70x40 RGB image", 1)
             return inputs
         return self.preprocess("The conformance kit checks this prompt, token by token.")
@@ -901,7 +696,7 @@ class Conformance:
         vocab = min(self.model_config.text.vocab_size, 256)
         continuation = [int(t) for t in torch.randint(0, vocab, (steps,), generator=rng)]
         continuation = [t if t != inputs.image_token_id else 0 for t in continuation]
-        full = _with_tokens_appended(inputs, continuation)
+        full = with_tokens_appended(inputs, continuation)
         harness = self.harness()
 
         whole = harness.sequence(full)
@@ -963,7 +758,7 @@ class Conformance:
             diff = (logits[: len(alone_logits)] - alone_logits[: len(logits)]).abs().max().item()
             if step is not None or not diff <= self._tolerance(alone_logits):
                 _fail(
-                    f"prompt {index} ({_describe_prompt(prompts[index])}) gives different "
+                    f"prompt {index} ({describe_prompt(prompts[index])}) gives different "
                     + (f"tokens (from step {step})" if step is not None else "logits")
                     + f" batched with {len(prompts) - 1} others than alone (max logit difference {diff:.3g}); treat "
                     "every token of the flat batch independently: no reductions over the token dimension, no "
@@ -1013,7 +808,7 @@ class Conformance:
         for index, (prompt, (tokens, logits)) in enumerate(zip(self.prompts, self.alone)):
             inputs = self.llm.engine.preprocess(prompt)
             ref_logits = self._reference_logits(model, inputs, tokens)
-            what = f"prompt {index} ({_describe_prompt(prompt)})"
+            what = f"prompt {index} ({describe_prompt(prompt)})"
             if tuple(ref_logits.shape) != tuple(logits.shape):
                 _fail(
                     f"for {what} the reference's logits have shape {tuple(ref_logits.shape)} and vlm's "
@@ -1052,90 +847,3 @@ def run_conformance(
     conformance = Conformance(plugin, checkpoint, reference, **options)
     conformance.run_all()
     return conformance
-
-
-# ---------------------------------------------------------------------------------- pytest
-
-
-class PluginConformanceTests:
-    """Base class for a plugin's conformance tests: subclass it as ``Test...`` in a test module.
-
-    Set ``plugin`` (name or module) and optionally ``reference``, ``reference_inputs``,
-    ``foreign_configs``, ``prompts``, ``new_tokens``, ``atol``, and provide a ``checkpoint``
-    fixture of class scope or wider that returns a tiny checkpoint directory: in the test module
-    (``@pytest.fixture(scope="module")``), in conftest.py, or in the class as a
-    ``@pytest.fixture(scope="class")`` over a ``@classmethod``. It may be parametrized to run the
-    suite on several checkpoints. Class attributes are read from the class, so a plain function
-    (e.g. ``reference_inputs``) stays a function.
-    """
-
-    plugin: str | ModuleType | None = None
-    reference: Any = None
-    reference_inputs: Callable[[ModelInputs], dict[str, Any]] | None = None
-    foreign_configs: Sequence[Any] = ()
-    prompts: Sequence[Any] | None = None
-    new_tokens: int = 16
-    atol: float = 1e-4
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def conformance(cls, checkpoint) -> Conformance:
-        if cls.plugin is None:
-            pytest.fail(f"{cls.__name__} must set `plugin` to the plugin's name or module")
-        return Conformance(
-            cls.plugin, checkpoint, cls.reference,
-            reference_inputs=cls.reference_inputs, foreign_configs=cls.foreign_configs,
-            prompts=cls.prompts, new_tokens=cls.new_tokens, atol=cls.atol,
-        )
-
-    def test_plugin_loads(self, conformance):
-        conformance.check_plugin_loads()
-
-    def test_match_claims_its_config_and_declines_others(self, conformance):
-        conformance.check_match()
-
-    def test_architectures_lists_the_checkpoint(self, conformance):
-        conformance.check_architectures()
-
-    def test_plugin_module_imports_torch_lazily(self, conformance):
-        conformance.check_lazy_torch_import()
-
-    def test_build_model_honours_dtype_device_and_protocol(self, conformance):
-        conformance.check_build_model()
-
-    def test_load_weights_consumes_every_tensor(self, conformance):
-        conformance.check_load_weights()
-
-    def test_preprocessor_handles_text_and_token_ids(self, conformance):
-        conformance.check_preprocessor()
-
-    def test_images_odd_sizes_modes_and_placeholder_count(self, conformance):
-        conformance.check_images()
-
-    def test_forward_shapes_and_dtypes(self, conformance):
-        conformance.check_forward()
-
-    def test_incremental_decoding_equals_full_forward(self, conformance):
-        conformance.check_incremental_decoding()
-
-    def test_batch_invariance(self, conformance):
-        conformance.check_batch_invariance()
-
-    def test_greedy_parity_with_reference(self, conformance):
-        if conformance.reference is None:
-            pytest.skip("no reference given (set `reference` to compare greedy output with it)")
-        conformance.check_greedy_parity()
-
-
-__all__ = [
-    "CHECKS",
-    "Conformance",
-    "ConformanceError",
-    "PluginConformanceTests",
-    "default_prompts",
-    "describe_config",
-    "image_message",
-    "odd_images",
-    "probe_configs",
-    "run_conformance",
-]

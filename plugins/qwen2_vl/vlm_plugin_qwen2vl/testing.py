@@ -9,7 +9,7 @@
 - :func:`load_reference_processor` loads transformers' ``Qwen2VLProcessor`` /
   ``Qwen2_5_VLProcessor`` from such a directory (or a real one) without torchvision: the stock
   classes want a video processor, which needs torchvision, so a subclass passes
-  ``video_processor=None`` (as :mod:`vlm.testing.internvl` does for InternVL).
+  ``video_processor=None`` (as :mod:`vlm_plugin_internvl.testing` does for InternVL).
 - :class:`ReferenceModel` wraps transformers' model so that it can be called (and ``generate``)
   with token ids, pixels and grids alone, as the conformance kit calls a reference;
   :func:`reference_inputs` gives those arguments for a request preprocessed by vlm.

@@ -29,12 +29,16 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from vlm.distributed.parallel_state import tp_world_size
+from vlm.errors import ConfigError
 
 logger = logging.getLogger("vlm")
 
@@ -74,7 +78,10 @@ def _init_group(rank: int, world_size: int, port: int) -> dist.ProcessGroup:
 class TensorParallelDriver:
     """Rank 0's side: starts the workers, then sends each step's commands."""
 
-    def __init__(self, engine_fields: dict[str, Any], world_size: int):
+    def __init__(self, engine_factory: Callable[[dict[str, Any]], Any], engine_fields: dict[str, Any], world_size: int):
+        """:param engine_factory: a module-level function (spawned workers unpickle it by name)
+        that builds a worker's engine from ``engine_fields``; the engine passes its own, so this
+        module never imports the engine."""
         global _active_driver
         self.world_size = world_size
         self.closed = False
@@ -84,7 +91,7 @@ class TensorParallelDriver:
         port = _free_port()
         context = mp.get_context("spawn")  # fork would copy rank 0's threads and torch state
         self._workers = [
-            context.Process(target=_worker_main, args=(rank, world_size, port, engine_fields), daemon=True,
+            context.Process(target=_worker_main, args=(rank, world_size, port, engine_factory, engine_fields), daemon=True,
                             name=f"vlm-tp-rank{rank}")
             for rank in range(1, world_size)
         ]
@@ -170,15 +177,14 @@ class TensorParallelDriver:
                 _active_driver = None
 
 
-def _worker_main(rank: int, world_size: int, port: int, engine_fields: dict[str, Any]) -> None:
-    from vlm.config import EngineConfig
-    from vlm.engine.llm_engine import LLMEngine
-
+def _worker_main(
+    rank: int, world_size: int, port: int, engine_factory: Callable[[dict[str, Any]], Any], engine_fields: dict[str, Any]
+) -> None:
     logging.basicConfig(level=logging.INFO, format=f"vlm rank {rank}: %(message)s")
     torch.set_num_threads(engine_fields.get("num_threads") or threads_per_rank(world_size))
     commands = _init_group(rank, world_size, port)
     try:
-        engine = LLMEngine(EngineConfig(**engine_fields))
+        engine = engine_factory(engine_fields)
     except Exception as exc:  # rank 0 builds the same engine and fails the same way
         logger.error("could not build the engine: %s", exc)
         dist.destroy_process_group()
@@ -205,3 +211,33 @@ def _worker_main(rank: int, world_size: int, port: int, engine_fields: dict[str,
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def start_driver(
+    size: int, device: torch.device, engine_factory: Callable[[dict[str, Any]], Any], engine_fields: dict[str, Any]
+) -> TensorParallelDriver | None:
+    """Spawn ranks 1..N-1 for ``tensor_parallel_size=N`` unless a launcher (torchrun) already did.
+
+    :return: the driver, or ``None`` when this process runs alone or under torchrun (SPMD).
+    """
+    driver = active_driver()
+    if driver is not None:
+        raise ConfigError(
+            f"this process already runs a tensor-parallel engine (rank 0 of {driver.world_size}), whose "
+            "process group any other engine here would join; close it first (llm.close())"
+        )
+    if tp_world_size() > 1:
+        if size not in (1, tp_world_size()):
+            raise ConfigError(
+                f"tensor_parallel_size={size} but the process group has {tp_world_size()} ranks; "
+                "leave tensor_parallel_size unset under torchrun"
+            )
+        return None
+    if size == 1:
+        return None
+    if device.type != "cpu":
+        raise ConfigError(
+            f"tensor_parallel_size={size} spawns CPU (gloo) ranks; on {device.type} launch one "
+            "process per device with torchrun instead"
+        )
+    return TensorParallelDriver(engine_factory, engine_fields, size)

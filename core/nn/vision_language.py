@@ -1,7 +1,7 @@
 """The part every vision-language model shares: text goes straight to its language model.
 
 A VLM built on :class:`VisionLanguageModel` builds its vision tower and projector, sets
-``self.language_model`` (``vlm.models.build_language_model``: whichever plugin claims the nested
+``self.language_model`` (``vlm.plugin.build_language_model``: whichever plugin claims the nested
 text config) and implements ``embed_images``; the base delegates the rest of the model protocol
 (``embed_tokens``, ``forward``, ``compute_logits``) to the language model and streams checkpoints
 through :func:`~vlm.nn.weights.load_with_language_model`.
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from vlm.forward_batch import ForwardBatch
+from vlm.nn.forward_batch import ForwardBatch
 from vlm.nn.weights import LoadReport, WeightLoader, load_with_language_model
 
 

@@ -1,6 +1,7 @@
-"""Helpers that VLM preprocessors share: reading a model directory's processor files, and
-transformers' image conventions that pixel-for-pixel parity depends on.
+"""Preprocessors: prompt (text, chat messages with images, token ids) -> :class:`ModelInputs`.
 
+- :class:`TextPreprocessor` tokenizes plain prompts and renders chat messages with the
+  tokenizer's chat template (what text-only plugins return from ``build_preprocessor``).
 - :func:`read_json` reads ``preprocessor_config.json`` / ``processor_config.json`` with one-line
   errors; :func:`find_chat_template` finds the chat template transformers' *processor* would use
   (which may differ from the tokenizer's).
@@ -21,9 +22,47 @@ from pathlib import Path
 from typing import Any
 
 from vlm.errors import ConfigError, InputError
-from vlm.images import MAX_PIXELS, load_image
-from vlm.inputs import ImageInput, ModelInputs, Prompt, iter_image_parts, normalize_messages
+from vlm.inputs.data import ImageInput, Message, ModelInputs, Prompt
+from vlm.inputs.images import MAX_PIXELS, load_image
+from vlm.inputs.messages import has_image_parts, iter_image_parts, normalize_messages, validate_messages
 
+
+class TextPreprocessor:
+    """Tokenizes plain prompts, renders chat messages with the tokenizer's chat template."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InputError(
+                "this model's tokenizer has no chat template (tokenizer_config.json 'chat_template'); "
+                "send a plain prompt string instead of chat messages"
+            )
+        # text-only chat templates expect a string: join OpenAI-style text parts
+        flat = [
+            {**m, "content": "".join(p.get("text", "") for p in m["content"])} if isinstance(m.get("content"), list) else m
+            for m in validate_messages(messages)
+        ]
+        return self.tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs:
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:
+            return ModelInputs(token_ids=list(prompt))
+        if isinstance(prompt, list):
+            if has_image_parts(prompt):
+                raise InputError("this model reads text only: remove the image parts, or serve a vision-language model")
+            text = self.render(prompt, add_generation_prompt)
+            # the template already wrote BOS where the model wants it
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        elif isinstance(prompt, str):
+            text = prompt
+            ids = self.tokenizer(text)["input_ids"]
+        else:
+            raise InputError(f"a prompt must be a string, a list of messages or token ids, not {type(prompt).__name__}")
+        if not ids:
+            raise InputError("the prompt is empty after tokenization; send at least one token")
+        return ModelInputs(token_ids=list(ids), prompt=text)
 
 def read_json(path: str | Path) -> dict[str, Any] | None:
     """The JSON object in ``path``; ``None`` when there is no such file."""
@@ -93,7 +132,7 @@ class ImagePromptPreprocessor:
     :param hf_config: the model's config.
     :param model_path: the model directory (processor files, chat template: :func:`find_chat_template`).
     :param allowed_dir, allow_remote, max_pixels: image-loading policy for :meth:`load_image`, see
-        :func:`vlm.images.load_image`.
+        :func:`vlm.inputs.images.load_image`.
 
     A subclass sets ``placeholder``, ``image_token`` and ``image_token_id`` (:meth:`vocabulary_id`
     checks a token exists), ``supports_images`` for a checkpoint without a vision tower, and

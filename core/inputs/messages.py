@@ -1,4 +1,4 @@
-"""What a preprocessor produces for the engine, and the text-only preprocessor.
+"""Chat messages in the OpenAI shape, and the image parts inside them.
 
 A prompt is either a string (sent as is) or a list of chat messages in the OpenAI shape
 (``{"role": "user", "content": "..."}``), rendered with the tokenizer's chat template.
@@ -8,86 +8,18 @@ take them: ``{"type": "text", "text": ...}``, ``{"type": "image", "image": <sour
 ``"url"``, ``"path"`` or ``"base64"`` instead of ``"image"``) and
 ``{"type": "image_url", "image_url": {"url": ...}}``. :func:`normalize_messages` rewrites every
 image part as ``{"type": "image", "image": <source>}`` (what transformers' templates test for) and
-:func:`iter_image_parts` lists the sources in prompt order; ``vlm.images.load_image`` loads them.
-
-This module does not import torch (``ImageInput`` only names it in annotations).
+:func:`iter_image_parts` lists the sources in prompt order; ``vlm.inputs.load_image`` loads them.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, Union
+from typing import Any
 
 from vlm.errors import InputError
-
-if TYPE_CHECKING:
-    import torch
-
-Message = dict[str, Any]
-Prompt = Union[str, list[Message], list[int]]
-
-
-@dataclass
-class ImageInput:
-    """One image of a request, preprocessed for the model.
-
-    :param pixel_values: the pixels in the plugin's layout, e.g. ``[tiles, 3, H, W]`` float32.
-    :param num_tokens: how many placeholder tokens (``ModelInputs.image_token_id``) this image
-        fills in ``token_ids``; its embeddings must have exactly this many rows.
-    :param key: content hash of ``pixel_values`` (:func:`pixel_values_key`), for the engine's
-        image-embedding and prefix caches.
-    :param extra: anything else the plugin's model needs (e.g. a tile grid). By convention
-        ``extra["resized_size"] = (width, height)`` is the size the image was resized to, when
-        the model writes grounding boxes in pixels of that image (Qwen2.5-VL).
-    """
-
-    pixel_values: torch.Tensor
-    num_tokens: int
-    key: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def pixel_values_key(pixel_values: torch.Tensor) -> str:
-    """sha256 over dtype, shape and bytes of a tensor: equal keys mean equal pixels."""
-    import torch  # called with a tensor in hand: torch is already imported
-
-    tensor = pixel_values.detach().cpu().contiguous()
-    digest = hashlib.sha256(f"{tensor.dtype}:{tuple(tensor.shape)}:".encode())
-    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-@dataclass
-class ModelInputs:
-    """One request's model inputs.
-
-    :param token_ids: prompt token ids, image placeholders already expanded.
-    :param images: one :class:`ImageInput` per image, in prompt order (VLMs only).
-    :param positions: M-RoPE positions, a ``[3, T]`` integer tensor (temporal, height, width per
-        prompt token), for models with ``position_dims = 3``; ``None`` means ``0..T-1``.
-    :param position_delta: with explicit positions, the offset of generated tokens: the token at
-        sequence index ``i >= T`` sits at position ``i + position_delta`` in all three rows
-        (transformers' ``rope_deltas``: ``positions.max() + 1 - T``).
-    :param image_token_id: the placeholder token that image embeddings replace, in order:
-        ``token_ids.count(image_token_id) == sum(image.num_tokens for image in images)``.
-    """
-
-    token_ids: list[int]
-    images: list[Any] = field(default_factory=list)
-    positions: Any | None = None
-    position_delta: int = 0
-    prompt: str | None = None
-    image_token_id: int | None = None
-
-
-class Preprocessor(Protocol):
-    tokenizer: Any
-
-    def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs: ...
+from vlm.inputs.data import Message
 
 
 def validate_messages(messages: Any) -> list[Message]:
@@ -99,45 +31,6 @@ def validate_messages(messages: Any) -> list[Message]:
         if message["role"] not in ("system", "user", "assistant", "tool"):
             raise InputError(f"message {i} has role {message['role']!r}; use system, user, assistant or tool")
     return messages
-
-
-class TextPreprocessor:
-    """Tokenizes plain prompts, renders chat messages with the tokenizer's chat template."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InputError(
-                "this model's tokenizer has no chat template (tokenizer_config.json 'chat_template'); "
-                "send a plain prompt string instead of chat messages"
-            )
-        # text-only chat templates expect a string: join OpenAI-style text parts
-        flat = [
-            {**m, "content": "".join(p.get("text", "") for p in m["content"])} if isinstance(m.get("content"), list) else m
-            for m in validate_messages(messages)
-        ]
-        return self.tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs:
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:
-            return ModelInputs(token_ids=list(prompt))
-        if isinstance(prompt, list):
-            if has_image_parts(prompt):
-                raise InputError("this model reads text only: remove the image parts, or serve a vision-language model")
-            text = self.render(prompt, add_generation_prompt)
-            # the template already wrote BOS where the model wants it
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        elif isinstance(prompt, str):
-            text = prompt
-            ids = self.tokenizer(text)["input_ids"]
-        else:
-            raise InputError(f"a prompt must be a string, a list of messages or token ids, not {type(prompt).__name__}")
-        if not ids:
-            raise InputError("the prompt is empty after tokenization; send at least one token")
-        return ModelInputs(token_ids=list(ids), prompt=text)
-
 
 IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
 

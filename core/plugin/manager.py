@@ -12,6 +12,9 @@ Environment:
   (entry-point or distribution names).
 - ``VLM_TRACE_PLUGINS=1``: print every hook call and its result to stderr.
 
+The build functions at the end are how the core (and a VLM plugin, for its language model)
+turns a config into a model: ask every plugin's ``match``, pick one, call its hook.
+
 This module must not import torch: ``vlmrun plugins`` lists plugins without it.
 """
 
@@ -22,17 +25,21 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+from importlib_metadata import entry_points
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
 from vlm import hookspecs
 from vlm.errors import PluginError
+
+if TYPE_CHECKING:
+    import torch
+
+    from vlm.config import ModelConfig
 
 ENTRY_POINT_GROUP = "vlm.models"
 PLUGIN_FILES_ENV = "VLM_PLUGIN_FILES"
@@ -221,7 +228,7 @@ class PluginRegistry:
     def _call_guarded(self, info: PluginInfo, hook: str, **kwargs: Any) -> list[Any]:
         """Call a hook of one plugin; a plugin that raises is marked broken instead of failing all."""
         try:
-            return self._only(info.name, hook)(**kwargs)
+            return self.hook_of(info.name, hook)(**kwargs)
         except Exception as exc:
             info.error = f"{hook} hook raised {type(exc).__name__}: {exc}"
             return []
@@ -272,12 +279,13 @@ class PluginRegistry:
 
     def call(self, plugin: str, hook: str, **kwargs: Any) -> Any:
         """Call a first-result hook on one plugin (keyword arguments, so impls may take fewer)."""
-        result = self._only(plugin, hook)(**kwargs)
+        result = self.hook_of(plugin, hook)(**kwargs)
         if result is None:
             raise PluginError(f"plugin {plugin!r} returned nothing from the {hook!r} hook")
         return result
 
-    def _only(self, plugin: str, hook: str):
+    def hook_of(self, plugin: str, hook: str) -> Any:
+        """The caller of ``hook`` on ``plugin`` alone (keyword arguments, so impls may take fewer)."""
         others = [p for name, p in self.pm.list_name_plugin() if name != plugin]
         return self.pm.subset_hook_caller(hook, remove_plugins=others)
 
@@ -358,5 +366,39 @@ def _short(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def plugin_module(plugin: str) -> ModuleType | Any:
-    return get_registry().pm.get_plugin(plugin)
+# ---------------------------------------------------------------------------------- building
+
+
+def choose_plugin(hf_config: Any, forced: str | None = None) -> str:
+    plugin, _ = get_registry().choose(hf_config, forced)
+    return plugin
+
+
+def build_model(
+    model_config: ModelConfig, dtype: torch.dtype, device: torch.device, plugin: str | None = None
+) -> tuple[torch.nn.Module, str]:
+    """Build (not load) the model of ``model_config`` with the plugin that claims it."""
+    registry = get_registry()
+    name = choose_plugin(model_config.hf_config, plugin)
+    model = registry.call(
+        name, "build_model", hf_config=model_config.hf_config, model_config=model_config, dtype=dtype, device=device
+    )
+    return model, name
+
+
+def build_language_model(text_config: Any, model_config: ModelConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The language model for a VLM's nested text config, from whichever plugin claims it."""
+    registry = get_registry()
+    name = choose_plugin(text_config)
+    return registry.call(name, "build_model", hf_config=text_config, model_config=model_config, dtype=dtype, device=device)
+
+
+def build_preprocessor(model_config: ModelConfig, tokenizer: Any, plugin: str) -> Any:
+    return get_registry().call(
+        plugin,
+        "build_preprocessor",
+        hf_config=model_config.hf_config,
+        model_config=model_config,
+        model_path=model_config.path,
+        tokenizer=tokenizer,
+    )

@@ -1,0 +1,83 @@
+"""Output processing: each sampled token is appended, detokenized, checked against the stop
+conditions, and turned into the :class:`RequestOutput` the caller sees (with grounding boxes once
+a request finishes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlm.engine.sequence import Sequence
+from vlm.grounding import BOX_START, GroundedBox, parse_boxes
+from vlm.outputs import CompletionOutput, RequestOutput
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any, eos_token_ids: set[int], max_model_len: int):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self._box_start_id: int | None = None  # looked up on the first finished request
+
+    def append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> None:
+        """Add a sampled token; sets ``seq.finish_reason`` when the sequence is done."""
+        params = seq.params
+        seq.output_token_ids.append(token)
+        if seq.logprobs is not None and logprobs is not None:
+            seq.logprobs.append(logprobs)
+        previous_len = len(seq.text)
+        seq.text += seq.detokenizer.add(token)
+        n = len(seq.output_token_ids)
+        if n >= params.min_tokens:
+            if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif params.stop:
+                self._check_stop_strings(seq, previous_len)
+        if seq.finish_reason is None and (n >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None and not seq.stopped_by_string:
+            seq.text += seq.detokenizer.flush()
+
+    def _check_stop_strings(self, seq: Sequence, previous_len: int) -> None:
+        longest = max(len(s) for s in seq.params.stop)
+        search_from = max(0, previous_len - longest + 1)
+        hits = [(seq.text.find(s, search_from), s) for s in seq.params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            index, stop = min(hits)
+            seq.text = seq.text[: index + (len(stop) if seq.params.include_stop_str_in_output else 0)]
+            seq.finish_reason = "stop"
+            seq.stopped_by_string = True
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        """The request's state after its latest token, with the text added since the last output."""
+        finished = seq.finish_reason is not None
+        # while running, hold back text that could still become the start of a stop string
+        hold = 0 if finished or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
+        visible = max(seq.num_emitted_chars, len(seq.text) - hold)
+        delta = seq.text[seq.num_emitted_chars : visible]
+        seq.num_emitted_chars = visible
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=seq.inputs.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            outputs=[
+                CompletionOutput(
+                    index=0,
+                    text=seq.text[:visible],
+                    token_ids=list(seq.output_token_ids),
+                    finish_reason=seq.finish_reason,
+                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                    delta=delta,
+                    boxes=self._grounded_boxes(seq) if finished else [],
+                )
+            ],
+            finished=finished,
+        )
+
+    def _grounded_boxes(self, seq: Sequence) -> list[GroundedBox]:
+        if self._box_start_id is None:
+            self._box_start_id = self.tokenizer.get_vocab().get(BOX_START, -1)
+        if self._box_start_id in seq.output_token_ids:
+            # the box markers are special tokens, dropped from ``text``: parse with them kept
+            return parse_boxes(self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=False))
+        return parse_boxes(seq.text) if "bbox_2d" in seq.text else []

@@ -1,0 +1,75 @@
+"""The data a preprocessor hands the engine: one request's token ids, images and positions.
+
+This module does not import torch (``ImageInput`` only names it in annotations).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, Union
+
+if TYPE_CHECKING:
+    import torch
+
+Message = dict[str, Any]
+Prompt = Union[str, list[Message], list[int]]
+
+
+@dataclass
+class ImageInput:
+    """One image of a request, preprocessed for the model.
+
+    :param pixel_values: the pixels in the plugin's layout, e.g. ``[tiles, 3, H, W]`` float32.
+    :param num_tokens: how many placeholder tokens (``ModelInputs.image_token_id``) this image
+        fills in ``token_ids``; its embeddings must have exactly this many rows.
+    :param key: content hash of ``pixel_values`` (:func:`pixel_values_key`), for the engine's
+        image-embedding and prefix caches.
+    :param extra: anything else the plugin's model needs (e.g. a tile grid). By convention
+        ``extra["resized_size"] = (width, height)`` is the size the image was resized to, when
+        the model writes grounding boxes in pixels of that image (Qwen2.5-VL).
+    """
+
+    pixel_values: torch.Tensor
+    num_tokens: int
+    key: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def pixel_values_key(pixel_values: torch.Tensor) -> str:
+    """sha256 over dtype, shape and bytes of a tensor: equal keys mean equal pixels."""
+    import torch  # called with a tensor in hand: torch is already imported
+
+    tensor = pixel_values.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+@dataclass
+class ModelInputs:
+    """One request's model inputs.
+
+    :param token_ids: prompt token ids, image placeholders already expanded.
+    :param images: one :class:`ImageInput` per image, in prompt order (VLMs only).
+    :param positions: M-RoPE positions, a ``[3, T]`` integer tensor (temporal, height, width per
+        prompt token), for models with ``position_dims = 3``; ``None`` means ``0..T-1``.
+    :param position_delta: with explicit positions, the offset of generated tokens: the token at
+        sequence index ``i >= T`` sits at position ``i + position_delta`` in all three rows
+        (transformers' ``rope_deltas``: ``positions.max() + 1 - T``).
+    :param image_token_id: the placeholder token that image embeddings replace, in order:
+        ``token_ids.count(image_token_id) == sum(image.num_tokens for image in images)``.
+    """
+
+    token_ids: list[int]
+    images: list[Any] = field(default_factory=list)
+    positions: Any | None = None
+    position_delta: int = 0
+    prompt: str | None = None
+    image_token_id: int | None = None
+
+
+class Preprocessor(Protocol):
+    tokenizer: Any
+
+    def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs: ...

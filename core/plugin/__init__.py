@@ -1,0 +1,67 @@
+"""What a plugin imports from vlm-core, besides :mod:`vlm.nn` for its model code.
+
+This is the stable, plugin-facing surface: hook markers and claims (the contract itself is
+documented in :mod:`vlm.hookspecs`), the config helpers, the preprocessor building blocks, the
+errors a plugin raises, the model protocol, and :func:`build_language_model` for a VLM's nested
+text config. Anything else in ``vlm`` may move between releases; these names keep their meaning
+within a major version of the contract (``vlm_api_version``). ``tests/test_docs.py`` checks that
+the first-party plugins and the template import nothing else from the core.
+
+Importing this module does not import torch: plugin modules import it at the top and stay cheap
+for ``vlmrun plugins``.
+"""
+
+from vlm.config import ModelConfig, RawConfig, composite_text_config, text_config_of
+from vlm.errors import ConfigError, InputError, PluginError, VlmError, WeightsError
+from vlm.hookspecs import API_VERSION, Claim, claim_by_architecture, hookimpl
+from vlm.inputs import (
+    ImageInput,
+    ImagePromptPreprocessor,
+    Message,
+    ModelInputs,
+    Prompt,
+    TextPreprocessor,
+    find_chat_template,
+    iter_image_parts,
+    load_image,
+    normalize_messages,
+    pixel_values_key,
+    read_json,
+    rescale_and_normalize,
+    to_rgb,
+)
+from vlm.plugin.manager import build_language_model
+from vlm.plugin.model_protocol import ModelProtocol, VisionModelProtocol
+
+__all__ = [
+    "API_VERSION",
+    "Claim",
+    "ConfigError",
+    "ImageInput",
+    "ImagePromptPreprocessor",
+    "InputError",
+    "Message",
+    "ModelConfig",
+    "ModelInputs",
+    "ModelProtocol",
+    "PluginError",
+    "Prompt",
+    "RawConfig",
+    "TextPreprocessor",
+    "VisionModelProtocol",
+    "VlmError",
+    "WeightsError",
+    "build_language_model",
+    "claim_by_architecture",
+    "composite_text_config",
+    "find_chat_template",
+    "hookimpl",
+    "iter_image_parts",
+    "load_image",
+    "normalize_messages",
+    "pixel_values_key",
+    "read_json",
+    "rescale_and_normalize",
+    "text_config_of",
+    "to_rgb",
+]
