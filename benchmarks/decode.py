@@ -96,8 +96,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--bandwidth-gbs", type=float, default=21.0,
-                        help="measured memory bandwidth (GB/s) of the device (default: the CPU's)")
+    parser.add_argument(
+        "--bandwidth-gbs",
+        type=float,
+        default=21.0,
+        help="measured memory bandwidth (GB/s) of the device (default: the CPU's)",
+    )
     parser.add_argument("--device", default="cpu", help="where both engines run: cpu, cuda, cuda:N (default: cpu)")
     parser.add_argument("--model", type=Path, default=CACHE / "qwen2-0.5b-random")
     parser.add_argument("--skip-transformers", action="store_true")
@@ -113,26 +117,45 @@ def main() -> None:
         parser.error(f"--device {args.device}: torch sees no CUDA device")
     path = checkpoint(args.model)
     # no prefix caching: the TTFT run would otherwise leave the prompts cached for the timed run
-    llm = LLM(str(path), device=args.device, dtype="float32", max_num_seqs=max(args.batch),
-              max_model_len=args.prompt_len + args.new_tokens + 16, enable_prefix_caching=False)
+    llm = LLM(
+        str(path),
+        device=args.device,
+        dtype="float32",
+        max_num_seqs=max(args.batch),
+        max_model_len=args.prompt_len + args.new_tokens + 16,
+        enable_prefix_caching=False,
+    )
     # every decode step reads every weight once (the tied LM head reads the embedding's size)
     weight_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     ceiling = args.bandwidth_gbs * 1e9 / weight_bytes
     hf = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads {torch.get_num_threads()}"
-    print(f"device {device} ({where}); weights {weight_bytes / 1e9:.2f} GB fp32; batch-1 bandwidth ceiling "
-          f"{ceiling:.1f} tok/s at {args.bandwidth_gbs} GB/s")
-    print(f"{'batch':>5} {'vlm tok/s':>10} {'hf tok/s':>9} {'ratio':>6} {'vlm TTFT':>9} {'hf TTFT':>8} {'% ceiling':>9}")
+    print(
+        f"device {device} ({where}); weights {weight_bytes / 1e9:.2f} GB fp32; batch-1 bandwidth ceiling "
+        f"{ceiling:.1f} tok/s at {args.bandwidth_gbs} GB/s"
+    )
+    print(
+        f"{'batch':>5} {'vlm tok/s':>10} {'hf tok/s':>9} {'ratio':>6} {'vlm TTFT':>9} {'hf TTFT':>8} {'% ceiling':>9}"
+    )
     results = []
     for batch in args.batch:
         ids = prompts(batch, args.prompt_len, QWEN2_0_5B["vocab_size"])
         vlm_ttft, vlm_tps = bench_vlm(llm, ids, args.new_tokens, device)
         hf_ttft, hf_tps = bench_transformers(hf, ids, args.new_tokens) if hf is not None else (float("nan"),) * 2
-        row = dict(batch=batch, vlm_tok_s=vlm_tps, hf_tok_s=hf_tps, ratio=vlm_tps / hf_tps,
-                   vlm_ttft_s=vlm_ttft, hf_ttft_s=hf_ttft, pct_of_ceiling=100 * vlm_tps / batch / ceiling if batch == 1 else None)
+        row = dict(
+            batch=batch,
+            vlm_tok_s=vlm_tps,
+            hf_tok_s=hf_tps,
+            ratio=vlm_tps / hf_tps,
+            vlm_ttft_s=vlm_ttft,
+            hf_ttft_s=hf_ttft,
+            pct_of_ceiling=100 * vlm_tps / batch / ceiling if batch == 1 else None,
+        )
         results.append(row)
         pct = f"{row['pct_of_ceiling']:.0f}%" if row["pct_of_ceiling"] is not None else "-"
-        print(f"{batch:>5} {vlm_tps:>10.2f} {hf_tps:>9.2f} {row['ratio']:>5.2f}x {vlm_ttft:>8.2f}s {hf_ttft:>7.2f}s {pct:>9}")
+        print(
+            f"{batch:>5} {vlm_tps:>10.2f} {hf_tps:>9.2f} {row['ratio']:>5.2f}x {vlm_ttft:>8.2f}s {hf_ttft:>7.2f}s {pct:>9}"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -28,17 +28,36 @@ def checkpoint(path: Path) -> Path:
     print(f"writing a random InternVL2-1B-shaped checkpoint to {path} (once)")
     config = InternVLConfig(
         vision_config=dict(
-            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-            image_size=[448, 448], patch_size=[14, 14], attention_bias=True, use_qk_norm=False,
-            layer_scale_init_value=0.1, norm_type="layer_norm", layer_norm_eps=1e-6,
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            image_size=[448, 448],
+            patch_size=[14, 14],
+            attention_bias=True,
+            use_qk_norm=False,
+            layer_scale_init_value=0.1,
+            norm_type="layer_norm",
+            layer_norm_eps=1e-6,
         ),
         text_config=dict(
-            model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
-            num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
-            rope_theta=1000000.0, tie_word_embeddings=True,
+            model_type="qwen2",
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
         ),
-        image_token_id=IMAGE_TOKEN, downsample_ratio=0.5, projector_hidden_act="gelu",
-        vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=True,
+        image_token_id=IMAGE_TOKEN,
+        downsample_ratio=0.5,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=True,
     )
     config.text_config.eos_token_id = config.eos_token_id = 151645
     torch.manual_seed(0)
@@ -59,8 +78,11 @@ def write_processor_files(path: Path) -> None:
 
     build_internvl_tokenizer().save_pretrained(path)
     GotOcr2ImageProcessorPil(
-        size={"height": 448, "width": 448}, min_patches=1, max_patches=12,
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+        size={"height": 448, "width": 448},
+        min_patches=1,
+        max_patches=12,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
     ).save_pretrained(path)
     (path / "processor_config.json").write_text(json.dumps({"image_seq_length": 256}))
 
@@ -83,10 +105,15 @@ def bench_vlm(llm, requests, new_tokens: int) -> tuple[float, float]:
 
     llm.generate([inputs(*requests[0], "warm")], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     start = time.perf_counter()
-    llm.generate([inputs(i, p, "ttft") for i, p in requests], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    llm.generate(
+        [inputs(i, p, "ttft") for i, p in requests], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    )
     ttft = time.perf_counter() - start
     start = time.perf_counter()
-    llm.generate([inputs(i, p, "run") for i, p in requests], SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    llm.generate(
+        [inputs(i, p, "run") for i, p in requests],
+        SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True),
+    )
     total = time.perf_counter() - start
     return ttft, len(requests) * (new_tokens - 1) / max(total - ttft, 1e-9)
 
@@ -131,8 +158,10 @@ def main() -> None:
         with torch.inference_mode():
             hf_ttft, hf_tps = bench_transformers(hf, requests, args.new_tokens)
         vlm_ttft, vlm_tps = bench_vlm(llm, requests, args.new_tokens)
-        print(f"{batch:>5} {vlm_ttft:>8.2f}s {hf_ttft:>7.2f}s {hf_ttft / vlm_ttft:>5.2f}x "
-              f"{vlm_tps:>10.2f} {hf_tps:>9.2f} {vlm_tps / hf_tps:>5.2f}x")
+        print(
+            f"{batch:>5} {vlm_ttft:>8.2f}s {hf_ttft:>7.2f}s {hf_ttft / vlm_ttft:>5.2f}x "
+            f"{vlm_tps:>10.2f} {hf_tps:>9.2f} {vlm_tps / hf_tps:>5.2f}x"
+        )
 
 
 if __name__ == "__main__":

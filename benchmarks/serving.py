@@ -83,7 +83,9 @@ def image_benchmark(requests: int) -> None:
 
     def inputs(salt: str):
         return [
-            ModelInputs(token_ids=ids, images=[ImageInput(pixels, 256, f"{salt}-{i}")], image_token_id=internvl.IMAGE_TOKEN)
+            ModelInputs(
+                token_ids=ids, images=[ImageInput(pixels, 256, f"{salt}-{i}")], image_token_id=internvl.IMAGE_TOKEN
+            )
             for i, (ids, pixels) in enumerate(raw)
         ]
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from vlm.outputs import CompletionOutput, RequestOutput
     from vlm.sampling_params import SamplingParams
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["LLM", "CompletionOutput", "EngineConfig", "ModelConfig", "RequestOutput", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -149,21 +149,16 @@ class ModelConfig(BaseModel):
 def read_config_json(model_dir: Path) -> dict[str, Any]:
     config_file = model_dir / "config.json"
     if not config_file.is_file():
-        raise ConfigError(
-            f"no config.json in {model_dir}; a model directory in Hugging Face layout needs one"
-        )
+        raise ConfigError(f"no config.json in {model_dir}; a model directory in Hugging Face layout needs one")
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{config_file} is not valid JSON ({exc}); fix or re-download it") from None
     if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{config_file} must hold a JSON object, not a {type(raw).__name__}; fix or re-download it"
-        )
+        raise ConfigError(f"{config_file} must hold a JSON object, not a {type(raw).__name__}; fix or re-download it")
     if not raw.get("model_type") and not raw.get("architectures"):
         raise ConfigError(
-            f"{config_file} has neither 'model_type' nor 'architectures'; add the one your "
-            "checkpoint was saved with"
+            f"{config_file} has neither 'model_type' nor 'architectures'; add the one your checkpoint was saved with"
         )
     return raw
 

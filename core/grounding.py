@@ -23,8 +23,10 @@ PIXELS = "pixels"
 
 BOX_START = "<|box_start|>"
 _REF = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>", re.S)
-_BOX = re.compile(r"<\|box_start\|>\s*\(\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\)\s*,\s*"
-                  r"\(\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\)\s*<\|box_end\|>")
+_BOX = re.compile(
+    r"<\|box_start\|>\s*\(\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\)\s*,\s*"
+    r"\(\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\)\s*<\|box_end\|>"
+)
 _JSON_OBJECT = re.compile(r"\{[^{}]*\"bbox_2d\"[^{}]*\}", re.S)
 
 
@@ -41,7 +43,9 @@ class GroundedBox:
     box: tuple[float, float, float, float]
     space: Literal["normalized_1000", "pixels"]
 
-    def to_image(self, image_size: tuple[int, int], model_image_size: tuple[int, int] | None = None) -> tuple[float, float, float, float]:
+    def to_image(
+        self, image_size: tuple[int, int], model_image_size: tuple[int, int] | None = None
+    ) -> tuple[float, float, float, float]:
         """The box in pixels of the original image of ``image_size`` (width, height).
 
         Pixel boxes are scaled from ``model_image_size`` (the size the preprocessor resized the

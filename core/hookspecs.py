@@ -18,7 +18,7 @@ Plugin modules must import torch lazily (inside ``build_model`` / ``build_prepro
 
 Minimal plugin::
 
-    from vlm.hookspecs import hookimpl, Claim
+    from vlm.plugin import Claim, hookimpl
 
     vlm_api_version = ">=1.0,<2"
 
@@ -118,9 +118,7 @@ def match(hf_config: Any) -> Claim | bool | None:
 
 
 @hookspec(firstresult=True)
-def build_preprocessor(
-    hf_config: Any, model_config: ModelConfig, model_path: str, tokenizer: Any
-) -> Preprocessor:
+def build_preprocessor(hf_config: Any, model_config: ModelConfig, model_path: str, tokenizer: Any) -> Preprocessor:
     """Build the object that turns prompts / chat messages (with images) into model inputs.
 
     Called only on the chosen plugin.
@@ -144,9 +142,7 @@ def build_preprocessor(
 
 
 @hookspec(firstresult=True)
-def build_model(
-    hf_config: Any, model_config: ModelConfig, dtype: torch.dtype, device: torch.device
-) -> torch.nn.Module:
+def build_model(hf_config: Any, model_config: ModelConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """Build the model, with parameters allocated but not loaded.
 
     Called only on the chosen plugin. The module follows :class:`vlm.plugin.model_protocol.ModelProtocol` (VLMs: :class:`vlm.plugin.model_protocol.VisionModelProtocol`):

@@ -1,12 +1,12 @@
 """The offline Python API, named as vLLM users expect.
 
-    from vlm import LLM, SamplingParams
+from vlm import LLM, SamplingParams
 
-    llm = LLM("./qwen2-dir")
-    outputs = llm.generate(["Hello", "The capital of France is"], SamplingParams(temperature=0, max_tokens=32))
-    print(outputs[0].outputs[0].text, outputs[0].outputs[0].token_ids)
+llm = LLM("./qwen2-dir")
+outputs = llm.generate(["Hello", "The capital of France is"], SamplingParams(temperature=0, max_tokens=32))
+print(outputs[0].outputs[0].text, outputs[0].outputs[0].token_ids)
 
-    llm.chat([{"role": "user", "content": "Hi!"}])        # one conversation, chat template applied
+llm.chat([{"role": "user", "content": "Hi!"}])        # one conversation, chat template applied
 """
 
 from __future__ import annotations

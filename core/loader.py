@@ -103,7 +103,9 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def iter_checkpoint(files: list[CheckpointFile], meta: bool = False, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(
+    files: list[CheckpointFile], meta: bool = False, progress: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor, one at a time.
 
     :param meta: yield ``meta``-device tensors of the right shape and dtype without reading data
@@ -168,7 +170,9 @@ def _iter_bin(path: Path, meta: bool, bar) -> Iterator[tuple[str, torch.Tensor]]
         raise WeightsError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
-            raise WeightsError(f"{path}: entry {name!r} is not a tensor but a {type(tensor).__name__}; the file is not a state dict")
+            raise WeightsError(
+                f"{path}: entry {name!r} is not a tensor but a {type(tensor).__name__}; the file is not a state dict"
+            )
         if bar is not None:
             bar.update(tensor.numel() * tensor.element_size())
         yield name, tensor

@@ -138,7 +138,9 @@ def apply_mrope(
     the per-position tables cos_table, sin_table [max_position, R/2].
     """
     if backend_for(q) == "triton":
-        return _triton_module("triton_rotary", q).apply_mrope(q, k, cos_table, sin_table, positions, section_rows, is_neox)
+        return _triton_module("triton_rotary", q).apply_mrope(
+            q, k, cos_table, sin_table, positions, section_rows, is_neox
+        )
     return reference.apply_mrope(q, k, cos_table, sin_table, positions, section_rows, is_neox)
 
 
@@ -184,4 +186,6 @@ def paged_prefill_attention(
         return _triton_module("triton_attention", q).paged_prefill_attention(
             q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale
         )
-    return torch_attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+    return torch_attention.paged_prefill_attention(
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale
+    )

@@ -42,7 +42,9 @@ def _warn_once(message: str) -> None:
         logging.getLogger("vlm").warning(message)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None
+) -> torch.Tensor:
     if packed is None:
         return F.linear(x, weight, bias)
     shape = x.shape

@@ -59,9 +59,7 @@ def fused_add_rms_norm(
     Inputs are not modified; both results are new tensors.
     """
     if residual.shape != x.shape:
-        raise ValueError(
-            f"fused_add_rms_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"fused_add_rms_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     new_residual = (x.float() + residual.float()).to(x.dtype)
     return rms_norm(new_residual, weight, eps), new_residual
 
@@ -156,7 +154,6 @@ def apply_rotary(
     """
     rotary_dim = check_rotary_args(q, k, cos, sin)
     return _rotate(q, cos, sin, rotary_dim, is_neox), _rotate(k, cos, sin, rotary_dim, is_neox)
-
 
 
 # --------------------------------------------------------------------------

@@ -45,7 +45,9 @@ def paged_decode_attention(
     mask = (torch.arange(length, device=q.device) < context_lens.unsqueeze(1))[:, None, None, :]
     k = k_cache.view(-1, heads, dim)[slots].transpose(1, 2)  # [B, Hk, L, D]
     v = v_cache.view(-1, heads, dim)[slots].transpose(1, 2)
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != heads)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != heads
+    )
     return out.squeeze(2)
 
 

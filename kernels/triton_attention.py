@@ -216,10 +216,34 @@ def _decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pos_mask = pos < end
-        k = _load_kv_tile(k_cache_ptr, table_row, pos, pos_mask, d, d_mask, kv_head,
-                          kc_stride_blk, kc_stride_slot, kc_stride_h, max_blocks, PAGE)
-        v = _load_kv_tile(v_cache_ptr, table_row, pos, pos_mask, d, d_mask, kv_head,
-                          vc_stride_blk, vc_stride_slot, vc_stride_h, max_blocks, PAGE)
+        k = _load_kv_tile(
+            k_cache_ptr,
+            table_row,
+            pos,
+            pos_mask,
+            d,
+            d_mask,
+            kv_head,
+            kc_stride_blk,
+            kc_stride_slot,
+            kc_stride_h,
+            max_blocks,
+            PAGE,
+        )
+        v = _load_kv_tile(
+            v_cache_ptr,
+            table_row,
+            pos,
+            pos_mask,
+            d,
+            d_mask,
+            kv_head,
+            vc_stride_blk,
+            vc_stride_slot,
+            vc_stride_h,
+            max_blocks,
+            PAGE,
+        )
         if USE_DOT:
             s = _dot(q, tl.trans(k), DOT_FP32)
         else:
@@ -342,10 +366,34 @@ def _prefill_kernel(
     for n0 in range(0, hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pos_mask = pos < hi
-        k = _load_kv_tile(k_cache_ptr, table_row, pos, pos_mask, d, d_mask, kv_head,
-                          kc_stride_blk, kc_stride_slot, kc_stride_h, max_blocks, PAGE)
-        v = _load_kv_tile(v_cache_ptr, table_row, pos, pos_mask, d, d_mask, kv_head,
-                          vc_stride_blk, vc_stride_slot, vc_stride_h, max_blocks, PAGE)
+        k = _load_kv_tile(
+            k_cache_ptr,
+            table_row,
+            pos,
+            pos_mask,
+            d,
+            d_mask,
+            kv_head,
+            kc_stride_blk,
+            kc_stride_slot,
+            kc_stride_h,
+            max_blocks,
+            PAGE,
+        )
+        v = _load_kv_tile(
+            v_cache_ptr,
+            table_row,
+            pos,
+            pos_mask,
+            d,
+            d_mask,
+            kv_head,
+            vc_stride_blk,
+            vc_stride_slot,
+            vc_stride_h,
+            max_blocks,
+            PAGE,
+        )
         s = _dot(q, tl.trans(k), DOT_FP32) * scale_log2
         # Causal, bottom-right aligned. Position 0 is visible to every row (rows past the chunk
         # included), so no row is fully masked and m_new stays finite.
@@ -431,12 +479,27 @@ def write_kv_cache(
     block_h = heads_per_program or min(triton.next_power_of_2(heads), max(1, WRITE_ELEMENTS_PER_PROGRAM // block_d))
     grid = (T, triton.cdiv(heads, block_h))
     _write_kv_kernel[grid](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        heads, dim, k_cache.shape[0] * block_size,
-        PAGE=block_size, BLOCK_H=block_h, BLOCK_D=block_d,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        heads,
+        dim,
+        k_cache.shape[0] * block_size,
+        PAGE=block_size,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
         num_warps=4,
     )
 
@@ -500,33 +563,85 @@ def paged_decode_attention(
     split_len = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
     splits = max(1, triton.cdiv(max_len, split_len))
 
-    common = dict(PAGE=block_size, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, USE_DOT=use_dot,
-                  DOT_FP32=_dot_fp32(q.dtype), num_warps=4)
+    common = dict(
+        PAGE=block_size,
+        BLOCK_G=block_g,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        USE_DOT=use_dot,
+        DOT_FP32=_dot_fp32(q.dtype),
+        num_warps=4,
+    )
     strides = (
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         block_tables.stride(0),
     )
     scale_log2 = float(scale) * LOG2E
     if splits == 1:
         _decode_kernel[(B, heads, 1)](
-            q, k_cache, v_cache, block_tables, context_lens, out, out, scale_log2, *strides,
-            out.stride(0), out.stride(1), 0, 0, 0,
-            dim, group, max_blocks, split_len, SPLIT=False, **common,
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            context_lens,
+            out,
+            out,
+            scale_log2,
+            *strides,
+            out.stride(0),
+            out.stride(1),
+            0,
+            0,
+            0,
+            dim,
+            group,
+            max_blocks,
+            split_len,
+            SPLIT=False,
+            **common,
         )
         return out
 
     partial = torch.empty((B, n_q_heads, splits, dim), dtype=torch.float32, device=q.device)
     lse = torch.empty((B, n_q_heads, splits), dtype=torch.float32, device=q.device)
     _decode_kernel[(B, heads, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, partial, lse, scale_log2, *strides,
-        partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
-        dim, group, max_blocks, split_len, SPLIT=True, **common,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        partial,
+        lse,
+        scale_log2,
+        *strides,
+        partial.stride(0),
+        partial.stride(1),
+        partial.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        dim,
+        group,
+        max_blocks,
+        split_len,
+        SPLIT=True,
+        **common,
     )
     _decode_merge_kernel[(B, n_q_heads)](
-        partial, lse, out, splits, dim,
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(dim), num_warps=1,
+        partial,
+        lse,
+        out,
+        splits,
+        dim,
+        BLOCK_S=triton.next_power_of_2(splits),
+        BLOCK_D=triton.next_power_of_2(dim),
+        num_warps=1,
     )
     return out
 
@@ -576,14 +691,35 @@ def paged_prefill_attention(
     block_n = block_n or (32 if big_head else 64)
     grid = (num_seqs, triton.cdiv(max_q_len, block_m), q.shape[1])
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out, float(scale) * LOG2E,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        dim, q.shape[1] // heads, block_tables.shape[1],
-        PAGE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_FP32=_dot_fp32(q.dtype),
-        num_warps=8 if big_head else 4, num_stages=2,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        query_start_loc,
+        context_lens,
+        out,
+        float(scale) * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        dim,
+        q.shape[1] // heads,
+        block_tables.shape[1],
+        PAGE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        DOT_FP32=_dot_fp32(q.dtype),
+        num_warps=8 if big_head else 4,
+        num_stages=2,
     )
     return out
 

@@ -142,7 +142,5 @@ def fused_add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of ``reference.fused_add_rms_norm``; returns new tensors."""
     if residual.shape != x.shape:
-        raise ValueError(
-            f"fused_add_rms_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"fused_add_rms_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     return _launch(x, residual, weight, eps, block_size)

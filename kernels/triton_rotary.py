@@ -94,10 +94,40 @@ def _rotary_kernel(
     pairs = tl.arange(0, BLOCK_HALF)
     cos = tl.load(cos_ptr + tok * half + pairs, mask=pairs < half, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + tok * half + pairs, mask=pairs < half, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, q_out_ptr, tok, q_tok_stride, q_head_stride, n_q_heads, head_start, cos, sin,
-                  half, head_dim, IS_NEOX, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
-    _rotate_heads(k_ptr, k_out_ptr, tok, k_tok_stride, k_head_stride, n_k_heads, head_start, cos, sin,
-                  half, head_dim, IS_NEOX, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
+    _rotate_heads(
+        q_ptr,
+        q_out_ptr,
+        tok,
+        q_tok_stride,
+        q_head_stride,
+        n_q_heads,
+        head_start,
+        cos,
+        sin,
+        half,
+        head_dim,
+        IS_NEOX,
+        BLOCK_H,
+        BLOCK_HALF,
+        BLOCK_PASS,
+    )
+    _rotate_heads(
+        k_ptr,
+        k_out_ptr,
+        tok,
+        k_tok_stride,
+        k_head_stride,
+        n_k_heads,
+        head_start,
+        cos,
+        sin,
+        half,
+        head_dim,
+        IS_NEOX,
+        BLOCK_H,
+        BLOCK_HALF,
+        BLOCK_PASS,
+    )
 
 
 @triton.jit
@@ -134,17 +164,54 @@ def _mrope_kernel(
     pos = tl.load(positions_ptr + rows * num_tokens + tok, mask=pair_mask, other=0)
     cos = tl.load(cos_table_ptr + pos * half + pairs, mask=pair_mask, other=0.0).to(tl.float32)
     sin = tl.load(sin_table_ptr + pos * half + pairs, mask=pair_mask, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, q_out_ptr, tok, q_tok_stride, q_head_stride, n_q_heads, head_start, cos, sin,
-                  half, head_dim, IS_NEOX, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
-    _rotate_heads(k_ptr, k_out_ptr, tok, k_tok_stride, k_head_stride, n_k_heads, head_start, cos, sin,
-                  half, head_dim, IS_NEOX, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
+    _rotate_heads(
+        q_ptr,
+        q_out_ptr,
+        tok,
+        q_tok_stride,
+        q_head_stride,
+        n_q_heads,
+        head_start,
+        cos,
+        sin,
+        half,
+        head_dim,
+        IS_NEOX,
+        BLOCK_H,
+        BLOCK_HALF,
+        BLOCK_PASS,
+    )
+    _rotate_heads(
+        k_ptr,
+        k_out_ptr,
+        tok,
+        k_tok_stride,
+        k_head_stride,
+        n_k_heads,
+        head_start,
+        cos,
+        sin,
+        half,
+        head_dim,
+        IS_NEOX,
+        BLOCK_H,
+        BLOCK_HALF,
+        BLOCK_PASS,
+    )
 
 
 INTERPRETED = isinstance(_rotary_kernel, InterpretedFunction)
 
 
-def _launch(kernel, q: torch.Tensor, k: torch.Tensor, rotary_dim: int, is_neox: bool,
-            heads_per_program: int | None, angle_args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch(
+    kernel,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rotary_dim: int,
+    is_neox: bool,
+    heads_per_program: int | None,
+    angle_args: tuple,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``kernel`` over (token, head block): the launch shared by rotary and M-RoPE, which
     differ only in where a token's angles come from (``angle_args`` lead the kernel's arguments)."""
     T, n_q_heads, head_dim = q.shape
@@ -220,7 +287,12 @@ def apply_mrope(
     """Triton version of ``reference.apply_mrope``; returns new tensors."""
     check_mrope_args(positions, cos_table, section_rows)
     rotary_dim = 2 * cos_table.shape[1]
-    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or positions.shape[1] != q.shape[0] or not 0 < rotary_dim <= q.shape[2]:
+    if (
+        k.shape[0] != q.shape[0]
+        or k.shape[2] != q.shape[2]
+        or positions.shape[1] != q.shape[0]
+        or not 0 < rotary_dim <= q.shape[2]
+    ):
         raise ValueError(
             f"apply_mrope: q {tuple(q.shape)}, k {tuple(k.shape)}, positions {tuple(positions.shape)} and "
             f"cos_table {tuple(cos_table.shape)} disagree"

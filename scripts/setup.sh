@@ -26,7 +26,12 @@ plugins=()
 for dir in plugins/*/; do
   [ -f "$dir/pyproject.toml" ] && plugins+=(-e "$dir")
 done
-"${PIP[@]}" install -q -c constraints.txt "torch==$TORCH_VERSION" -e ".[test]" "${plugins[@]}"
+"${PIP[@]}" install -q -c constraints.txt "torch==$TORCH_VERSION" -e ".[test,dev]" "${plugins[@]}"
+# vlm-core again, as a "strict" editable install: core/ and kernels/ become `vlm` and `vlm.kernels`
+# through a tree of links (build/__editable__.*) on sys.path, which mypy and IDEs resolve; the
+# default mode serves that mapping through an import hook they cannot see. A module added under
+# core/ or kernels/ needs this script (or this line) run again.
+"${PIP[@]}" install -q --no-deps -e . --config-settings editable_mode=strict
 
 step "vlmrun plugins"
 "$VENV/bin/vlmrun" plugins

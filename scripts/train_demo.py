@@ -45,9 +45,17 @@ IMAGE_TOKENS = {
 }
 # what InternVL's real checkpoints use (ImageNet mean/std, bicubic); one tile per image
 IMAGE_PROCESSOR = dict(
-    do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-    image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_convert_rgb=True, resample=3,
-    crop_to_patches=False, min_patches=1, max_patches=1,
+    do_resize=True,
+    do_rescale=True,
+    rescale_factor=1 / 255,
+    do_normalize=True,
+    image_mean=[0.485, 0.456, 0.406],
+    image_std=[0.229, 0.224, 0.225],
+    do_convert_rgb=True,
+    resample=3,
+    crop_to_patches=False,
+    min_patches=1,
+    max_patches=1,
 )
 EVAL_SEED_OFFSET = 1_000_000  # held-out pictures: seed + this (the tests use yet another seed)
 
@@ -57,7 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="core/demo/internvl-shapes")
     p.add_argument("--pictures", default="core/demo/pictures", help="where to write the sample pictures ('' = don't)")
-    p.add_argument("--pretrain-steps", type=int, default=1500, help="stage 1: vision tower + projector with probe heads")
+    p.add_argument(
+        "--pretrain-steps", type=int, default=1500, help="stage 1: vision tower + projector with probe heads"
+    )
     p.add_argument("--steps", type=int, default=1000, help="stage 2: the whole model on question/answer sequences")
     p.add_argument("--vision-lr-scale", type=float, default=0.3, help="stage 2 learning rate of the pretrained parts")
     p.add_argument("--batch-size", type=int, default=48)
@@ -113,21 +123,43 @@ def write_skeleton(out: Path, args: argparse.Namespace):
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     text_config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=args.text_hidden, intermediate_size=args.text_hidden * 3,
-        num_hidden_layers=args.text_layers, num_attention_heads=args.text_hidden // 32, num_key_value_heads=2,
-        max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=eos, pad_token_id=pad,
+        vocab_size=len(tokenizer),
+        hidden_size=args.text_hidden,
+        intermediate_size=args.text_hidden * 3,
+        num_hidden_layers=args.text_layers,
+        num_attention_heads=args.text_hidden // 32,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=eos,
+        pad_token_id=pad,
     )
     vision_config = InternVLVisionConfig(
-        hidden_size=args.vision_hidden, intermediate_size=args.vision_hidden * 4,
-        num_hidden_layers=args.vision_layers, num_attention_heads=args.vision_hidden // 32,
-        image_size=[size, size], patch_size=[patch, patch], use_qk_norm=False, attention_bias=True,
-        layer_scale_init_value=0.1, norm_type="layer_norm", use_mean_pooling=False,
+        hidden_size=args.vision_hidden,
+        intermediate_size=args.vision_hidden * 4,
+        num_hidden_layers=args.vision_layers,
+        num_attention_heads=args.vision_hidden // 32,
+        image_size=[size, size],
+        patch_size=[patch, patch],
+        use_qk_norm=False,
+        attention_bias=True,
+        layer_scale_init_value=0.1,
+        norm_type="layer_norm",
+        use_mean_pooling=False,
     )
     config = InternVLConfig(
-        vision_config=vision_config, text_config=text_config, image_token_id=tokenizer.context_image_token_id,
-        image_seq_length=tokens_per_tile, downsample_ratio=downsample, projector_hidden_act="gelu",
-        vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False,
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.context_image_token_id,
+        image_seq_length=tokens_per_tile,
+        downsample_ratio=downsample,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
     )
     config.architectures = ["InternVLForConditionalGeneration"]
     return tokenizer, config
@@ -207,7 +239,7 @@ def greedy_answers(model, batcher: Batcher, images, questions, max_new_tokens: i
     for q, idx in groups.items():
         enc = batcher.prompts([images[i] for i in idx], [q] * len(idx))
         out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens)
-        texts = batcher.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = batcher.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         for i, text in zip(idx, texts):
             answers[i] = text.strip()
     return answers
@@ -256,11 +288,15 @@ class ProbeHeads(torch.nn.Module):
                 occupied[i, int(sh.cy * 2 // shapes.IMAGE_SIZE) * 2 + int(sh.cx * 2 // shapes.IMAGE_SIZE)] = 1
         f = torch.nn.functional
         q_logits = self.quadrant(quads).squeeze(-1)
-        loss = (f.cross_entropy(logits[:, :k], kind) + f.cross_entropy(logits[:, k:k + c], color)
-                + f.cross_entropy(logits[:, k + c:], count) + 2 * f.binary_cross_entropy_with_logits(q_logits, occupied))
+        loss = (
+            f.cross_entropy(logits[:, :k], kind)
+            + f.cross_entropy(logits[:, k : k + c], color)
+            + f.cross_entropy(logits[:, k + c :], count)
+            + 2 * f.binary_cross_entropy_with_logits(q_logits, occupied)
+        )
         acc = {
             "kind": (logits[:, :k].argmax(1) == kind).float().mean().item(),
-            "color": (logits[:, k:k + c].argmax(1) == color).float().mean().item(),
+            "color": (logits[:, k : k + c].argmax(1) == color).float().mean().item(),
             "count": ((q_logits > 0).sum(1) == count + 1).float().mean().item(),
         }
         return loss, acc
@@ -279,8 +315,9 @@ def pretrain_vision(model, processor, args, lr_at) -> None:
     grid = int(config.image_seq_length**0.5)
     heads = ProbeHeads(config.text_config.hidden_size, grid)
     params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
-    optimizer = torch.optim.AdamW(params + list(heads.parameters()), lr=args.lr, betas=(0.9, 0.98),
-                                  weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params + list(heads.parameters()), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay
+    )
     rng = random.Random(args.seed + 1)
     eval_rng = random.Random(args.seed + EVAL_SEED_OFFSET + 1)
     eval_pictures = [shapes.make_picture(eval_rng) for _ in range(200)]
@@ -300,8 +337,10 @@ def pretrain_vision(model, processor, args, lr_at) -> None:
         if (step + 1) % args.eval_every == 0 or step + 1 == args.pretrain_steps:
             with torch.no_grad():
                 _, acc = heads.loss(image_features(model, eval_pixels), [p[1] for p in eval_pictures])
-            bar.write(f"stage 1 step {step + 1}: probe accuracy on held-out pictures "
-                      + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+            bar.write(
+                f"stage 1 step {step + 1}: probe accuracy on held-out pictures "
+                + ", ".join(f"{k} {v:.1%}" for k, v in acc.items())
+            )
     bar.close()
 
 
@@ -322,7 +361,11 @@ def main(argv=None) -> int:
 
     model = InternVLForConditionalGeneration(config).to(torch.float32)
     model.generation_config = GenerationConfig(
-        do_sample=False, max_new_tokens=8, eos_token_id=batcher.eos, pad_token_id=batcher.pad, bos_token_id=None,
+        do_sample=False,
+        max_new_tokens=8,
+        eos_token_id=batcher.eos,
+        pad_token_id=batcher.pad,
+        bos_token_id=None,
     )
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, {config.image_seq_length} image tokens per picture", flush=True)
@@ -338,16 +381,26 @@ def main(argv=None) -> int:
     if args.pretrain_steps:
         pretrain_vision(model, processor, args, lr_at)
     pretrained = {id(p) for p in model.model.vision_tower.parameters()} | {
-        id(p) for p in model.model.multi_modal_projector.parameters()}
+        id(p) for p in model.model.multi_modal_projector.parameters()
+    }
 
     groups = defaultdict(list)  # (pretrained?, decays?) -> parameters
     for name, param in model.named_parameters():
-        groups[(id(param) in pretrained and args.pretrain_steps > 0, param.ndim >= 2 and "embed" not in name)].append(param)
+        groups[(id(param) in pretrained and args.pretrain_steps > 0, param.ndim >= 2 and "embed" not in name)].append(
+            param
+        )
     optimizer = torch.optim.AdamW(
-        [{"params": params, "weight_decay": args.weight_decay if decays else 0.0,
-          "lr_scale": args.vision_lr_scale if was_pretrained else 1.0}
-         for (was_pretrained, decays), params in groups.items()],
-        lr=args.lr, betas=(0.9, 0.98), eps=1e-8,
+        [
+            {
+                "params": params,
+                "weight_decay": args.weight_decay if decays else 0.0,
+                "lr_scale": args.vision_lr_scale if was_pretrained else 1.0,
+            }
+            for (was_pretrained, decays), params in groups.items()
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        eps=1e-8,
     )
     rng = random.Random(args.seed)
     eval_examples = shapes.make_examples(args.seed + EVAL_SEED_OFFSET, args.eval_size)
@@ -368,21 +421,29 @@ def main(argv=None) -> int:
         bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr_at(step, args.steps):.1e}")
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             acc, wrong = evaluate(model, batcher, eval_examples)
-            bar.write(f"step {step + 1}: loss {smoothed:.4f}, held-out accuracy {acc:.1%} "
-                      f"({time.time() - start:.0f}s) e.g. wrong: {wrong[:3]}")
+            bar.write(
+                f"step {step + 1}: loss {smoothed:.4f}, held-out accuracy {acc:.1%} "
+                f"({time.time() - start:.0f}s) e.g. wrong: {wrong[:3]}"
+            )
     bar.close()
     train_seconds = time.time() - start
     model.eval()
     model.save_pretrained(out)  # safetensors, fp32
-    print(f"trained {args.pretrain_steps} + {args.steps} steps x {args.batch_size} in {train_seconds:.0f}s; saved to {out}", flush=True)
+    print(
+        f"trained {args.pretrain_steps} + {args.steps} steps x {args.batch_size} in {train_seconds:.0f}s; saved to {out}",
+        flush=True,
+    )
 
     # reload exactly what was saved, and grade it on pictures it never saw
     model = InternVLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
     processor = load_processor(out)
     batcher = Batcher(processor)
     acc, wrong = evaluate(model, batcher, eval_examples)
-    print(f"held-out accuracy (transformers greedy, {args.eval_size} pictures, seed {args.seed + EVAL_SEED_OFFSET}): "
-          f"{acc:.1%}; wrong: {wrong}", flush=True)
+    print(
+        f"held-out accuracy (transformers greedy, {args.eval_size} pictures, seed {args.seed + EVAL_SEED_OFFSET}): "
+        f"{acc:.1%}; wrong: {wrong}",
+        flush=True,
+    )
 
     if args.pictures:
         pictures = Path(args.pictures)
@@ -392,8 +453,10 @@ def main(argv=None) -> int:
             image.save(pictures / name)
             qa = shapes.questions_for(scene)
             got = greedy_answers(model, batcher, [image] * len(qa), [q for q, _ in qa])
-            line = "; ".join(f"{q} -> {g}" + ("" if shapes.answer_is_correct(q, a, g) else f" (expected {a})")
-                             for (q, a), g in zip(qa, got))
+            line = "; ".join(
+                f"{q} -> {g}" + ("" if shapes.answer_is_correct(q, a, g) else f" (expected {a})")
+                for (q, a), g in zip(qa, got)
+            )
             print(f"{name}: {line}")
     size_mb = (out / "model.safetensors").stat().st_size / 1e6
     print(f"model.safetensors: {size_mb:.1f} MB; training time {train_seconds / 60:.1f} min", flush=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from vlm.plugin import manager as plugins
 from vlm.cli.main import main
+from vlm.plugin import manager as plugins
 from vlm.plugin.manager import reset_registry
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plugins"
@@ -198,7 +198,9 @@ def test_one_shot_logs_go_to_stderr(tiny_qwen2, llm):
     env = {k: v for k, v in os.environ.items() if k not in VLM_ENV}
     proc = subprocess.run(
         [sys.executable, "-m", "vlm.cli.main", "-v", "--model", tiny_qwen2, "--prompt", "Hello", *GREEDY],
-        capture_output=True, timeout=300, env=env,
+        capture_output=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout == (direct_chat(llm, [user("Hello")]) + "\n").encode()

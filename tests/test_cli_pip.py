@@ -23,13 +23,19 @@ def test_uninstall_works_when_a_plugin_breaks_start_up(tmp_path):
     """The recovery recipe: a plugin that raises on import cannot stop `vlmrun uninstall`."""
     site = tmp_path / "site"
     (site / "vlmtest_explodes-0.1.dist-info").mkdir(parents=True)
-    (site / "vlmtest_explodes-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: vlmtest-explodes\nVersion: 0.1\n")
-    (site / "vlmtest_explodes-0.1.dist-info" / "entry_points.txt").write_text("[vlm.models]\nexplodes = vlmtest_explodes\n")
+    (site / "vlmtest_explodes-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: vlmtest-explodes\nVersion: 0.1\n"
+    )
+    (site / "vlmtest_explodes-0.1.dist-info" / "entry_points.txt").write_text(
+        "[vlm.models]\nexplodes = vlmtest_explodes\n"
+    )
     (site / "vlmtest_explodes.py").write_text("raise SystemExit('plugin exploded at import')\n")
     env = {"PYTHONPATH": str(site), "VLM_LOAD_PLUGINS": "", "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
         [sys.executable, "-m", "vlm.cli.main", "uninstall", "vlmtest-not-installed"],
-        capture_output=True, text=True, env=env,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     assert "not installed" in (result.stdout + result.stderr)

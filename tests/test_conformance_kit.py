@@ -58,7 +58,9 @@ def make_plugin(name: str, **overrides) -> ModuleType:
     def build_model(hf_config, dtype, device):
         return llama_model(hf_config, dtype, device)
 
-    hooks = dict(architectures=architectures, match=match, build_preprocessor=build_preprocessor, build_model=build_model)
+    hooks = dict(
+        architectures=architectures, match=match, build_preprocessor=build_preprocessor, build_model=build_model
+    )
     hooks.update(overrides)
     module = ModuleType(name)
     module.vlm_api_version = ">=1.0,<2"
@@ -107,7 +109,12 @@ def test_odd_images_cover_sizes_and_modes():
 
 
 def test_a_plugin_name_that_is_not_installed_says_how_to_install(tiny_qwen2):
-    fails(Conformance("vlm-plugin-nope", tiny_qwen2), "plugin_loads", r"no plugin named 'vlm-plugin-nope'", r"pip install -e \.")
+    fails(
+        Conformance("vlm-plugin-nope", tiny_qwen2),
+        "plugin_loads",
+        r"no plugin named 'vlm-plugin-nope'",
+        r"pip install -e \.",
+    )
 
 
 # -- one test per hook ---------------------------------------------------------------------
@@ -117,12 +124,16 @@ def test_hook_architectures(tiny_qwen2):
     Conformance("llama", tiny_qwen2).check_architectures()
     fails(
         Conformance(make_plugin("vlmtest_other_archs", architectures=lambda: ["OtherForCausalLM"]), tiny_qwen2),
-        "architectures", r"returns \['OtherForCausalLM'\] but not \['Qwen2ForCausalLM'\]", "list every architecture",
+        "architectures",
+        r"returns \['OtherForCausalLM'\] but not \['Qwen2ForCausalLM'\]",
+        "list every architecture",
     )
     reset_registry()
     fails(
         Conformance(make_plugin("vlmtest_no_archs", architectures=None), tiny_qwen2),
-        "plugin_loads", r"does not implement architectures\(\)", "vlmrun plugins",
+        "plugin_loads",
+        r"does not implement architectures\(\)",
+        "vlmrun plugins",
     )
 
 
@@ -132,38 +143,62 @@ def test_hook_match(tiny_qwen2):
     def claims_everything(hf_config):
         return Claim(priority=10)
 
-    fails(Conformance(make_plugin("vlmtest_greedy_match", match=claims_everything), tiny_qwen2), "match",
-          r"claimed a config of another family", r"decline \(return None\)")
+    fails(
+        Conformance(make_plugin("vlmtest_greedy_match", match=claims_everything), tiny_qwen2),
+        "match",
+        r"claimed a config of another family",
+        r"decline \(return None\)",
+    )
     reset_registry()
 
     def assumes_architectures(hf_config):
         return Claim(priority=10) if "Qwen2ForCausalLM" in hf_config.architectures else None
 
-    fails(Conformance(make_plugin("vlmtest_fragile_match", match=assumes_architectures), tiny_qwen2), "match",
-          r"raised TypeError on a config of another family", r"getattr\(hf_config, 'architectures', None\) or \[\]")
+    fails(
+        Conformance(make_plugin("vlmtest_fragile_match", match=assumes_architectures), tiny_qwen2),
+        "match",
+        r"raised TypeError on a config of another family",
+        r"getattr\(hf_config, 'architectures', None\) or \[\]",
+    )
     reset_registry()
 
-    fails(Conformance(make_plugin("vlmtest_shy_match", match=lambda hf_config: None), tiny_qwen2), "match",
-          r"declined the config of the checkpoint", r"return Claim")
+    fails(
+        Conformance(make_plugin("vlmtest_shy_match", match=lambda hf_config: None), tiny_qwen2),
+        "match",
+        r"declined the config of the checkpoint",
+        r"return Claim",
+    )
     reset_registry()
 
     def equal_priority(hf_config):
         return Claim(priority=0) if qwen2_config(hf_config) else None
 
-    fails(Conformance(make_plugin("vlmtest_rival_match", match=equal_priority), tiny_qwen2), "match",
-          r"cannot pick a plugin", r"'llama'", r"higher priority")
+    fails(
+        Conformance(make_plugin("vlmtest_rival_match", match=equal_priority), tiny_qwen2),
+        "match",
+        r"cannot pick a plugin",
+        r"'llama'",
+        r"higher priority",
+    )
 
 
 def test_hook_build_preprocessor(tiny_qwen2):
     Conformance("llama", tiny_qwen2).check_preprocessor()
     Conformance("llama", tiny_qwen2).check_images()  # a text-only model refuses images
 
-    fails(Conformance(make_plugin("vlmtest_dict_preprocessor", build_preprocessor=lambda tokenizer: {}), tiny_qwen2),
-          "preprocessor", r"returned dict, which is not callable")
+    fails(
+        Conformance(make_plugin("vlmtest_dict_preprocessor", build_preprocessor=lambda tokenizer: {}), tiny_qwen2),
+        "preprocessor",
+        r"returned dict, which is not callable",
+    )
     reset_registry()
 
-    fails(Conformance(make_plugin("vlmtest_no_preprocessor", build_preprocessor=lambda tokenizer: None), tiny_qwen2),
-          "preprocessor", r"returned nothing from the 'build_preprocessor' hook", r"must return a preprocessor")
+    fails(
+        Conformance(make_plugin("vlmtest_no_preprocessor", build_preprocessor=lambda tokenizer: None), tiny_qwen2),
+        "preprocessor",
+        r"returned nothing from the 'build_preprocessor' hook",
+        r"must return a preprocessor",
+    )
     reset_registry()
 
     class ReturnsDict:
@@ -174,8 +209,11 @@ def test_hook_build_preprocessor(tiny_qwen2):
             return {"token_ids": [1, 2, 3]}
 
     plugin = make_plugin("vlmtest_dict_inputs", build_preprocessor=lambda tokenizer: ReturnsDict(tokenizer))
-    fails(Conformance(plugin, tiny_qwen2), "preprocessor",
-          r"returned dict for a plain string prompt; return vlm.inputs.ModelInputs")
+    fails(
+        Conformance(plugin, tiny_qwen2),
+        "preprocessor",
+        r"returned dict for a plain string prompt; return vlm.inputs.ModelInputs",
+    )
     reset_registry()
 
     def drops_images(tokenizer):
@@ -192,8 +230,11 @@ def test_hook_build_preprocessor(tiny_qwen2):
 
         return DropsImages()
 
-    fails(Conformance(make_plugin("vlmtest_drops_images", build_preprocessor=drops_images), tiny_qwen2),
-          "images", r"accepted an image part; refuse images with vlm.errors.InputError")
+    fails(
+        Conformance(make_plugin("vlmtest_drops_images", build_preprocessor=drops_images), tiny_qwen2),
+        "images",
+        r"accepted an image part; refuse images with vlm.errors.InputError",
+    )
 
 
 def _model_subclass(**methods):
@@ -218,55 +259,88 @@ def test_hook_build_model(tiny_qwen2):
         getattr(ok, f"check_{check}")()
 
     def cases():
-        yield "ignores dtype", dict(build_model=lambda hf_config, device: llama_model(hf_config, torch.float32, device)), \
-            "build_model", [r"made these parameters in another dtype", r"pass dtype="]
+        yield (
+            "ignores dtype",
+            dict(build_model=lambda hf_config, device: llama_model(hf_config, torch.float32, device)),
+            "build_model",
+            [r"made these parameters in another dtype", r"pass dtype="],
+        )
 
         def no_gate_up(self, weights):
             mappings = [WeightMapping("qkv_proj", n, s) for n, s in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"))]
             return load_weights_by_mapping(self, weights, mappings)
 
-        yield "forgets a mapping", dict(build_model=_build_with(_model_subclass(load_weights=no_gate_up))), "load_weights", [
-            r"load_weights left these checkpoint tensors unused: model\.layers\.\d\.mlp\.(gate|up)_proj\.weight",
-            r"map them in load_weights", r"these model parameters got no checkpoint tensor: .*gate_up_proj",
-        ]
+        yield (
+            "forgets a mapping",
+            dict(build_model=_build_with(_model_subclass(load_weights=no_gate_up))),
+            "load_weights",
+            [
+                r"load_weights left these checkpoint tensors unused: model\.layers\.\d\.mlp\.(gate|up)_proj\.weight",
+                r"map them in load_weights",
+                r"these model parameters got no checkpoint tensor: .*gate_up_proj",
+            ],
+        )
 
         def claims_all_loaded(self, weights):
             report = LlamaForCausalLM.load_weights(self, (w for w in weights if w[0] != "model.norm.weight"))
             report.missing.remove("model.norm.weight")
             return report
 
-        yield "reports a parameter it never wrote", \
-            dict(build_model=_build_with(_model_subclass(load_weights=claims_all_loaded))), \
-            "load_weights", [r"never wrote .*model\.norm\.weight", r"weight_loader"]
+        yield (
+            "reports a parameter it never wrote",
+            dict(build_model=_build_with(_model_subclass(load_weights=claims_all_loaded))),
+            "load_weights",
+            [r"never wrote .*model\.norm\.weight", r"weight_loader"],
+        )
 
-        yield "returns no report", dict(build_model=_build_with(_model_subclass(load_weights=lambda self, weights: None))), \
-            "load_weights", [r"load_weights returned NoneType; return the vlm.nn.LoadReport"]
+        yield (
+            "returns no report",
+            dict(build_model=_build_with(_model_subclass(load_weights=lambda self, weights: None))),
+            "load_weights",
+            [r"load_weights returned NoneType; return the vlm.nn.LoadReport"],
+        )
 
         def counts_positions_from_zero(self, input_ids, positions, batch, inputs_embeds=None):
             positions = torch.arange(input_ids.shape[0], device=input_ids.device)
             return LlamaForCausalLM.forward(self, input_ids, positions, batch, inputs_embeds)
 
-        yield "ignores positions", dict(build_model=_build_with(_model_subclass(forward=counts_positions_from_zero))), \
-            "incremental_decoding", [r"incremental decoding disagrees with a full forward", r"`positions` argument"]
+        yield (
+            "ignores positions",
+            dict(build_model=_build_with(_model_subclass(forward=counts_positions_from_zero))),
+            "incremental_decoding",
+            [r"incremental decoding disagrees with a full forward", r"`positions` argument"],
+        )
 
         def mixes_sequences(self, input_ids, positions, batch, inputs_embeds=None):
             hidden = LlamaForCausalLM.forward(self, input_ids, positions, batch, inputs_embeds)
             return hidden + hidden.mean(dim=0, keepdim=True)
 
-        yield "mixes the sequences of a batch", dict(build_model=_build_with(_model_subclass(forward=mixes_sequences))), \
-            "batch_invariance", [r"batched with 2 others than alone", r"no reductions over the token dimension"]
+        yield (
+            "mixes the sequences of a batch",
+            dict(build_model=_build_with(_model_subclass(forward=mixes_sequences))),
+            "batch_invariance",
+            [r"batched with 2 others than alone", r"no reductions over the token dimension"],
+        )
 
         def ignores_inputs_embeds(self, input_ids, positions, batch, inputs_embeds=None):
             return LlamaForCausalLM.forward(self, input_ids, positions, batch, None)
 
-        yield "ignores inputs_embeds", dict(build_model=_build_with(_model_subclass(forward=ignores_inputs_embeds))), \
-            "forward", [r"ignores E: when inputs_embeds is given, use it"]
+        yield (
+            "ignores inputs_embeds",
+            dict(build_model=_build_with(_model_subclass(forward=ignores_inputs_embeds))),
+            "forward",
+            [r"ignores E: when inputs_embeds is given, use it"],
+        )
 
         def float16_logits(self, hidden_states):
             return self.lm_head(hidden_states).half()
 
-        yield "returns float16 logits", dict(build_model=_build_with(_model_subclass(compute_logits=float16_logits))), \
-            "forward", [r"compute_logits returned torch.float16; return float32 logits"]
+        yield (
+            "returns float16 logits",
+            dict(build_model=_build_with(_model_subclass(compute_logits=float16_logits))),
+            "forward",
+            [r"compute_logits returned torch.float16; return float32 logits"],
+        )
 
     for index, (what, hooks, check, patterns) in enumerate(cases()):
         reset_registry()
@@ -286,15 +360,24 @@ def test_greedy_parity_catches_a_wrong_reference(tiny_models):
 
         return AutoModelForCausalLM.from_pretrained(other)
 
-    fails(Conformance("llama", tiny_models("qwen2"), reference, new_tokens=4), "greedy_parity",
-          r"differs from the reference at step 0", r"layer by layer")
+    fails(
+        Conformance("llama", tiny_models("qwen2"), reference, new_tokens=4),
+        "greedy_parity",
+        r"differs from the reference at step 0",
+        r"layer by layer",
+    )
 
 
 def test_a_misspelled_hook_is_reported_by_the_plugin_manager(tiny_qwen2):
     plugin = make_plugin("vlmtest_misspelled_kit")
     plugin.buld_model = hookimpl(lambda hf_config, dtype, device: None)
-    fails(Conformance(plugin, tiny_qwen2), "plugin_loads",
-          r"refused plugin 'vlmtest_misspelled_kit'", r"'buld_model'", r"misspelled")
+    fails(
+        Conformance(plugin, tiny_qwen2),
+        "plugin_loads",
+        r"refused plugin 'vlmtest_misspelled_kit'",
+        r"'buld_model'",
+        r"misspelled",
+    )
 
 
 def test_a_plugin_that_imports_torch_eagerly_is_reported(tmp_path, tiny_qwen2, monkeypatch):
@@ -306,7 +389,9 @@ def test_a_plugin_that_imports_torch_eagerly_is_reported(tmp_path, tiny_qwen2, m
     import vlmtest_eager_torch
 
     try:
-        fails(Conformance(vlmtest_eager_torch, tiny_qwen2), "lazy_torch_import", r"imports torch", r"inside build_model")
+        fails(
+            Conformance(vlmtest_eager_torch, tiny_qwen2), "lazy_torch_import", r"imports torch", r"inside build_model"
+        )
     finally:
         import sys
 

@@ -33,8 +33,12 @@ def spec_signature(function) -> dict:
     signature = inspect.signature(function)  # annotations stay strings: hookspecs uses postponed evaluation
     return {
         "params": [
-            (p.name, str(p.kind), None if p.annotation is inspect.Parameter.empty else p.annotation,
-             None if p.default is inspect.Parameter.empty else repr(p.default))
+            (
+                p.name,
+                str(p.kind),
+                None if p.annotation is inspect.Parameter.empty else p.annotation,
+                None if p.default is inspect.Parameter.empty else repr(p.default),
+            )
             for p in signature.parameters.values()
         ],
         "returns": None if signature.return_annotation is inspect.Signature.empty else signature.return_annotation,
@@ -61,24 +65,35 @@ def documented_signatures(markdown: str) -> dict[str, list[dict]]:
             if not decorators:
                 continue
             firstresult = any(
-                isinstance(d, ast.Call) and any(k.arg == "firstresult" and ast.literal_eval(k.value) for k in d.keywords)
+                isinstance(d, ast.Call)
+                and any(k.arg == "firstresult" and ast.literal_eval(k.value) for k in d.keywords)
                 for d in decorators
             )
             args = node.args
-            kinds = [(a, "POSITIONAL_ONLY") for a in args.posonlyargs] + [(a, "POSITIONAL_OR_KEYWORD") for a in args.args]
+            kinds = [(a, "POSITIONAL_ONLY") for a in args.posonlyargs] + [
+                (a, "POSITIONAL_OR_KEYWORD") for a in args.args
+            ]
             kinds += [(a, "KEYWORD_ONLY") for a in args.kwonlyargs]
-            positional_defaults = [None] * (len(args.posonlyargs) + len(args.args) - len(args.defaults)) + list(args.defaults)
+            positional_defaults = [None] * (len(args.posonlyargs) + len(args.args) - len(args.defaults)) + list(
+                args.defaults
+            )
             defaults = positional_defaults + list(args.kw_defaults)
             params = [
-                (a.arg, kind, ast.unparse(a.annotation) if a.annotation else None,
-                 repr(ast.literal_eval(default)) if default is not None else None)
+                (
+                    a.arg,
+                    kind,
+                    ast.unparse(a.annotation) if a.annotation else None,
+                    repr(ast.literal_eval(default)) if default is not None else None,
+                )
                 for (a, kind), default in zip(kinds, defaults)
             ]
-            found.setdefault(node.name, []).append({
-                "params": params,
-                "returns": ast.unparse(node.returns) if node.returns else None,
-                "firstresult": firstresult,
-            })
+            found.setdefault(node.name, []).append(
+                {
+                    "params": params,
+                    "returns": ast.unparse(node.returns) if node.returns else None,
+                    "firstresult": firstresult,
+                }
+            )
     return found
 
 
@@ -93,7 +108,9 @@ def _decorator_name(node: ast.expr) -> str | None:
 
 def _normalised(signature: dict) -> dict:
     return {
-        "params": [(name, kind, _normal(annotation), default) for name, kind, annotation, default in signature["params"]],
+        "params": [
+            (name, kind, _normal(annotation), default) for name, kind, annotation, default in signature["params"]
+        ],
         "returns": _normal(signature["returns"]),
         "firstresult": signature["firstresult"],
     }
@@ -117,7 +134,9 @@ def test_every_hookspec_is_documented_with_its_exact_signature(guide, hook):
     )
     function = hookspec_functions()[hook]
     expected = _normalised(spec_signature(function))
-    spec_text = f"@hookspec{'(firstresult=True)' if expected['firstresult'] else ''} def {hook}{inspect.signature(function)}"
+    spec_text = (
+        f"@hookspec{'(firstresult=True)' if expected['firstresult'] else ''} def {hook}{inspect.signature(function)}"
+    )
     for signature in documented:
         assert _normalised(signature) == expected, (
             f"the documented signature of {hook!r} differs from core/hookspecs.py ({spec_text}); update the guide"
@@ -187,7 +206,9 @@ PLUGIN_SURFACE = ("vlm.plugin", "vlm.nn", "vlm.testing")
 def _core_imports(path: Path) -> list[str]:
     """Modules of ``vlm`` a source file imports (a regex: the template's files hold Jinja)."""
     found = []
-    for match in re.finditer(r"^\s*(?:from\s+(vlm(?:\.[\w.]+)?)\s+import\s+(\w+)|import\s+(vlm(?:\.[\w.]+)?))", path.read_text(), re.M):
+    for match in re.finditer(
+        r"^\s*(?:from\s+(vlm(?:\.[\w.]+)?)\s+import\s+(\w+)|import\s+(vlm(?:\.[\w.]+)?))", path.read_text(), re.M
+    ):
         module = match.group(1) or match.group(3)
         found.append(f"vlm.{match.group(2)}" if module == "vlm" else module)
     return found

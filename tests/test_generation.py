@@ -35,7 +35,9 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
 
 
 def test_top_k_one_equals_greedy(llm):
-    sampled = tokens(llm.generate(PROMPTS, SamplingParams(temperature=1.3, top_k=1, max_tokens=24, seed=5, ignore_eos=True)))
+    sampled = tokens(
+        llm.generate(PROMPTS, SamplingParams(temperature=1.3, top_k=1, max_tokens=24, seed=5, ignore_eos=True))
+    )
     assert sampled == tokens(llm.generate(PROMPTS, greedy()))
 
 
@@ -45,9 +47,11 @@ def test_repetition_penalty_matches_transformers(llm, tiny_qwen2):
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_qwen2)
     ids = tok(PROMPTS[1], return_tensors="pt").input_ids
-    ref = model.generate(ids, do_sample=False, repetition_penalty=1.5, max_new_tokens=24, min_new_tokens=24, pad_token_id=0)
+    ref = model.generate(
+        ids, do_sample=False, repetition_penalty=1.5, max_new_tokens=24, min_new_tokens=24, pad_token_id=0
+    )
     ours = tokens(llm.generate([PROMPTS[1]], greedy(repetition_penalty=1.5)))[0]
-    assert ours == ref[0, ids.shape[1]:].tolist()
+    assert ours == ref[0, ids.shape[1] :].tolist()
     assert ours != tokens(llm.generate([PROMPTS[1]], greedy()))[0]
 
 

@@ -82,14 +82,16 @@ def test_engine_parses_boxes_from_the_tokens_with_special_tokens_kept(tiny_qwen2
     outputs = OutputProcessor(tokenizer, eos_token_ids=set(), max_model_len=1024)
     seq = SimpleNamespace(output_token_ids=ids, text=text)
     assert outputs._grounded_boxes(seq) == parse_boxes(QWEN2_VL_ANSWER)
-    assert outputs._grounded_boxes(SimpleNamespace(output_token_ids=[1, 2], text=QWEN2_5_VL_ANSWER)) == parse_boxes(QWEN2_5_VL_ANSWER)
+    assert outputs._grounded_boxes(SimpleNamespace(output_token_ids=[1, 2], text=QWEN2_5_VL_ANSWER)) == parse_boxes(
+        QWEN2_5_VL_ANSWER
+    )
     assert outputs._grounded_boxes(SimpleNamespace(output_token_ids=[1, 2], text="plain")) == []
 
 
 def test_vlmrun_draw_boxes_saves_the_picture(tmp_path, monkeypatch, capsys):
     """The CLI path with a stand-in engine that answers with a Qwen2-VL box."""
-    from vlm.cli import main as cli_main
     import vlm.llm
+    from vlm.cli import main as cli_main
 
     picture = tmp_path / "in.png"
     Image.new("RGB", (100, 50), "white").save(picture)
@@ -113,7 +115,9 @@ def test_vlmrun_draw_boxes_saves_the_picture(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(vlm.llm, "LLM", FakeLLM)
     out = tmp_path / "boxes.png"
-    code = cli_main.main(["--model", str(tmp_path), "--image", str(picture), "--prompt", "find it", "--draw-boxes", str(out)])
+    code = cli_main.main(
+        ["--model", str(tmp_path), "--image", str(picture), "--prompt", "find it", "--draw-boxes", str(out)]
+    )
     assert code == 0
     captured = capsys.readouterr()
     assert captured.out == "a thing\n"

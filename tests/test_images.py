@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm.inputs import images as images_module
 from vlm.errors import InputError
-from vlm.inputs.images import image_content_key, load_image
 from vlm.inputs import ImageInput, ModelInputs, iter_image_parts, normalize_messages
+from vlm.inputs import images as images_module
+from vlm.inputs.images import image_content_key, load_image
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -191,7 +191,10 @@ def test_zero_byte_file(tmp_path):
 
 def test_truncated_files(tmp_path):
     pixels = np.random.RandomState(2).randint(0, 256, (64, 64, 3), dtype=np.uint8)
-    for name, data in (("cat.jpg", jpeg_bytes(Image.fromarray(pixels))), ("cat.png", png_bytes(Image.fromarray(pixels)))):
+    for name, data in (
+        ("cat.jpg", jpeg_bytes(Image.fromarray(pixels))),
+        ("cat.png", png_bytes(Image.fromarray(pixels))),
+    ):
         path = tmp_path / name
         path.write_bytes(data[: len(data) // 2])
         with pytest.raises(InputError) as exc:

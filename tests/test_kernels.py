@@ -121,7 +121,7 @@ def test_rms_norm_triton_strided_inputs(force_triton):
         "non-mergeable leading dims": randn(4, 3, H)[::2],
         "non-unit last stride": randn(H, 2, 3).permute(1, 2, 0),
     }
-    for name, x in cases.items():
+    for x in cases.values():
         assert_close(K.rms_norm(x, w, EPS), ref.rms_norm(x, w, EPS))
         res = randn(*x.shape)
         for got, want in zip(K.fused_add_rms_norm(x, res, w, EPS), ref.fused_add_rms_norm(x, res, w, EPS)):
@@ -234,7 +234,8 @@ def mrope_positions(tokens, max_position):
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "head_dim,mrope_section", [(16, [2, 3, 3]), (24, [4, 4, 4]), (32, [2, 2, 2]), (64, [8, 12, 12])],
+    "head_dim,mrope_section",
+    [(16, [2, 3, 3]), (24, [4, 4, 4]), (32, [2, 2, 2]), (64, [8, 12, 12])],
     ids=["d16", "d24", "d32-partial", "d64"],
 )
 @pytest.mark.parametrize("n_q_heads,n_k_heads", [(1, 1), (4, 2)])
@@ -273,7 +274,14 @@ def test_apply_mrope_rejects_sections_that_do_not_cover_the_frequencies():
     q = k = torch.zeros(2, 1, 16)
     cos_table, sin_table = make_cos_sin(torch.arange(4), 16)
     with pytest.raises(ValueError, match="mrope_section must sum"):
-        ref.apply_mrope(q, k, cos_table.cpu(), sin_table.cpu(), torch.zeros(3, 2, dtype=torch.long), ref.mrope_section_rows([2, 2, 2]))
+        ref.apply_mrope(
+            q,
+            k,
+            cos_table.cpu(),
+            sin_table.cpu(),
+            torch.zeros(3, 2, dtype=torch.long),
+            ref.mrope_section_rows([2, 2, 2]),
+        )
 
 
 def test_reference_mrope_matches_transformers_qwen2_vl():
@@ -282,7 +290,10 @@ def test_reference_mrope_matches_transformers_qwen2_vl():
 
     section = [4, 6, 6]
     config = Qwen2VLTextConfig(
-        hidden_size=128, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
         rope_scaling={"type": "mrope", "mrope_section": section, "rope_theta": 10000.0},
     )
     rotary = hf.Qwen2VLRotaryEmbedding(config)

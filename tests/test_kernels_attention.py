@@ -109,8 +109,9 @@ def randn(*shape, dtype=torch.float32):
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_write_kv_cache_triton(ta, block_size, heads, dim, heads_per_program, dtype):
     num_blocks, T = 5, 11
-    k_cache, v_cache = randn(num_blocks, block_size, heads, dim, dtype=dtype), randn(
-        num_blocks, block_size, heads, dim, dtype=dtype
+    k_cache, v_cache = (
+        randn(num_blocks, block_size, heads, dim, dtype=dtype),
+        randn(num_blocks, block_size, heads, dim, dtype=dtype),
     )
     # k and v as views of a fused projection: token stride != heads * dim.
     kv = randn(T, 2 * heads * dim + 8, dtype=dtype)
@@ -191,8 +192,7 @@ def test_paged_decode_triton_never_reads_unowned_slots(ta):
     clean_k, clean_v = (torch.nan_to_num(c, nan=0.0) for c in (k_cache, v_cache))
     want = torch_attn.paged_decode_attention(q, clean_k, clean_v, tables, lens_tensor(lens), 0.25)
     for splits in (1, 4):
-        got = ta.paged_decode_attention(q, k_cache, v_cache, tables, lens_tensor(lens), 0.25, **TILE,
-                                        num_splits=splits)
+        got = ta.paged_decode_attention(q, k_cache, v_cache, tables, lens_tensor(lens), 0.25, **TILE, num_splits=splits)
         assert_close(got, want)
 
 
@@ -273,8 +273,10 @@ def test_forced_triton_matches_torch_one_engine_step(force_triton, monkeypatch, 
         device=DEVICE,
     )
     T = sum(query_lens)
-    q, k, v = randn(T, n_q_heads, dim, dtype=dtype), randn(T, n_kv_heads, dim, dtype=dtype), randn(
-        T, n_kv_heads, dim, dtype=dtype
+    q, k, v = (
+        randn(T, n_q_heads, dim, dtype=dtype),
+        randn(T, n_kv_heads, dim, dtype=dtype),
+        randn(T, n_kv_heads, dim, dtype=dtype),
     )
 
     def step():
@@ -295,14 +297,30 @@ def test_forced_triton_matches_torch_one_engine_step(force_triton, monkeypatch, 
 
 
 OPS = {
-    "write_kv_cache": lambda: (torch.ones(2, 1, 4), torch.ones(2, 1, 4), torch.ones(1, 4, 1, 4),
-                               torch.ones(1, 4, 1, 4), torch.tensor([0, 1])),
-    "paged_decode_attention": lambda: (torch.ones(1, 2, 4), torch.ones(1, 4, 1, 4), torch.ones(1, 4, 1, 4),
-                                       torch.zeros(1, 1, dtype=torch.int32), torch.tensor([3], dtype=torch.int32),
-                                       0.5),
-    "paged_prefill_attention": lambda: (torch.ones(3, 2, 4), torch.ones(1, 4, 1, 4), torch.ones(1, 4, 1, 4),
-                                        torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32),
-                                        torch.tensor([3], dtype=torch.int32), 0.5),
+    "write_kv_cache": lambda: (
+        torch.ones(2, 1, 4),
+        torch.ones(2, 1, 4),
+        torch.ones(1, 4, 1, 4),
+        torch.ones(1, 4, 1, 4),
+        torch.tensor([0, 1]),
+    ),
+    "paged_decode_attention": lambda: (
+        torch.ones(1, 2, 4),
+        torch.ones(1, 4, 1, 4),
+        torch.ones(1, 4, 1, 4),
+        torch.zeros(1, 1, dtype=torch.int32),
+        torch.tensor([3], dtype=torch.int32),
+        0.5,
+    ),
+    "paged_prefill_attention": lambda: (
+        torch.ones(3, 2, 4),
+        torch.ones(1, 4, 1, 4),
+        torch.ones(1, 4, 1, 4),
+        torch.zeros(1, 1, dtype=torch.int32),
+        torch.tensor([0, 3], dtype=torch.int32),
+        torch.tensor([3], dtype=torch.int32),
+        0.5,
+    ),
 }
 
 
@@ -333,8 +351,9 @@ def test_triton_attention_rejects_bad_arguments(ta):
     with pytest.raises(ValueError, match="D=16"):
         ta.paged_decode_attention(torch.ones(1, 2, 8), cache, cache, tables, lens, 1.0)
     with pytest.raises(ValueError, match="dtype"):
-        ta.paged_prefill_attention(torch.ones(3, 2, 16).half(), cache, cache, tables,
-                                   torch.tensor([0, 3], dtype=torch.int32), lens, 1.0)
+        ta.paged_prefill_attention(
+            torch.ones(3, 2, 16).half(), cache, cache, tables, torch.tensor([0, 3], dtype=torch.int32), lens, 1.0
+        )
     with pytest.raises(ValueError, match="query_start_loc"):
         ta.paged_prefill_attention(torch.ones(3, 2, 16), cache, cache, tables, torch.tensor([0]), lens, 1.0)
     with pytest.raises(ValueError, match="unit stride"):
@@ -382,7 +401,12 @@ def test_torch_path_matches_naive_attention(n_q_heads, n_kv_heads):
     q = torch.randn(sum(query_lens), n_q_heads, dim)
     starts = [0, *itertools.accumulate(query_lens)]
     got = torch_attn.paged_prefill_attention(
-        q, k_cache, v_cache, tables, torch.tensor(starts, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32),
+        q,
+        k_cache,
+        v_cache,
+        tables,
+        torch.tensor(starts, dtype=torch.int32),
+        torch.tensor(lens, dtype=torch.int32),
         scale,
     )
     for s, (n, t) in enumerate(zip(lens, query_lens)):

@@ -24,7 +24,9 @@ NEW_TOKENS = 12
 @pytest.fixture(scope="module")
 def mrope_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("mrope") / "qwen2-mrope"
-    return str(write_tiny_text_model(path, "qwen2", seed=3, rope_scaling={"rope_type": "default", "mrope_section": SECTION}))
+    return str(
+        write_tiny_text_model(path, "qwen2", seed=3, rope_scaling={"rope_type": "default", "mrope_section": SECTION})
+    )
 
 
 def multimodal_positions(prompt_len: int, image_at: int, grid: tuple[int, int]) -> tuple[torch.Tensor, int]:
@@ -84,7 +86,7 @@ def reference(path: str, inputs: ModelInputs, n: int) -> tuple[list[int], torch.
             ids.append(int(step.argmax()))
             next_pos = torch.full((3, 1), len(ids) - 1 + inputs.position_delta)
             positions = torch.cat([positions, next_pos], dim=1)
-    return ids[len(inputs.token_ids):], torch.stack(logits)
+    return ids[len(inputs.token_ids) :], torch.stack(logits)
 
 
 def test_rotary_reads_mrope_section_and_one_d_positions_still_work(mrope_model):

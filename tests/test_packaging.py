@@ -70,7 +70,9 @@ def test_wheel_imports_standalone(wheel, tmp_path):
     )
     result = subprocess.run(
         [sys.executable, "-c", code, str(target)],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
     assert result.returncode == 0, result.stderr

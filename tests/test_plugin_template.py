@@ -36,7 +36,11 @@ HOOKS = ["architectures", "build_model", "build_preprocessor", "match"]
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without what would steer plugin loading or imports."""
-    env = {k: v for k, v in os.environ.items() if k not in (LOAD_PLUGINS_ENV, PLUGIN_FILES_ENV, TRACE_PLUGINS_ENV, "PYTHONPATH")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in (LOAD_PLUGINS_ENV, PLUGIN_FILES_ENV, TRACE_PLUGINS_ENV, "PYTHONPATH")
+    }
     env.update(extra)
     return env
 
@@ -48,7 +52,9 @@ def run(args: list[str], cwd: Path | None = None, timeout: int = 300, **env: str
 
 
 def check(result: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"{what} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, (
+        f"{what} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    )
     return result
 
 
@@ -57,8 +63,23 @@ def render(output_dir: Path, **context: str) -> Path:
     config = output_dir / "cookiecutter-config.yaml"  # keep replays and clones out of ~
     config.write_text(f"cookiecutters_dir: {output_dir / 'cookiecutters'}\nreplay_dir: {output_dir / 'replay'}\n")
     before = set(output_dir.iterdir())
-    check(run([sys.executable, "-m", "cookiecutter", "--no-input", "--config-file", config, "-o", output_dir,
-               TEMPLATE, *[f"{k}={v}" for k, v in context.items()]]), "cookiecutter")
+    check(
+        run(
+            [
+                sys.executable,
+                "-m",
+                "cookiecutter",
+                "--no-input",
+                "--config-file",
+                config,
+                "-o",
+                output_dir,
+                TEMPLATE,
+                *[f"{k}={v}" for k, v in context.items()],
+            ]
+        ),
+        "cookiecutter",
+    )
     [project] = [p for p in set(output_dir.iterdir()) - before if p.is_dir() and p.name.startswith("vlm-plugin-")]
     return project
 
@@ -71,7 +92,9 @@ def layered_venv(path: Path) -> Path:
     site = Path(check(purelib, "sysconfig").stdout.strip())
     parents = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     # addsitedir (not a bare path) so that the editable installs' own .pth files are processed too
-    (site / "_vlm_parent_environment.pth").write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in parents))
+    (site / "_vlm_parent_environment.pth").write_text(
+        "".join(f"import site; site.addsitedir({p!r})\n" for p in parents)
+    )
     # the console script pip would write for vlm-core, so that the test runs `vlmrun` itself
     vlmrun = path / "bin" / "vlmrun"
     vlmrun.write_text(f"#!{python}\nimport sys\nfrom vlm.cli.main import main\nsys.exit(main())\n")
@@ -89,13 +112,22 @@ def test_rendered_files(rendered):
     vision, llm = rendered["vision"], rendered["llm"]
     assert vision.name == "vlm-plugin-myvlm" and llm.name == "vlm-plugin-myllm"
     for project, package in ((vision, "vlm_plugin_myvlm"), (llm, "vlm_plugin_myllm")):
-        for name in ("pyproject.toml", "README.md", ".github/workflows/test.yml", "tests/test_conformance.py",
-                     f"{package}/__init__.py", f"{package}/model.py", f"{package}/tiny_checkpoint.py"):
+        for name in (
+            "pyproject.toml",
+            "README.md",
+            ".github/workflows/test.yml",
+            "tests/test_conformance.py",
+            f"{package}/__init__.py",
+            f"{package}/model.py",
+            f"{package}/tiny_checkpoint.py",
+        ):
             assert (project / name).is_file(), name
         for path in project.rglob("*"):
             if path.is_file():
                 text = path.read_text()
-                assert "{{" not in text.replace("${{", "") or path.name == "tiny_checkpoint.py", f"unrendered Jinja in {path}"
+                assert "{{" not in text.replace("${{", "") or path.name == "tiny_checkpoint.py", (
+                    f"unrendered Jinja in {path}"
+                )
                 assert "cookiecutter" not in text, f"unrendered variable in {path}"
         readme = (project / "README.md").read_text()
         assert all(f"### `{hook}(" in readme for hook in HOOKS), "the README explains every hook"
@@ -114,8 +146,10 @@ def test_rendered_files(rendered):
 
 
 def test_bad_family_name_is_refused(tmp_path):
-    result = run([sys.executable, "-m", "cookiecutter", "--no-input", "-o", tmp_path, TEMPLATE, "family=1bad name!"],
-                 HOME=str(tmp_path))
+    result = run(
+        [sys.executable, "-m", "cookiecutter", "--no-input", "-o", tmp_path, TEMPLATE, "family=1bad name!"],
+        HOME=str(tmp_path),
+    )
     assert result.returncode != 0
     assert "must start with a letter" in result.stdout + result.stderr
 
@@ -124,11 +158,31 @@ def test_rendered_plugins_install_pass_their_tests_and_run(rendered, tmp_path):
     venv = layered_venv(tmp_path / "venv")
     python, vlmrun = venv / "bin" / "python", venv / "bin" / "vlmrun"
     # `vlmrun install` is pip in vlmrun's interpreter (offline here: everything else is already there)
-    check(run([vlmrun, "install", "--no-index", "--no-build-isolation", "--disable-pip-version-check", "-q",
-               "-e", rendered["vision"], "-e", rendered["llm"]]), "vlmrun install -e")
+    check(
+        run(
+            [
+                vlmrun,
+                "install",
+                "--no-index",
+                "--no-build-isolation",
+                "--disable-pip-version-check",
+                "-q",
+                "-e",
+                rendered["vision"],
+                "-e",
+                rendered["llm"],
+            ]
+        ),
+        "vlmrun install -e",
+    )
 
-    listed = {p["name"]: p for p in json.loads(check(run([vlmrun, "plugins", "--json"]), "vlmrun plugins --json").stdout)}
-    for name, kind, architecture in (("myvlm", "vision", "MyvlmForConditionalGeneration"), ("myllm", "llm", "MyllmForCausalLM")):
+    listed = {
+        p["name"]: p for p in json.loads(check(run([vlmrun, "plugins", "--json"]), "vlmrun plugins --json").stdout)
+    }
+    for name, kind, architecture in (
+        ("myvlm", "vision", "MyvlmForConditionalGeneration"),
+        ("myllm", "llm", "MyllmForCausalLM"),
+    ):
         info = listed[name]
         assert info["error"] is None, info
         assert info["distribution"] == f"vlm-plugin-{name}" and info["source"] == "entry point"
@@ -136,21 +190,42 @@ def test_rendered_plugins_install_pass_their_tests_and_run(rendered, tmp_path):
         assert info["api_version"] == ">=1.0,<2"
 
         project = rendered[kind]
-        tests = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / ('pytest-' + name)}"],
-                    cwd=project)
+        tests = run(
+            [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / ('pytest-' + name)}"],
+            cwd=project,
+        )
         check(tests, f"the generated test suite of {project.name}")
         assert "12 passed" in tests.stdout, tests.stdout[-2000:]
 
         checkpoint = tmp_path / f"tiny-{name}"
         check(run([python, "-m", f"vlm_plugin_{name}.tiny_checkpoint", checkpoint]), "tiny_checkpoint")
-        result = check(run([vlmrun, "--model", checkpoint, "--prompt", "hi", "--max-tokens", "4", "--temperature", "0",
-                            "--threads", "1"], **{TRACE_PLUGINS_ENV: "1"}), f"vlmrun --model {checkpoint}")
+        result = check(
+            run(
+                [
+                    vlmrun,
+                    "--model",
+                    checkpoint,
+                    "--prompt",
+                    "hi",
+                    "--max-tokens",
+                    "4",
+                    "--temperature",
+                    "0",
+                    "--threads",
+                    "1",
+                ],
+                **{TRACE_PLUGINS_ENV: "1"},
+            ),
+            f"vlmrun --model {checkpoint}",
+        )
         # VLM_TRACE_PLUGINS shows which plugin each hook call went to
         call = r"\[vlm plugins\] build_model\(\{{'hf_config': {config}(?:(?!\[vlm plugins\]).)*\) -> \['{plugin}'\]"
         own = call.format(config=rf"RawConfig\(model_type='{name}'", plugin=name)
         assert re.search(own, result.stderr, re.S), result.stderr[-3000:]
         if kind == "vision":  # the language model of its Qwen2 text config came from the llama plugin
-            assert re.search(call.format(config="Qwen2Config", plugin="llama"), result.stderr, re.S), result.stderr[-3000:]
+            assert re.search(call.format(config="Qwen2Config", plugin="llama"), result.stderr, re.S), result.stderr[
+                -3000:
+            ]
 
     # the recovery recipe uninstalls without loading any plugin
     check(run([vlmrun, "uninstall", "vlm-plugin-myllm"], **{LOAD_PLUGINS_ENV: ""}), "vlmrun uninstall")
@@ -166,15 +241,24 @@ def test_rendered_plugins_install_pass_their_tests_and_run(rendered, tmp_path):
 # -- the kit names the usual mistakes ---------------------------------------------------------
 
 
-def _render_broken(tmp_path: Path, family: str, file: str, old: str, new: str, count: int | None = None) -> tuple[str, str]:
+def _render_broken(
+    tmp_path: Path, family: str, file: str, old: str, new: str, count: int | None = None
+) -> tuple[str, str]:
     """Render the vision template as ``family`` and replace ``old`` with ``new`` in one file;
     returns the project directory and the package name."""
     from cookiecutter.main import cookiecutter
 
     config = tmp_path / "cookiecutter-config.yaml"  # keep replays and clones out of ~
     config.write_text(f"cookiecutters_dir: {tmp_path / 'cookiecutters'}\nreplay_dir: {tmp_path / 'replay'}\n")
-    project = Path(cookiecutter(str(TEMPLATE), no_input=True, output_dir=str(tmp_path), extra_context={"family": family},
-                                config_file=str(config)))
+    project = Path(
+        cookiecutter(
+            str(TEMPLATE),
+            no_input=True,
+            output_dir=str(tmp_path),
+            extra_context={"family": family},
+            config_file=str(config),
+        )
+    )
     package = f"vlm_plugin_{family}"
     path = project / package / file
     text = path.read_text()
@@ -196,7 +280,9 @@ def broken(tmp_path, monkeypatch):
         monkeypatch.syspath_prepend(project)
         loaded.append(package)
         module = importlib.import_module(package)
-        checkpoint = importlib.import_module(f"{package}.tiny_checkpoint").write_tiny_checkpoint(tmp_path / f"tiny-{family}")
+        checkpoint = importlib.import_module(f"{package}.tiny_checkpoint").write_tiny_checkpoint(
+            tmp_path / f"tiny-{family}"
+        )
         return Conformance(module, checkpoint)
 
     yield make
@@ -214,8 +300,10 @@ def test_kit_reports_a_wrong_weight_name(broken):
     with pytest.raises(ConformanceError) as info:
         conformance.check_load_weights()
     message = str(info.value)
-    assert ("load_weights left these checkpoint tensors unused: projector.linear_1.bias, projector.linear_1.weight; "
-            "map them in load_weights") in message
+    assert (
+        "load_weights left these checkpoint tensors unused: projector.linear_1.bias, projector.linear_1.weight; "
+        "map them in load_weights"
+    ) in message
     assert "these model parameters got no checkpoint tensor: projector.fc_in.weight, projector.fc_in.bias" in message
 
 
@@ -224,13 +312,18 @@ def test_kit_reports_a_wrong_placeholder_count(broken):
     from vlm.testing.conformance import ConformanceError
 
     conformance = broken(
-        "brokenplaceholders", "preprocess.py", "IMAGE_TOKEN * image.num_tokens", "IMAGE_TOKEN * (image.num_tokens - 1)", count=1
+        "brokenplaceholders",
+        "preprocess.py",
+        "IMAGE_TOKEN * image.num_tokens",
+        "IMAGE_TOKEN * (image.num_tokens - 1)",
+        count=1,
     )
     with pytest.raises(ConformanceError) as info:
         conformance.check_images()
     assert re.match(
         r"for a 1x1 RGB image the prompt holds 3 placeholder tokens \(id \d+\) but ImageInput.num_tokens adds up to 4; "
-        r"expand each image's placeholder to exactly num_tokens tokens", str(info.value),
+        r"expand each image's placeholder to exactly num_tokens tokens",
+        str(info.value),
     ), info.value
 
 
@@ -238,7 +331,9 @@ def test_kit_reports_a_model_that_disagrees_with_the_placeholder_count(broken):
     """``tokens_per_image`` forgets the 2x2 patch merge: 16 placeholders, 4 features per image."""
     from vlm.testing.conformance import ConformanceError
 
-    conformance = broken("brokenfeatures", "model.py", "return (self.grid // self.merge_size) ** 2", "return self.grid**2")
+    conformance = broken(
+        "brokenfeatures", "model.py", "return (self.grid // self.merge_size) ** 2", "return self.grid**2"
+    )
     with pytest.raises(ConformanceError) as info:
         conformance.check_images()
     assert str(info.value).startswith(
@@ -255,6 +350,8 @@ def test_plugin_manager_reports_a_misspelled_hook(broken):
     with pytest.raises(ConformanceError) as info:
         conformance.check_plugin_loads()
     message = str(info.value)
-    assert message.startswith("the plugin manager refused plugin 'vlm_plugin_brokenhook': hookimpl 'build_preprocesor' "
-                              "matches no vlm hook (misspelled?); the hooks are: architectures, build_model, "
-                              "build_preprocessor, match"), message
+    assert message.startswith(
+        "the plugin manager refused plugin 'vlm_plugin_brokenhook': hookimpl 'build_preprocesor' "
+        "matches no vlm hook (misspelled?); the hooks are: architectures, build_model, "
+        "build_preprocessor, match"
+    ), message

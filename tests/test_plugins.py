@@ -20,8 +20,8 @@ from types import SimpleNamespace
 import pytest
 
 from vlm import hookspecs
-from vlm.plugin import manager as plugins
 from vlm.errors import PluginError
+from vlm.plugin import manager as plugins
 from vlm.plugin.manager import add_plugin_file, get_registry, reset_registry
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plugins"
@@ -422,9 +422,7 @@ def test_vlmrun_plugins_never_imports_torch(install):
 
 
 def test_importing_the_llama_plugin_does_not_import_torch():
-    proc = _run_python(
-        "import sys, vlm_plugin_llama; print(vlm_plugin_llama.architectures(), 'torch' in sys.modules)"
-    )
+    proc = _run_python("import sys, vlm_plugin_llama; print(vlm_plugin_llama.architectures(), 'torch' in sys.modules)")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("False")
     assert "Qwen2ForCausalLM" in proc.stdout

@@ -15,8 +15,9 @@ TOUCHED_BEFORE = ("TRITON_INTERPRET", "HF_HUB_OFFLINE")
 def test_third_party_pytest_run_sees_its_environment_unchanged(tmp_path):
     project = tmp_path / "other-project"
     project.mkdir()
-    (project / "test_env.py").write_text(textwrap.dedent(
-        """
+    (project / "test_env.py").write_text(
+        textwrap.dedent(
+            """
         import os
 
         def test_vlm_plugin_is_active(pytestconfig, tiny_models):
@@ -27,11 +28,16 @@ def test_third_party_pytest_run_sees_its_environment_unchanged(tmp_path):
             assert "TRITON_INTERPRET" not in os.environ, os.environ["TRITON_INTERPRET"]
             assert "HF_HUB_OFFLINE" not in os.environ, os.environ["HF_HUB_OFFLINE"]
         """
-    ))
+        )
+    )
     env = {k: v for k, v in os.environ.items() if k not in TOUCHED_BEFORE and not k.startswith("PYTEST_")}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(project)],
-        cwd=project, env=env, capture_output=True, text=True, timeout=300,
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout, result.stdout

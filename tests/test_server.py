@@ -11,12 +11,7 @@ import asyncio
 import base64
 import io
 import json
-import os
-import re
 import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -49,8 +44,16 @@ def media_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(tiny_qwen2, media_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server-log") / "serve.log"
-    proc = ServerProcess(tiny_qwen2, "--api-key", API_KEY, "--allowed-media-dir", str(media_dir),
-                         "--served-model-name", "tiny", log_path=log)
+    proc = ServerProcess(
+        tiny_qwen2,
+        "--api-key",
+        API_KEY,
+        "--allowed-media-dir",
+        str(media_dir),
+        "--served-model-name",
+        "tiny",
+        log_path=log,
+    )
     yield proc
     proc.stop()
 
@@ -76,8 +79,13 @@ def offline(llm, messages=MESSAGES, **params):
 def post(server, path: str, body, key: str | None = API_KEY, **kwargs):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if isinstance(body, (str, bytes)):
-        return httpx.post(f"{server.url}{path}", content=body, headers={**headers, "Content-Type": "application/json"},
-                          timeout=60, **kwargs)
+        return httpx.post(
+            f"{server.url}{path}",
+            content=body,
+            headers={**headers, "Content-Type": "application/json"},
+            timeout=60,
+            **kwargs,
+        )
     return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=60, **kwargs)
 
 
@@ -105,8 +113,10 @@ def test_chat_non_streaming_equals_offline(server, client, llm):
 
 
 def test_text_parts_equal_offline(server, client, llm):
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "Two parts, "}, {"type": "text", "text": "one turn."}]}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Two parts, "}, {"type": "text", "text": "one turn."}]},
+    ]
     expected = offline(llm, messages, temperature=0, max_tokens=12)
     response = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
     assert response.choices[0].message.content == expected.text
@@ -114,10 +124,16 @@ def test_text_parts_equal_offline(server, client, llm):
 
 def test_chat_streaming_equals_offline(server, client, llm):
     expected = offline(llm, temperature=0, max_tokens=24)
-    chunks = list(client.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_completion_tokens=24, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            max_completion_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected.text
@@ -131,9 +147,7 @@ def test_n_with_seeds_equals_offline(server, client, llm):
     from vlm import SamplingParams
 
     params = dict(temperature=0.9, top_p=0.95, max_tokens=16)
-    expected = llm.generate(
-        [MESSAGES, MESSAGES], [SamplingParams(seed=7, **params), SamplingParams(seed=8, **params)]
-    )
+    expected = llm.generate([MESSAGES, MESSAGES], [SamplingParams(seed=7, **params), SamplingParams(seed=8, **params)])
     response = client.chat.completions.create(model="tiny", messages=MESSAGES, n=2, seed=7, **params)
     texts = [c.message.content for c in sorted(response.choices, key=lambda c: c.index)]
     assert texts == [e.outputs[0].text for e in expected]
@@ -150,9 +164,11 @@ def test_n_with_seeds_equals_offline(server, client, llm):
 
 def test_stop_strings(server, client, llm):
     full = offline(llm, temperature=0, max_tokens=24).text
-    printable = [i for i in range(4, len(full) - 2) if full[i:i + 2].isprintable() and "\ufffd" not in full[i:i + 2]]
+    printable = [
+        i for i in range(4, len(full) - 2) if full[i : i + 2].isprintable() and "\ufffd" not in full[i : i + 2]
+    ]
     assert printable, f"no printable stop candidate in {full!r}"
-    stop = full[printable[0]:printable[0] + 2]
+    stop = full[printable[0] : printable[0] + 2]
     expected = offline(llm, temperature=0, max_tokens=24, stop=[stop, "never-there"])
     assert expected.finish_reason == "stop" and stop not in expected.text and len(expected.text) < len(full)
     response = client.chat.completions.create(
@@ -192,12 +208,14 @@ def test_completions_endpoint(server, client, llm):
     from vlm import SamplingParams
 
     expected = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
-    response = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0,
-                                         logprobs=2)
+    response = client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, logprobs=2
+    )
     assert response.choices[0].text == expected.text
     assert len(response.choices[0].logprobs.tokens) == len(expected.token_ids)
-    stream = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0,
-                                       stream=True)
+    stream = client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in stream if c.choices) == expected.text
 
 
@@ -206,10 +224,18 @@ def test_metrics(server, client):
     response = httpx.get(f"{server.url}/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     values = server.metrics()
-    for name in ("vlm_num_requests_waiting", "vlm_num_requests_running", "vlm_kv_cache_blocks_used",
-                 "vlm_kv_cache_blocks_total", "vlm_generation_tokens_total", "vlm_prompt_tokens_total",
-                 "vlm_generation_tokens_per_second", "vlm_time_to_first_token_seconds_count",
-                 'vlm_requests_total{outcome="completed"}', 'vlm_requests_total{outcome="rejected"}'):
+    for name in (
+        "vlm_num_requests_waiting",
+        "vlm_num_requests_running",
+        "vlm_kv_cache_blocks_used",
+        "vlm_kv_cache_blocks_total",
+        "vlm_generation_tokens_total",
+        "vlm_prompt_tokens_total",
+        "vlm_generation_tokens_per_second",
+        "vlm_time_to_first_token_seconds_count",
+        'vlm_requests_total{outcome="completed"}',
+        'vlm_requests_total{outcome="rejected"}',
+    ):
         assert name in values, name
     assert values["vlm_kv_cache_blocks_total"] > 0
     assert values["vlm_generation_tokens_total"] >= 4
@@ -233,8 +259,18 @@ def test_api_key(server):
 
 
 def _image_message(url: str) -> dict:
-    return {"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is this?"}]}]}
+    return {
+        "model": "tiny",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "what is this?"},
+                ],
+            }
+        ],
+    }
 
 
 def _bad_requests(media_dir: Path, outside: Path) -> list[tuple[str, object, str | None, int]]:
@@ -251,8 +287,12 @@ def _bad_requests(media_dir: Path, outside: Path) -> list[tuple[str, object, str
         ("file:// outside the allowed dir", _image_message(outside.as_uri()), image_param, 400),
         ("path escaping the allowed dir", _image_message(str(media_dir / ".." / outside.name)), image_param, 400),
         ("http image without --allow-remote-media", _image_message("http://127.0.0.1:9/cat.png"), image_param, 400),
-        ("corrupt data-URL image", _image_message("data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nxx").decode()),
-         image_param, 400),
+        (
+            "corrupt data-URL image",
+            _image_message("data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nxx").decode()),
+            image_param,
+            400,
+        ),
         ("image for a text-only model", _image_message((media_dir / "inside.png").as_uri()), image_param, 400),
         ("unknown field", {**ok, "temprature": 0.5}, "temprature", 400),
         ("top_logprobs without logprobs", {**ok, "top_logprobs": 2}, "top_logprobs", 400),
@@ -300,8 +340,9 @@ def test_client_disconnect_aborts_the_request(server):
     headers = {"Authorization": f"Bearer {API_KEY}"}
     # streaming: read a few chunks, then hang up
     with httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True},
-                         headers=headers) as response:
+        with http.stream(
+            "POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, headers=headers
+        ) as response:
             assert response.status_code == 200
             lines = response.iter_lines()
             received = [next(lines) for _ in range(40)]
@@ -316,7 +357,8 @@ def test_client_disconnect_aborts_the_request(server):
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload
+            + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
         )
         _wait_running(server, 16)
     values = server.wait_idle()
@@ -343,7 +385,12 @@ def _wait_engine_idle(async_engine, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         stats = async_engine.stats
-        if stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_blocks_used == 0 and not stats.requests_in_flight:
+        if (
+            stats.num_running == 0
+            and stats.num_waiting == 0
+            and stats.kv_blocks_used == 0
+            and not stats.requests_in_flight
+        ):
             return
         time.sleep(0.02)
     raise AssertionError(f"engine not idle: {async_engine.stats}")
@@ -376,7 +423,8 @@ def test_async_engine_survives_a_failing_step(async_engine, llm):
 
     async def scenario():
         results = await asyncio.gather(
-            _texts(async_engine, MESSAGES, params), _texts(async_engine, "Hello", params, n=2),
+            _texts(async_engine, MESSAGES, params),
+            _texts(async_engine, "Hello", params, n=2),
             return_exceptions=True,
         )
         return results

@@ -35,7 +35,6 @@ def model(tmp_path_factory, tiny_qwen2) -> tuple[str, bool]:
     """(model directory, with images?)"""
     try:
         import vlm_plugin_internvl  # noqa: F401
-
         from vlm_plugin_internvl.testing import write_tiny_internvl
     except ImportError as exc:
         warnings.warn(f"InternVL plugin not available ({exc}); the load test runs text-only", stacklevel=1)
@@ -67,8 +66,12 @@ def conversations(model):
         text = f"Request {i}: say something about the {WORDS[i % len(WORDS)]} {WORDS[(i * 3) % len(WORDS)]}."
         if with_images:
             url, image = _picture(i)
-            api = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                {"type": "text", "text": text}]}]
+            api = [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}],
+                }
+            ]
             local = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
         else:
             api = local = [{"role": "user", "content": text}]
@@ -89,15 +92,20 @@ def expected(model, conversations) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
-    proc = ServerProcess(model[0], "--served-model-name", "tiny",
-                         log_path=tmp_path_factory.mktemp("load-log") / "serve.log")
+    proc = ServerProcess(
+        model[0], "--served-model-name", "tiny", log_path=tmp_path_factory.mktemp("load-log") / "serve.log"
+    )
     yield proc
     proc.stop()
 
 
 async def _stream_chat(client, messages) -> tuple[str, str | None, int]:
     stream = await client.chat.completions.create(
-        model="tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        model="tiny",
+        messages=messages,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     text, reason, tokens = "", None, -1
@@ -122,8 +130,10 @@ def test_64_concurrent_streams(server, conversations, expected, model):
             await asyncio.sleep(0.02)
 
     async def run():
-        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120) as client, \
-                httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        async with (
+            openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120) as client,
+            httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+        ):
             done = asyncio.Event()
             watcher = asyncio.create_task(watch(http, done))
             try:
@@ -147,8 +157,10 @@ def test_64_concurrent_streams(server, conversations, expected, model):
     assert values['vlm_requests_total{outcome="aborted"}'] == 0
     assert values["vlm_time_to_first_token_seconds_count"] == NUM_REQUESTS
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
-    print(f"\n{NUM_REQUESTS} streams ({'with images' if model[1] else 'text only'}) in {elapsed:.1f} s, "
-          f"up to {peak['running']:.0f} decoded together")
+    print(
+        f"\n{NUM_REQUESTS} streams ({'with images' if model[1] else 'text only'}) in {elapsed:.1f} s, "
+        f"up to {peak['running']:.0f} decoded together"
+    )
 
 
 def _malformed(conversations, with_images: bool) -> list[tuple[object, str | None]]:
@@ -157,8 +169,15 @@ def _malformed(conversations, with_images: bool) -> list[tuple[object, str | Non
     corrupt_png = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 40).decode()
 
     def with_image(url: str) -> dict:
-        return {**ok, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                                  {"type": "text", "text": "hi"}]}]}
+        return {
+            **ok,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}],
+                }
+            ],
+        }
 
     image_param = "messages[0].content[0].image_url"
     cases = [
@@ -176,7 +195,10 @@ def _malformed(conversations, with_images: bool) -> list[tuple[object, str | Non
         ({**ok, "stop": [""]}, "stop"),
         ({**ok, "top_k": -5}, "top_k"),
         ({**ok, "logprobs": True, "top_logprobs": 99}, "top_logprobs"),
-        ({**ok, "messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]}, "messages[0].content[0].type"),
+        (
+            {**ok, "messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]},
+            "messages[0].content[0].type",
+        ),
         ({**ok, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
         ({**ok, "stream_options": {"include_usage": True}}, "stream_options"),
         ({**ok, "repetition_penalty": 0}, "repetition_penalty"),
@@ -199,8 +221,10 @@ def test_malformed_requests_mixed_into_live_traffic(server, conversations, expec
         return await http.post("/v1/chat/completions", json=body)
 
     async def run():
-        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120) as client, \
-                httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+        async with (
+            openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120) as client,
+            httpx.AsyncClient(base_url=server.url, timeout=120) as http,
+        ):
             tasks = []
             for i in good:  # good and bad requests interleaved
                 tasks.append(_stream_chat(client, conversations[i][0]))

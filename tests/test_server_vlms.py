@@ -65,7 +65,9 @@ def conversations():
         api = [{"type": "image_url", "image_url": {"url": url}} for url, _ in group]
         local = [{"type": "image", "image": image} for _, image in group]
         text_part = {"type": "text", "text": text}
-        out.append(([{"role": "user", "content": [*api, text_part]}], [{"role": "user", "content": [*local, text_part]}]))
+        out.append(
+            ([{"role": "user", "content": [*api, text_part]}], [{"role": "user", "content": [*local, text_part]}])
+        )
     return out
 
 
@@ -81,8 +83,12 @@ def test_served_answers_equal_offline_with_mixed_image_sizes(family, tmp_path):
 
     server = ServerProcess(model, "--served-model-name", "tiny", log_path=tmp_path / "serve.log")
     try:
+
         async def ask_all():
-            async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120) as client:
+            async with openai.AsyncOpenAI(
+                base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120
+            ) as client:
+
                 async def ask(messages):
                     reply = await client.chat.completions.create(
                         model="tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0

@@ -160,8 +160,19 @@ def test_vlmrun_tp_prints_the_same_answer(tiny_models):
     import sys
 
     model_dir = tiny_models("qwen2")
-    command = [sys.executable, "-m", "vlm.cli.main", "--model", model_dir, "--prompt", "Hello",
-               "--temperature", "0", "--max-tokens", "8"]
+    command = [
+        sys.executable,
+        "-m",
+        "vlm.cli.main",
+        "--model",
+        model_dir,
+        "--prompt",
+        "Hello",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+    ]
     one = subprocess.run(command, capture_output=True, text=True, timeout=120)
     two = subprocess.run([*command, "--tp", "2"], capture_output=True, text=True, timeout=120)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
@@ -178,13 +189,22 @@ def test_vlmrun_serve_tp_answers_like_offline(tiny_models, tmp_path):
 
     model_dir = tiny_models("qwen2")
     chats = [[{"role": "user", "content": prompt}] for prompt in PROMPTS * 2]
-    expected = [o.outputs[0].text for o in LLM(model_dir, num_threads=1).chat(chats, SamplingParams(temperature=0, max_tokens=12))]
+    expected = [
+        o.outputs[0].text
+        for o in LLM(model_dir, num_threads=1).chat(chats, SamplingParams(temperature=0, max_tokens=12))
+    ]
     server = ServerProcess(model_dir, "--tp", "2", "--served-model-name", "tiny", log_path=tmp_path / "serve.log")
     try:
+
         async def ask_all():
-            async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60) as client:
+            async with openai.AsyncOpenAI(
+                base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60
+            ) as client:
+
                 async def ask(messages):
-                    reply = await client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+                    reply = await client.chat.completions.create(
+                        model="tiny", messages=messages, max_tokens=12, temperature=0
+                    )
                     return reply.choices[0].message.content
 
                 return await asyncio.gather(*(ask(chat) for chat in chats))

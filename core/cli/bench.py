@@ -89,7 +89,9 @@ def bench_engine(args: argparse.Namespace) -> list[RequestTiming]:
     engine = LLMEngine(EngineConfig(model=args.model, **settings))
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     image = load_image(args.image) if args.image else None
-    pending = [user_message(text, [image] if image else []) for text in prompts(args.num_requests, args.input_len, args.seed)]
+    pending = [
+        user_message(text, [image] if image else []) for text in prompts(args.num_requests, args.input_len, args.seed)
+    ]
     pending = [[message] for message in pending]
     timings: dict[str, RequestTiming] = {}
     in_flight: set[str] = set()
@@ -136,8 +138,12 @@ def bench_server(args: argparse.Namespace) -> list[RequestTiming]:
             async with semaphore:
                 timing = RequestTiming(time.perf_counter())
                 stream = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": content}], max_tokens=args.output_len,
-                    temperature=0, stream=True, extra_body={"ignore_eos": True},
+                    model=model,
+                    messages=[{"role": "user", "content": content}],
+                    max_tokens=args.output_len,
+                    temperature=0,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
                 )
                 async for chunk in stream:
                     if chunk.choices and chunk.choices[0].delta.content:
@@ -164,7 +170,9 @@ def bench_command(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     ttft, itl = result["ttft_s"], result["itl_s"]
-    print(f"requests: {result['requests']}  generated tokens: {result['generated_tokens']}  wall: {result['wall_s']:.2f} s")
+    print(
+        f"requests: {result['requests']}  generated tokens: {result['generated_tokens']}  wall: {result['wall_s']:.2f} s"
+    )
     print(f"throughput: {result['throughput_tok_s']:.1f} tok/s")
     print(f"TTFT  p50 {ttft['p50'] * 1e3:.0f} ms  p90 {ttft['p90'] * 1e3:.0f} ms  p99 {ttft['p99'] * 1e3:.0f} ms")
     print(f"ITL   p50 {itl['p50'] * 1e3:.1f} ms  p90 {itl['p90'] * 1e3:.1f} ms  p99 {itl['p99'] * 1e3:.1f} ms")

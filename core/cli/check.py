@@ -51,7 +51,11 @@ def check_command(args: Namespace) -> int:
             print(f"  {key}: {value}")
         print(f"tokenizer: {tokenizer_summary}")
         print(f"checkpoint: {', '.join(result['checkpoint_files'])} ({report.loaded} tensors match)")
-        for label, names in (("missing", report.missing), ("unexpected", report.unexpected), ("mis-shaped", report.mismatched)):
+        for label, names in (
+            ("missing", report.missing),
+            ("unexpected", report.unexpected),
+            ("mis-shaped", report.mismatched),
+        ):
             if names:
                 print(f"{label} ({len(names)}):")
                 for name in names:

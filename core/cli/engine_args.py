@@ -20,16 +20,27 @@ _FIELDS = {
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine = parser.add_argument_group("engine (defaults: vlm.config.EngineConfig)")
-    engine.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: float32 on CPU (the fast dtype there), the checkpoint's on GPU")
+    engine.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: float32 on CPU (the fast dtype there), the checkpoint's on GPU",
+    )
     engine.add_argument("--device", help="auto (default), cpu or cuda")
     engine.add_argument("--max-model-len", type=int, help="prompt + generated tokens per sequence")
     engine.add_argument("--kv-cache-gib", type=float, help="memory budget of the KV cache (default 2)")
     engine.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     engine.add_argument("--max-num-seqs", type=int, help="sequences decoded together per step (default 64)")
-    engine.add_argument("--max-num-batched-tokens", type=int, help="tokens in one forward step (default 512 on CPU, 2048 on GPU)")
-    engine.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, metavar="N",
-                        help="shard the model over N processes on this machine (CPU); this one serves")
+    engine.add_argument(
+        "--max-num-batched-tokens", type=int, help="tokens in one forward step (default 512 on CPU, 2048 on GPU)"
+    )
+    engine.add_argument(
+        "--tp",
+        "--tensor-parallel-size",
+        dest="tp",
+        type=int,
+        metavar="N",
+        help="shard the model over N processes on this machine (CPU); this one serves",
+    )
     engine.add_argument("--no-prefix-caching", action="store_true", help="recompute shared prefixes")
 
 

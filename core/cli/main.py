@@ -1,13 +1,13 @@
 """``vlmrun``: run, chat with, inspect and check models.
 
-    vlmrun --model DIR [--prompt TEXT]      one-shot generation, or an interactive chat
-    vlmrun serve --model DIR                OpenAI-compatible HTTP server on 127.0.0.1:8000
-    vlmrun bench --model DIR | --url URL    throughput, TTFT, inter-token latency under load
-    vlmrun demo                             the bundled demo model answers questions about pictures
-    vlmrun plugins [--json]                 installed plugins (does not import torch)
-    vlmrun which --model DIR                which plugin serves a model, and who else claimed it
-    vlmrun check --model DIR                validate config and weights without running
-    vlmrun install / uninstall PACKAGE      pip, in the interpreter that runs vlmrun
+vlmrun --model DIR [--prompt TEXT]      one-shot generation, or an interactive chat
+vlmrun serve --model DIR                OpenAI-compatible HTTP server on 127.0.0.1:8000
+vlmrun bench --model DIR | --url URL    throughput, TTFT, inter-token latency under load
+vlmrun demo                             the bundled demo model answers questions about pictures
+vlmrun plugins [--json]                 installed plugins (does not import torch)
+vlmrun which --model DIR                which plugin serves a model, and who else claimed it
+vlmrun check --model DIR                validate config and weights without running
+vlmrun install / uninstall PACKAGE      pip, in the interpreter that runs vlmrun
 """
 
 from __future__ import annotations
@@ -24,8 +24,13 @@ COMMANDS = ("run", "serve", "bench", "demo", "plugins", "which", "check", "insta
 
 
 def _add_plugin_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--plugin-file", action="append", default=[], metavar="PATH",
-                        help="load hookimpls from a plain .py file (repeatable)")
+    parser.add_argument(
+        "--plugin-file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="load hookimpls from a plain .py file (repeatable)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress on stderr")
 
 
@@ -36,7 +41,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmrun", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vlmrun", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"vlm-core {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

@@ -16,12 +16,21 @@ CHAT_HELP = "commands: /image PATH attaches a picture to your next message, /cle
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", "-p", help="generate once for this prompt and exit; '-' reads stdin")
-    parser.add_argument("--image", "-i", action="append", default=[], metavar="PATH",
-                        help="picture for the prompt (repeatable; with chat: attached to the first message)")
+    parser.add_argument(
+        "--image",
+        "-i",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="picture for the prompt (repeatable; with chat: attached to the first message)",
+    )
     parser.add_argument("--system", help="system message for chat templates")
     parser.add_argument("--no-chat-template", action="store_true", help="send --prompt as raw text")
-    parser.add_argument("--draw-boxes", metavar="OUT.png",
-                        help="with --prompt and --image: save the first image with the boxes of the answer drawn")
+    parser.add_argument(
+        "--draw-boxes",
+        metavar="OUT.png",
+        help="with --prompt and --image: save the first image with the boxes of the answer drawn",
+    )
     sampling = parser.add_argument_group("sampling (defaults: the model's generation_config.json, else greedy)")
     sampling.add_argument("--max-tokens", type=int, default=256)
     sampling.add_argument("--temperature", type=float)
@@ -60,7 +69,10 @@ def run_command(args: argparse.Namespace) -> int:
     llm = LLM(args.model, **engine_settings(args))
     params = sampling_params_from_args(args, llm.engine.default_sampling_values())
     # VLM preprocessors may take the template from the processor's files (chat_template.json)
-    has_template = bool(getattr(getattr(llm.engine, "preprocessor", None), "chat_template", None) or getattr(llm.tokenizer, "chat_template", None))
+    has_template = bool(
+        getattr(getattr(llm.engine, "preprocessor", None), "chat_template", None)
+        or getattr(llm.tokenizer, "chat_template", None)
+    )
     if args.prompt is not None:
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
         prompt: Any = text
@@ -102,7 +114,10 @@ def user_message(text: str, images: list[Any]) -> dict[str, Any]:
     """A user turn; pictures go first, as OpenAI-style content parts."""
     if not images:
         return {"role": "user", "content": text}
-    return {"role": "user", "content": [*({"type": "image", "image": image} for image in images), {"type": "text", "text": text}]}
+    return {
+        "role": "user",
+        "content": [*({"type": "image", "image": image} for image in images), {"type": "text", "text": text}],
+    }
 
 
 def _checked_image(path: str) -> Any:
@@ -145,7 +160,7 @@ def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
             print("(history cleared)", file=sys.stderr)
             continue
         if line == "/image" or line.startswith("/image "):
-            path = line[len("/image"):].strip()
+            path = line[len("/image") :].strip()
             if not path:
                 print("usage: /image PATH", file=sys.stderr)
                 continue

@@ -22,14 +22,20 @@ logger = logging.getLogger("vlm.server")
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    server.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+    )
     server.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     server.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     server.add_argument("--served-model-name", help="the model's name in the API (default: the --model argument)")
-    server.add_argument("--allowed-media-dir", metavar="DIR",
-                        help="allow file:// URLs and local paths in image_url parts, only inside DIR")
-    server.add_argument("--allow-remote-media", action="store_true",
-                        help="let the server fetch http(s):// image URLs named by clients")
+    server.add_argument(
+        "--allowed-media-dir",
+        metavar="DIR",
+        help="allow file:// URLs and local paths in image_url parts, only inside DIR",
+    )
+    server.add_argument(
+        "--allow-remote-media", action="store_true", help="let the server fetch http(s):// image URLs named by clients"
+    )
     server.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
     server.add_argument("--seed", type=int, default=0, help="default sampling seed")
     add_engine_arguments(parser)
@@ -54,7 +60,9 @@ def serve_command(args: argparse.Namespace) -> int:
         from vlm.server.app import ServerSettings, create_app
         from vlm.server.async_engine import AsyncEngine
     except ImportError as exc:
-        raise VlmError(f"the server needs fastapi, uvicorn and prometheus-client ({exc}); pip install vlm-core") from None
+        raise VlmError(
+            f"the server needs fastapi, uvicorn and prometheus-client ({exc}); pip install vlm-core"
+        ) from None
 
     logging.getLogger("vlm").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.allowed_media_dir is not None and not Path(args.allowed_media_dir).is_dir():
@@ -63,8 +71,11 @@ def serve_command(args: argparse.Namespace) -> int:
         raise VlmError(f"--port {args.port} is not a port number (0-65535)")
     config = EngineConfig(model=args.model, seed=args.seed, **engine_settings(args))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("listening on %s: other machines can reach this server%s", args.host,
-                       "" if args.api_key else " (and it has no --api-key)")
+        logger.warning(
+            "listening on %s: other machines can reach this server%s",
+            args.host,
+            "" if args.api_key else " (and it has no --api-key)",
+        )
     logger.info("loading %s", args.model)
     engine = AsyncEngine(config).start()
     try:
@@ -77,9 +88,14 @@ def serve_command(args: argparse.Namespace) -> int:
         )
         app = create_app(engine, settings)
         uv_config = uvicorn.Config(
-            app, host=args.host, port=args.port, log_config=None,
-            log_level="debug" if args.verbose else "info", access_log=not args.no_access_log,
-            timeout_graceful_shutdown=5, lifespan="off",
+            app,
+            host=args.host,
+            port=args.port,
+            log_config=None,
+            log_level="debug" if args.verbose else "info",
+            access_log=not args.no_access_log,
+            timeout_graceful_shutdown=5,
+            lifespan="off",
         )
         server = uvicorn.Server(uv_config)
         try:

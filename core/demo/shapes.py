@@ -138,7 +138,13 @@ def questions_for(scene: Scene) -> list[tuple[str, str]]:
     """Every question of :data:`QUESTIONS` with its one correct answer for ``scene``."""
     kind = scene.kind
     color = scene.uniform_color or MIXED
-    return [(Q_SHAPE, kind), (Q_SHAPES, kind), (Q_COLOR, color), (Q_COLORS, color), (Q_COUNT, NUMBER_WORDS[scene.count])]
+    return [
+        (Q_SHAPE, kind),
+        (Q_SHAPES, kind),
+        (Q_COLOR, color),
+        (Q_COLORS, color),
+        (Q_COUNT, NUMBER_WORDS[scene.count]),
+    ]
 
 
 def answer(scene: Scene, question: str) -> str:
@@ -207,6 +213,8 @@ def sample_pictures(size: int = IMAGE_SIZE) -> dict[str, tuple[Image.Image, Scen
     for name, scene in SAMPLE_SCENES.items():
         rng = random.Random(name)
         scale = size / IMAGE_SIZE
-        scaled = Scene(tuple(Shape(s.kind, s.color, s.cx * scale, s.cy * scale, s.radius * scale) for s in scene.shapes))
+        scaled = Scene(
+            tuple(Shape(s.kind, s.color, s.cx * scale, s.cy * scale, s.radius * scale) for s in scene.shapes)
+        )
         out[name] = (draw_scene(scaled, rng, size), scaled)
     return out

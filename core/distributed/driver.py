@@ -71,7 +71,9 @@ def _init_group(rank: int, world_size: int, port: int) -> dist.ProcessGroup:
     """Join the default group (model collectives) and return the command group."""
     seconds = os.environ.get("VLM_TP_COLLECTIVE_TIMEOUT_S")  # for tests
     timeout = timedelta(seconds=float(seconds)) if seconds else COLLECTIVE_TIMEOUT
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timeout)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timeout
+    )
     return dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
 
 
@@ -91,8 +93,12 @@ class TensorParallelDriver:
         port = _free_port()
         context = mp.get_context("spawn")  # fork would copy rank 0's threads and torch state
         self._workers = [
-            context.Process(target=_worker_main, args=(rank, world_size, port, engine_factory, engine_fields), daemon=True,
-                            name=f"vlm-tp-rank{rank}")
+            context.Process(
+                target=_worker_main,
+                args=(rank, world_size, port, engine_factory, engine_fields),
+                daemon=True,
+                name=f"vlm-tp-rank{rank}",
+            )
             for rank in range(1, world_size)
         ]
         for worker in self._workers:
@@ -120,7 +126,9 @@ class TensorParallelDriver:
             if dead or time.monotonic() > deadline:
                 for worker in self._workers:
                     worker.terminate()
-                why = f"exited with code {dead[0].exitcode}" if dead else f"did not join within {STARTUP_TIMEOUT_S:.0f} s"
+                why = (
+                    f"exited with code {dead[0].exitcode}" if dead else f"did not join within {STARTUP_TIMEOUT_S:.0f} s"
+                )
                 raise RuntimeError(
                     f"tensor-parallel worker {(dead or self._workers)[0].name} {why}; see its log above "
                     "(in a script, start the engine under `if __name__ == '__main__':`, which spawned workers need)"
@@ -178,7 +186,11 @@ class TensorParallelDriver:
 
 
 def _worker_main(
-    rank: int, world_size: int, port: int, engine_factory: Callable[[dict[str, Any]], Any], engine_fields: dict[str, Any]
+    rank: int,
+    world_size: int,
+    port: int,
+    engine_factory: Callable[[dict[str, Any]], Any],
+    engine_fields: dict[str, Any],
 ) -> None:
     logging.basicConfig(level=logging.INFO, format=f"vlm rank {rank}: %(message)s")
     torch.set_num_threads(engine_fields.get("num_threads") or threads_per_rank(world_size))

@@ -42,7 +42,9 @@ def check_positions(inputs: ModelInputs, position_dims: int) -> None:
     if positions is None:
         return
     if position_dims != 3:
-        raise InputError("the preprocessor returned explicit positions but the model does not take them (position_dims != 3)")
+        raise InputError(
+            "the preprocessor returned explicit positions but the model does not take them (position_dims != 3)"
+        )
     if not isinstance(positions, torch.Tensor) or tuple(positions.shape) != (3, len(inputs.token_ids)):
         shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
         raise InputError(

@@ -21,7 +21,7 @@ import torch
 from vlm import platform
 from vlm.config import EngineConfig, load_model_config
 from vlm.distributed import tp_world_size
-from vlm.distributed.driver import TensorParallelDriver, start_driver, threads_per_rank
+from vlm.distributed.driver import start_driver, threads_per_rank
 from vlm.engine.input_processor import InputProcessor
 from vlm.engine.kv_cache import CacheShape, KVCache, blocks_for_budget
 from vlm.engine.model_runner import ModelRunner
@@ -42,7 +42,11 @@ logger = logging.getLogger("vlm")
 def eos_token_ids(generation_config: dict[str, Any], tokenizer: Any, hf_config: Any) -> set[int]:
     """Every id that ends a sequence: config.json's, the tokenizer's and generation_config.json's."""
     ids: set[int] = set()
-    for value in (getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id, generation_config.get("eos_token_id")):
+    for value in (
+        getattr(hf_config, "eos_token_id", None),
+        tokenizer.eos_token_id,
+        generation_config.get("eos_token_id"),
+    ):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, list):
@@ -54,7 +58,9 @@ def sampling_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
     """Sampling defaults as transformers' ``generate`` would use them: generation_config.json's."""
     values: dict[str, Any] = {"temperature": 0.0}
     if generation_config.get("do_sample"):
-        values = {k: generation_config[k] for k in ("temperature", "top_p", "top_k") if generation_config.get(k) is not None}
+        values = {
+            k: generation_config[k] for k in ("temperature", "top_p", "top_k") if generation_config.get(k) is not None
+        }
     if generation_config.get("repetition_penalty") is not None:
         values["repetition_penalty"] = generation_config["repetition_penalty"]
     return values
@@ -99,7 +105,10 @@ class LLMEngine:
             block_size=config.block_size,
         )
         num_blocks = blocks_for_budget(
-            shape, self.dtype, config.kv_cache_gib * 2**30, config.max_num_seqs * (self.max_model_len + config.block_size)
+            shape,
+            self.dtype,
+            config.kv_cache_gib * 2**30,
+            config.max_num_seqs * (self.max_model_len + config.block_size),
         )
         self.kv_cache = KVCache(shape, num_blocks, self.dtype, self.device)
         self.scheduler = Scheduler(
@@ -124,7 +133,12 @@ class LLMEngine:
         self._counter = itertools.count()
         logger.info(
             "loaded %s with plugin %s (%s, %s); KV cache %d blocks x %d tokens",
-            self.model_dir, self.plugin, self.dtype, self.device, num_blocks, config.block_size,
+            self.model_dir,
+            self.plugin,
+            self.dtype,
+            self.device,
+            num_blocks,
+            config.block_size,
         )
 
     def close(self) -> None:

@@ -13,8 +13,8 @@ from vlm.engine.kv_cache import KVCache
 from vlm.engine.scheduler import ScheduledStep
 from vlm.engine.sequence import Sequence
 from vlm.errors import InputError
-from vlm.platform import vision_batches
 from vlm.nn.forward_batch import ForwardBatch, ImageSpan
+from vlm.platform import vision_batches
 
 
 class StepResult(NamedTuple):
@@ -25,7 +25,13 @@ class StepResult(NamedTuple):
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device, image_cache: ImageEmbeddingCache | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: KVCache,
+        device: torch.device,
+        image_cache: ImageEmbeddingCache | None = None,
+    ):
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
@@ -34,7 +40,9 @@ class ModelRunner:
         # 3 for multimodal rope (Qwen2-VL): every token gets (temporal, height, width) positions
         self.position_dims = getattr(model, "position_dims", 1)
 
-    def prepare(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch, torch.Tensor, list[Sequence]]:
+    def prepare(
+        self, step: ScheduledStep
+    ) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch, torch.Tensor, list[Sequence]]:
         """Flat token ids, positions, the batch metadata, which rows to take logits of, and their sequences."""
         token_ids: list[int] = []
         positions: list[int] = []

@@ -35,7 +35,9 @@ def _filter(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.
     return row
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> tuple[list[int], list[dict[int, float] | None]]:
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]
+) -> tuple[list[int], list[dict[int, float] | None]]:
     """``logits`` ``[N, V]`` (fp32), one row per sequence -> next token ids and optional logprobs."""
     logprobs: list[dict[int, float] | None] = [None] * len(seqs)
     wants_logprobs = [s.params.logprobs is not None for s in seqs]

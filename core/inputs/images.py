@@ -103,8 +103,10 @@ def load_image(
             raise InputError(f"image {name}: file:// URLs must name a local file (file:///path/to/image.png)")
         path = urllib.request.url2pathname(parsed.path)
         return _decode(_read_file(Path(path), name, allowed_dir), name, max_pixels)
-    if scheme and len(scheme) > 1 and scheme.isalpha() and source[len(scheme):].startswith("://"):
-        raise InputError(f"image {name}: unsupported URL scheme {scheme!r}; use a file path, file://, data: or http(s)://")
+    if scheme and len(scheme) > 1 and scheme.isalpha() and source[len(scheme) :].startswith("://"):
+        raise InputError(
+            f"image {name}: unsupported URL scheme {scheme!r}; use a file path, file://, data: or http(s)://"
+        )
     return _decode(_read_file(Path(source), name, allowed_dir), name, max_pixels)
 
 
@@ -153,9 +155,7 @@ def _read_file(path: Path, name: str, allowed_dir: str | Path | None) -> bytes:
 def _decode_data_url(url: str, name: str) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or not header.lower().startswith("data:image/") or not header.lower().endswith(";base64"):
-        raise InputError(
-            f"image {name}: not a base64 image data URL; use data:image/<type>;base64,<data>"
-        )
+        raise InputError(f"image {name}: not a base64 image data URL; use data:image/<type>;base64,<data>")
     payload = "".join(urllib.parse.unquote(payload).split())
     payload += "=" * (-len(payload) % 4)  # tolerate missing padding
     altchars = b"-_" if ("-" in payload or "_" in payload) else None  # URL-safe alphabet
@@ -194,9 +194,7 @@ def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise InputError(
-            f"image {name}: too many pixels ({exc}); downscale the image first"
-        ) from None
+        raise InputError(f"image {name}: too many pixels ({exc}); downscale the image first") from None
     except UnidentifiedImageError:
         raise InputError(
             f"image {name}: not an image in a format Pillow can read; send a PNG, JPEG, WebP, GIF or BMP"

@@ -32,6 +32,7 @@ def validate_messages(messages: Any) -> list[Message]:
             raise InputError(f"message {i} has role {message['role']!r}; use system, user, assistant or tool")
     return messages
 
+
 IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
 
 
@@ -73,9 +74,7 @@ def normalize_messages(messages: Any) -> list[Message]:
             out.append(dict(message))
             continue
         if not isinstance(content, list):
-            raise InputError(
-                f"message {i} content must be a string or a list of parts, not {type(content).__name__}"
-            )
+            raise InputError(f"message {i} content must be a string or a list of parts, not {type(content).__name__}")
         parts = []
         for j, part in enumerate(content):
             where = f"message {i} part {j}"
@@ -90,7 +89,9 @@ def normalize_messages(messages: Any) -> list[Message]:
             elif part["type"] in ("image", "image_url"):
                 parts.append({"type": "image", "image": _image_source(part, where)})
             else:
-                raise InputError(f"{where} has type {part['type']!r}; this engine takes 'text', 'image' and 'image_url' parts")
+                raise InputError(
+                    f"{where} has type {part['type']!r}; this engine takes 'text', 'image' and 'image_url' parts"
+                )
         out.append({**message, "content": parts})
     return out
 

@@ -41,7 +41,9 @@ class TextPreprocessor:
             )
         # text-only chat templates expect a string: join OpenAI-style text parts
         flat = [
-            {**m, "content": "".join(p.get("text", "") for p in m["content"])} if isinstance(m.get("content"), list) else m
+            {**m, "content": "".join(p.get("text", "") for p in m["content"])}
+            if isinstance(m.get("content"), list)
+            else m
             for m in validate_messages(messages)
         ]
         return self.tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -63,6 +65,7 @@ class TextPreprocessor:
         if not ids:
             raise InputError("the prompt is empty after tokenization; send at least one token")
         return ModelInputs(token_ids=list(ids), prompt=text)
+
 
 def read_json(path: str | Path) -> dict[str, Any] | None:
     """The JSON object in ``path``; ``None`` when there is no such file."""
@@ -215,7 +218,9 @@ class ImagePromptPreprocessor:
 
         try:
             text = self.tokenizer.apply_chat_template(
-                self.prepare_messages(messages), chat_template=self.chat_template, tokenize=False,
+                self.prepare_messages(messages),
+                chat_template=self.chat_template,
+                tokenize=False,
                 add_generation_prompt=add_generation_prompt,
             )
         except TemplateError as exc:

@@ -9,7 +9,6 @@ layers are made by their ``build_*`` function (the classes they return live in
 
 from vlm.distributed import tp_rank, tp_world_size
 from vlm.kernels import apply_rotary
-from vlm.platform import vision_batches
 from vlm.nn.activation import GeluAndMul, QuickGELU, SiluAndMul, get_act_fn
 from vlm.nn.attention import Attention, VisionAttention
 from vlm.nn.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -34,6 +33,7 @@ from vlm.nn.weights import (
     load_weights_by_mapping,
     load_with_language_model,
 )
+from vlm.platform import vision_batches
 
 __all__ = [
     "Attention",

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.nn.forward_batch import ForwardBatch
 from vlm.kernels import paged_decode_attention, paged_prefill_attention, write_kv_cache
+from vlm.nn.forward_batch import ForwardBatch
 
 
 class Attention(nn.Module):
@@ -37,8 +37,13 @@ class Attention(nn.Module):
         if nd < len(batch.query_lens):
             parts.append(
                 paged_prefill_attention(
-                    q[nd:], k_cache, v_cache, batch.block_tables[nd:], batch.prefill_query_start,
-                    batch.context_lens_tensor[nd:], self.scale,
+                    q[nd:],
+                    k_cache,
+                    v_cache,
+                    batch.block_tables[nd:],
+                    batch.prefill_query_start,
+                    batch.context_lens_tensor[nd:],
+                    self.scale,
                 )
             )
         out = parts[0] if len(parts) == 1 else torch.cat(parts)

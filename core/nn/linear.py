@@ -165,7 +165,11 @@ class QKVLinear(PackableLinear):
             total = (self.total_heads + 2 * self.total_kv_heads) * self.head_dim
             _check((total, *param.shape[1:]), loaded)
             q, k, v = loaded.split(
-                [self.total_heads * self.head_dim, self.total_kv_heads * self.head_dim, self.total_kv_heads * self.head_dim]
+                [
+                    self.total_heads * self.head_dim,
+                    self.total_kv_heads * self.head_dim,
+                    self.total_kv_heads * self.head_dim,
+                ]
             )
             for shard, part in (("q", q), ("k", k), ("v", v)):
                 self._load(param, part, shard)
@@ -199,15 +203,21 @@ class ReplicatedLinear(PackableLinear):
         return self.matmul(x, self.bias)
 
 
-def build_replicated_linear(in_features: int, out_features: int, bias: bool = False, dtype=None, device=None) -> ReplicatedLinear:
+def build_replicated_linear(
+    in_features: int, out_features: int, bias: bool = False, dtype=None, device=None
+) -> ReplicatedLinear:
     return ReplicatedLinear(in_features, out_features, bias=bias, dtype=dtype, device=device)
 
 
-def build_colwise_linear(in_features: int, out_features: int, bias: bool = False, dtype=None, device=None) -> ColwiseLinear:
+def build_colwise_linear(
+    in_features: int, out_features: int, bias: bool = False, dtype=None, device=None
+) -> ColwiseLinear:
     return ColwiseLinear(in_features, out_features, bias=bias, dtype=dtype, device=device)
 
 
-def build_rowwise_linear(in_features: int, out_features: int, bias: bool = False, dtype=None, device=None) -> RowwiseLinear:
+def build_rowwise_linear(
+    in_features: int, out_features: int, bias: bool = False, dtype=None, device=None
+) -> RowwiseLinear:
     return RowwiseLinear(in_features, out_features, bias=bias, dtype=dtype, device=device)
 
 
@@ -227,4 +237,6 @@ def build_qkv_proj(
     device=None,
     replicate: bool = False,
 ) -> QKVLinear:
-    return QKVLinear(hidden_size, head_dim, num_heads, num_kv_heads, bias=bias, dtype=dtype, device=device, replicate=replicate)
+    return QKVLinear(
+        hidden_size, head_dim, num_heads, num_kv_heads, bias=bias, dtype=dtype, device=device, replicate=replicate
+    )

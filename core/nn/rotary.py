@@ -86,9 +86,7 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self._table(positions.device, int(positions.max()) + 1 if positions.numel() else 1)
         return cos[positions], sin[positions]
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q ``[T, Hq, D]``, k ``[T, Hk, D]`` -> rotated copies; positions ``[T]`` or ``[3, T]`` (M-RoPE)."""
         if positions.dim() == 2:
             return self._forward_mrope(positions, q, k)

@@ -45,7 +45,9 @@ class VisionLanguageModel(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> LoadReport:
         """Language-model tensors (:meth:`language_model_name`) to the language model's own
         ``load_weights``, the rest to :meth:`own_weight_loader`; one pass, nothing buffered."""
-        return load_with_language_model(weights, self.own_weight_loader(), self.language_model, self.language_model_name)
+        return load_with_language_model(
+            weights, self.own_weight_loader(), self.language_model, self.language_model_name
+        )
 
     def own_weight_loader(self) -> WeightLoader:
         """The loader of this model's own tensors (default: checkpoint names are parameter names)."""

@@ -133,9 +133,7 @@ class PluginRegistry:
         name = Path(resolved).stem
         info = PluginInfo(name=name, source="file", location=resolved)
         if not Path(resolved).is_file():
-            raise PluginError(
-                f"plugin file {path!r} does not exist; pass the path of a .py file with hookimpls"
-            )
+            raise PluginError(f"plugin file {path!r} does not exist; pass the path of a .py file with hookimpls")
         module_name = f"vlm_plugin_file_{name}"
         spec = importlib.util.spec_from_file_location(module_name, resolved)
         assert spec is not None and spec.loader is not None
@@ -148,9 +146,7 @@ class PluginRegistry:
                 raise
             sys.modules.pop(module_name, None)
             # The user named this file explicitly: failing loudly beats silently ignoring it.
-            raise PluginError(
-                f"plugin file {path!r} failed to import: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise PluginError(f"plugin file {path!r} failed to import: {type(exc).__name__}: {exc}") from exc
         self._register(module, info)
         if info.error:
             raise PluginError(f"plugin file {path!r}: {info.error}")
@@ -189,7 +185,9 @@ class PluginRegistry:
         unknown = [hc.name for hc in self.pm.get_hookcallers(plugin) or [] if not hc.has_spec()]
         if not unknown:
             return None
-        known = ", ".join(sorted(n for n in dir(self.pm.hook) if not n.startswith("_") and getattr(self.pm.hook, n).has_spec()))
+        known = ", ".join(
+            sorted(n for n in dir(self.pm.hook) if not n.startswith("_") and getattr(self.pm.hook, n).has_spec())
+        )
         return (
             f"hookimpl {', '.join(repr(n) for n in sorted(unknown))} matches no vlm hook "
             f"(misspelled?); the hooks are: {known}"
@@ -255,8 +253,7 @@ class PluginRegistry:
         if forced:
             if forced not in {info.name for info in self.loaded()}:
                 raise PluginError(
-                    f"--plugin {forced!r} is not loaded; loaded plugins: "
-                    f"{_names(self.loaded())}{self._broken_hint()}"
+                    f"--plugin {forced!r} is not loaded; loaded plugins: {_names(self.loaded())}{self._broken_hint()}"
                 )
             return forced, claims
         if not claims:
@@ -272,8 +269,7 @@ class PluginRegistry:
             names = " and ".join(repr(c.plugin) for c in top)
             flags = " or ".join(f"--plugin {c.plugin}" for c in top)
             raise PluginError(
-                f"plugins {names} both claim this model at priority {top[0].claim.priority}; "
-                f"choose one with {flags}"
+                f"plugins {names} both claim this model at priority {top[0].claim.priority}; choose one with {flags}"
             )
         return top[0].plugin, claims
 
@@ -320,9 +316,7 @@ def add_plugin_file(path: str) -> None:
     """Register a plugin file for this process and every process started from it."""
     resolved = str(Path(path).expanduser().resolve())
     if not Path(resolved).is_file():  # check first: a bad path must not stay in the environment
-        raise PluginError(
-            f"plugin file {path!r} does not exist; pass the path of a .py file with hookimpls"
-        )
+        raise PluginError(f"plugin file {path!r} does not exist; pass the path of a .py file with hookimpls")
     files = plugin_files_from_env()
     if resolved not in files:
         os.environ[PLUGIN_FILES_ENV] = os.pathsep.join([*files, resolved])
@@ -386,11 +380,15 @@ def build_model(
     return model, name
 
 
-def build_language_model(text_config: Any, model_config: ModelConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def build_language_model(
+    text_config: Any, model_config: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> torch.nn.Module:
     """The language model for a VLM's nested text config, from whichever plugin claims it."""
     registry = get_registry()
     name = choose_plugin(text_config)
-    return registry.call(name, "build_model", hf_config=text_config, model_config=model_config, dtype=dtype, device=device)
+    return registry.call(
+        name, "build_model", hf_config=text_config, model_config=model_config, dtype=dtype, device=device
+    )
 
 
 def build_preprocessor(model_config: ModelConfig, tokenizer: Any, plugin: str) -> Any:

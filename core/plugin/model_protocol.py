@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from vlm.nn.forward_batch import ForwardBatch
     from vlm.inputs import ImageInput
+    from vlm.nn.forward_batch import ForwardBatch
     from vlm.nn.weights import LoadReport
 
 

@@ -90,12 +90,19 @@ class Server:
         if name is not None and name != self.settings.served_model_name:
             raise RequestError(
                 f"the model {name!r} does not exist; this server serves {self.settings.served_model_name!r} "
-                "(GET /v1/models)", "model", status=404, code="model_not_found",
+                "(GET /v1/models)",
+                "model",
+                status=404,
+                code="model_not_found",
             )
 
     async def submit(
-        self, body: ChatCompletionRequest | CompletionRequest, build_inputs: Callable[[Any], Any], prompt: Any,
-        prompt_field: str, id_prefix: str,
+        self,
+        body: ChatCompletionRequest | CompletionRequest,
+        build_inputs: Callable[[Any], Any],
+        prompt: Any,
+        prompt_field: str,
+        id_prefix: str,
     ) -> Submitted:
         """Check ``body``, build its inputs from ``prompt`` (the field ``prompt_field``) and hand it to the engine."""
         arrival = time.monotonic()
@@ -114,7 +121,11 @@ class Server:
         except EngineStoppedError as exc:
             raise server_error(exc) from None
         return Submitted(
-            stream, RequestMetrics(self.metrics, stream), request_id, now(), self.settings.served_model_name,
+            stream,
+            RequestMetrics(self.metrics, stream),
+            request_id,
+            now(),
+            self.settings.served_model_name,
             prompt_len,
         )
 
@@ -123,13 +134,23 @@ class Server:
     ) -> Response:
         """The streamed response: ``events_type``'s server-sent events, ``options`` being its own."""
         events = events_type(
-            submitted.stream, submitted.metrics, self.token_texts, submitted.request_id, submitted.created,
-            submitted.model, submitted.prompt_len, num_logprobs, **options,
+            submitted.stream,
+            submitted.metrics,
+            self.token_texts,
+            submitted.request_id,
+            submitted.created,
+            submitted.model,
+            submitted.prompt_len,
+            num_logprobs,
+            **options,
         )
         return streaming_response(events, self.engine, submitted.stream, submitted.metrics)
 
     async def respond(
-        self, request: Request, submitted: Submitted, response_type: type[BaseModel],
+        self,
+        request: Request,
+        submitted: Submitted,
+        response_type: type[BaseModel],
         choice: Callable[[int, Any], BaseModel],
     ) -> Response:
         """The whole response, once every choice finished; ``choice(index, final_output)`` builds one choice."""
@@ -146,7 +167,9 @@ class Server:
         outputs = [finals[index] for index in range(submitted.stream.n)]
         completion_tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
         response = response_type(
-            id=submitted.request_id, created=submitted.created, model=submitted.model,
+            id=submitted.request_id,
+            created=submitted.created,
+            model=submitted.model,
             choices=[choice(index, output) for index, output in enumerate(outputs)],
             usage=Usage.of(submitted.prompt_len, completion_tokens),
         )
@@ -167,14 +190,17 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
             raise RequestError(
                 "missing or incorrect API key; send it as 'Authorization: Bearer <key>'",
-                status=401, code="invalid_api_key",
+                status=401,
+                code="invalid_api_key",
             )
 
     @app.get("/health")
     async def health() -> Response:
         if engine.is_running:
             return JSONResponse({"status": "ok"})
-        return JSONResponse(error_body(engine.dead_reason or "the engine is not running", "server_error"), status_code=503)
+        return JSONResponse(
+            error_body(engine.dead_reason or "the engine is not running", "server_error"), status_code=503
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -186,7 +212,9 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @v1.get("/models")
     async def models() -> Response:
         card = ModelCard(
-            id=settings.served_model_name, created=server.created, root=settings.model_path,
+            id=settings.served_model_name,
+            created=server.created,
+            root=settings.model_path,
             max_model_len=engine.max_model_len,
         )
         return JSONResponse(ModelList(data=[card]).model_dump())
@@ -198,7 +226,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         if body.stream:
             options = body.stream_options
             return server.stream(
-                submitted, ChatEvents, num_logprobs, include_usage=bool(options and options.include_usage),
+                submitted,
+                ChatEvents,
+                num_logprobs,
+                include_usage=bool(options and options.include_usage),
                 continuous_usage=bool(options and options.continuous_usage_stats),
             )
 
@@ -208,7 +239,9 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             if num_logprobs is not None and output.logprobs is not None:
                 logprobs = chat_logprobs(server.token_texts, output.token_ids, output.logprobs, num_logprobs)
             return ChatChoice(
-                index=index, message=AssistantMessage(content=output.text), logprobs=logprobs,
+                index=index,
+                message=AssistantMessage(content=output.text),
+                logprobs=logprobs,
                 finish_reason=finish_reason(final),
             )
 

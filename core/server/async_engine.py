@@ -212,9 +212,7 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return (
-            self._thread is not None and self._thread.is_alive() and self._start_error is None and not self._stopping
-        )
+        return self._thread is not None and self._thread.is_alive() and self._start_error is None and not self._stopping
 
     # -- read-only facts about the loaded model (set before the thread starts serving) --------
 
@@ -270,7 +268,9 @@ class AsyncEngine:
         if self._thread is not None and self._thread.is_alive():
             self._inbox.put(_Abort(request_id))
 
-    async def generate(self, inputs: Any, params: Any, n: int = 1, request_id: str | None = None) -> AsyncIterator[tuple[int, Any]]:
+    async def generate(
+        self, inputs: Any, params: Any, n: int = 1, request_id: str | None = None
+    ) -> AsyncIterator[tuple[int, Any]]:
         """Submit and iterate; leaving the iteration early aborts the request."""
         stream = await self.add_request(inputs, params, n, request_id)
         try:

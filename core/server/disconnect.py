@@ -78,7 +78,9 @@ def streaming_response(
             logger.info("client went away; aborted %s", stream.request_id)
 
     return _AbortOnCloseStreamingResponse(
-        events, abort_if_unfinished, media_type="text/event-stream",
+        events,
+        abort_if_unfinished,
+        media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 

@@ -32,8 +32,12 @@ class RequestError(Exception):
     """A request the server refuses: an HTTP status and OpenAI's error fields."""
 
     def __init__(
-        self, message: str, param: str | None = None, status: int = 400,
-        type: str = "invalid_request_error", code: Any = None,
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        code: Any = None,
     ):
         super().__init__(message)
         self.message = message

@@ -71,10 +71,14 @@ def chat_logprobs(
     content = []
     for token_id, entry in zip(token_ids, logprobs):
         text, raw = texts(token_id)
-        content.append(TokenLogprob(
-            token=text, logprob=_chosen(entry, token_id), bytes=raw,
-            top_logprobs=[TopLogprob(token=texts(t)[0], logprob=v, bytes=texts(t)[1]) for t, v in _top(entry, num)],
-        ))
+        content.append(
+            TokenLogprob(
+                token=text,
+                logprob=_chosen(entry, token_id),
+                bytes=raw,
+                top_logprobs=[TopLogprob(token=texts(t)[0], logprob=v, bytes=texts(t)[1]) for t, v in _top(entry, num)],
+            )
+        )
     return ChoiceLogprobs(content=content)
 
 

@@ -46,7 +46,27 @@ OUTCOMES = ("completed", "aborted", "failed", "rejected")
 # no "<name>_created" timestamp series next to every counter and histogram (vLLM does the same)
 disable_created_metrics()
 
-_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_TTFT_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -79,7 +99,11 @@ class _EngineCollector:
             ("vlm_prompt_tokens", "Prompt tokens admitted to the engine.", stats.prompt_tokens_total),
             ("vlm_generation_tokens", "Tokens generated.", stats.generation_tokens_total),
             ("vlm_num_preemptions", "Sequences preempted for lack of KV-cache blocks.", stats.num_preemptions),
-            ("vlm_engine_step_errors", "Engine steps that raised (their requests were failed).", stats.step_errors_total),
+            (
+                "vlm_engine_step_errors",
+                "Engine steps that raised (their requests were failed).",
+                stats.step_errors_total,
+            ),
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
@@ -89,18 +113,20 @@ class ServerMetrics:
     def __init__(self, engine: Any):
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
-        self.requests = Counter(
-            "vlm_requests", "API requests by outcome.", ["outcome"], registry=self.registry
-        )
+        self.requests = Counter("vlm_requests", "API requests by outcome.", ["outcome"], registry=self.registry)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)  # export zeros from the start
         self.ttft = Histogram(
-            "vlm_time_to_first_token_seconds", "Time from arrival to the first generated token.",
-            buckets=_TTFT_BUCKETS, registry=self.registry,
+            "vlm_time_to_first_token_seconds",
+            "Time from arrival to the first generated token.",
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
         )
         self.e2e = Histogram(
-            "vlm_e2e_request_latency_seconds", "Time from arrival to the last generated token.",
-            buckets=_E2E_BUCKETS, registry=self.registry,
+            "vlm_e2e_request_latency_seconds",
+            "Time from arrival to the last generated token.",
+            buckets=_E2E_BUCKETS,
+            registry=self.registry,
         )
 
     def count(self, outcome: str) -> None:

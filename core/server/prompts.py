@@ -79,12 +79,14 @@ class PromptBuilder:
         if source_kind == "remote" and not self.allow_remote_media:
             raise RequestError(
                 f"image {shown!r}: remote image URLs are disabled on this server; send the image as a "
-                "data: URL, or start the server with --allow-remote-media", where,
+                "data: URL, or start the server with --allow-remote-media",
+                where,
             )
         if source_kind == "local" and self.allowed_dir is None:
             raise RequestError(
                 f"image {shown!r}: local image files are disabled on this server; send the image as a "
-                "data: URL, or start the server with --allowed-media-dir DIR", where,
+                "data: URL, or start the server with --allowed-media-dir DIR",
+                where,
             )
         try:
             return load_image(url, allowed_dir=self.allowed_dir, allow_remote=self.allow_remote_media)

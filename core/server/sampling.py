@@ -16,13 +16,26 @@ from vlm.server.protocol import ChatCompletionRequest, CompletionRequest
 
 # copied as they are: the API and SamplingParams name them alike
 _SAMPLING_FIELDS = (
-    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop", "min_tokens",
-    "ignore_eos", "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
 )
 
 
 def sampling_params(
-    body: ChatCompletionRequest | CompletionRequest, prompt_len: int, prompt_field: str, max_model_len: int,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt_len: int,
+    prompt_field: str,
+    max_model_len: int,
     defaults: dict,
 ) -> Any:
     """``body``'s ``SamplingParams``; ``max_tokens`` defaults to (and may not exceed) what fits after the prompt."""
@@ -31,7 +44,8 @@ def sampling_params(
     if prompt_len >= max_model_len:
         raise RequestError(
             f"the prompt has {prompt_len} tokens but this model's context is {max_model_len} tokens, and at least "
-            "one new token must fit; shorten the prompt", prompt_field,
+            "one new token must fit; shorten the prompt",
+            prompt_field,
         )
     room = max_model_len - prompt_len
     max_tokens = body.requested_max_tokens
@@ -43,7 +57,8 @@ def sampling_params(
     elif max_tokens > room:
         raise RequestError(
             f"{max_field}: this model's context is {max_model_len} tokens; the prompt has {prompt_len}, so at most "
-            f"{room} new tokens fit, not {max_tokens}; lower {max_field} or shorten the prompt", max_field,
+            f"{room} new tokens fit, not {max_tokens}; lower {max_field} or shorten the prompt",
+            max_field,
         )
     values = dict(defaults)
     for name in _SAMPLING_FIELDS:

@@ -54,8 +54,16 @@ class EventStream:
     """One streamed request's events (iterate it); subclasses say what a chunk looks like."""
 
     def __init__(
-        self, stream: RequestStream, metrics: RequestMetrics, token_texts: TokenTexts, request_id: str, created: int,
-        model: str, prompt_len: int, num_logprobs: int | None, include_usage: bool,
+        self,
+        stream: RequestStream,
+        metrics: RequestMetrics,
+        token_texts: TokenTexts,
+        request_id: str,
+        created: int,
+        model: str,
+        prompt_len: int,
+        num_logprobs: int | None,
+        include_usage: bool,
     ):
         self.stream = stream
         self.metrics = metrics
@@ -119,17 +127,20 @@ class ChatEvents(EventStream):
         self.continuous_usage = continuous_usage
 
     def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-        return sse(ChatCompletionChunk(
-            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
-        ))
+        return sse(
+            ChatCompletionChunk(
+                id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
+            )
+        )
 
     def running_usage(self) -> Usage | None:
         return self.usage() if self.continuous_usage else None
 
     def opening(self) -> list[str]:
         return [
-            self.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))],
-                       self.running_usage())
+            self.chunk(
+                [ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))], self.running_usage()
+            )
             for index in range(self.stream.n)
         ]
 
@@ -138,7 +149,9 @@ class ChatEvents(EventStream):
         if step.logprobs is not None:
             logprobs = chat_logprobs(self.token_texts, step.token_ids, step.logprobs, self.num_logprobs)
         choice = ChatChunkChoice(
-            index=step.index, delta=DeltaMessage(content=step.text or None), logprobs=logprobs,
+            index=step.index,
+            delta=DeltaMessage(content=step.text or None),
+            logprobs=logprobs,
             finish_reason=step.finish_reason,
         )
         return self.chunk([choice], self.running_usage())
@@ -150,9 +163,9 @@ class CompletionEvents(EventStream):
         self.text_offsets = [0] * self.stream.n
 
     def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-        return sse(CompletionResponse(
-            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
-        ))
+        return sse(
+            CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage)
+        )
 
     def step_event(self, step: _Step) -> str:
         logprobs = None

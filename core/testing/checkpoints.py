@@ -27,8 +27,15 @@ def build_byte_tokenizer(extra_special_tokens: list[str] | None = None):
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     vocab = {symbol: i for i, symbol in enumerate(bytes_to_unicode().values())}
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], errors="replace", unk_token=None, bos_token=None,
-                               eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        errors="replace",
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
     specials = SPECIAL_TOKENS + list(extra_special_tokens or [])
     tokenizer.add_special_tokens(
         {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in specials]}
@@ -58,7 +65,9 @@ def _text_config(model_type: str, vocab_size: int, **overrides: Any):
     return AutoConfig.for_model(model_type, **base)
 
 
-def write_tiny_text_model(path: str | Path, model_type: str = "qwen2", seed: int = 0, dtype: str = "float32", **overrides: Any) -> Path:
+def write_tiny_text_model(
+    path: str | Path, model_type: str = "qwen2", seed: int = 0, dtype: str = "float32", **overrides: Any
+) -> Path:
     """Write a tiny random ``model_type`` checkpoint plus tokenizer to ``path`` (transformers layout)."""
     import torch
     from transformers import AutoModelForCausalLM

@@ -68,8 +68,11 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while True:
             values = self.metrics()
-            idle = (values["vlm_num_requests_running"] == 0 and values["vlm_num_requests_waiting"] == 0
-                    and values["vlm_kv_cache_blocks_used"] == 0)
+            idle = (
+                values["vlm_num_requests_running"] == 0
+                and values["vlm_num_requests_waiting"] == 0
+                and values["vlm_kv_cache_blocks_used"] == 0
+            )
             if idle or time.monotonic() > deadline:
                 return values
             time.sleep(0.05)

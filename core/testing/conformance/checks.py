@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -12,8 +13,6 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-
-import dataclasses
 
 from vlm import hookspecs
 from vlm.config import load_model_config, text_config_of
@@ -302,7 +301,8 @@ class Conformance:
             if problems:
                 _fail("; ".join(problems))
             unwritten = [
-                name for name, param in model.named_parameters()
+                name
+                for name, param in model.named_parameters()
                 if param.is_floating_point() and param.numel() and bool(torch.isnan(param).any())
             ]
             if unwritten:
@@ -314,8 +314,14 @@ class Conformance:
 
         try:
             loaded = load_model(
-                self.model_config, dtype or torch.float32, torch.device("cpu"), self.name,
-                model=model, weights=counted(), strict=False, verify=verify,
+                self.model_config,
+                dtype or torch.float32,
+                torch.device("cpu"),
+                self.name,
+                model=model,
+                weights=counted(),
+                strict=False,
+                verify=verify,
             )
         except ConformanceError:
             raise
@@ -375,7 +381,9 @@ class Conformance:
             )
         for result in results:
             if not (result is True or isinstance(result, Claim)):
-                _fail(f"match() returned {result!r}; return vlm.hookspecs.Claim(...) (or True) to claim, None to decline")
+                _fail(
+                    f"match() returned {result!r}; return vlm.hookspecs.Claim(...) (or True) to claim, None to decline"
+                )
         try:
             chosen, _ = self.registry.choose(config)
         except PluginError as exc:
@@ -450,7 +458,9 @@ class Conformance:
         )
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
-        result = subprocess.run([sys.executable, "-c", code, module], capture_output=True, text=True, env=env, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-c", code, module], capture_output=True, text=True, env=env, timeout=120
+        )
         if result.returncode != 0:
             _fail(f"importing {module} in a fresh interpreter failed: {result.stderr.strip().splitlines()[-1:]}")
         if result.stdout.strip():
@@ -470,8 +480,11 @@ class Conformance:
         if missing:
             _fail(
                 f"the model lacks {missing} of the model protocol ({', '.join(methods)}); "
-                + ("a VLM's model implements embed_images(images) -> one [num_tokens, hidden] tensor per image; "
-                   if "embed_images" in missing else "")
+                + (
+                    "a VLM's model implements embed_images(images) -> one [num_tokens, hidden] tensor per image; "
+                    if "embed_images" in missing
+                    else ""
+                )
                 + "see docs/writing-a-plugin.md"
             )
         off_device = [n for n, p in model.named_parameters() if p.device.type != "meta"]
@@ -481,7 +494,9 @@ class Conformance:
                 "pass device= to every layer (vlmrun check builds models on the meta device)"
             )
         wrong_dtype = [
-            f"{n} ({p.dtype})" for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != torch.bfloat16
+            f"{n} ({p.dtype})"
+            for n, p in model.named_parameters()
+            if p.is_floating_point() and p.dtype != torch.bfloat16
         ]
         if wrong_dtype:
             _fail(
@@ -509,7 +524,10 @@ class Conformance:
         if getattr(preprocessor, "tokenizer", None) is None:
             _fail("the preprocessor has no .tokenizer attribute; keep the tokenizer build_preprocessor was given on it")
         vocab = self.model_config.text.vocab_size
-        prompts: list[tuple[str, Any]] = [("a plain string prompt", "Hello there"), ("a long string prompt", "word " * 40)]
+        prompts: list[tuple[str, Any]] = [
+            ("a plain string prompt", "Hello there"),
+            ("a long string prompt", "word " * 40),
+        ]
         if getattr(self.tokenizer, "chat_template", None):
             prompts += [
                 ("chat messages", [{"role": "user", "content": "Hi, how are you?"}]),
@@ -562,7 +580,9 @@ class Conformance:
                 _fail(f"embed_images raised {type(exc).__name__} on the pixels of {what}: {exc}")
             features = list(features)
             if len(features) != len(inputs.images):
-                _fail(f"embed_images returned {len(features)} tensors for {len(inputs.images)} images; return one per image")
+                _fail(
+                    f"embed_images returned {len(features)} tensors for {len(inputs.images)} images; return one per image"
+                )
             for image, rows in zip(inputs.images, features):
                 if rows.dim() != 2 or rows.shape[0] != image.num_tokens:
                     _fail(

@@ -31,8 +31,11 @@ class Harness:
         """A sequence with cache blocks for its prompt and ``extra_tokens`` more."""
         self._count += 1
         seq = Sequence(
-            request_id=f"conformance-{self._count}", inputs=inputs, params=SamplingParams(),
-            detokenizer=None, placeholder_positions=placeholder_positions(inputs),  # type: ignore[arg-type]
+            request_id=f"conformance-{self._count}",
+            inputs=inputs,
+            params=SamplingParams(),
+            detokenizer=None,
+            placeholder_positions=placeholder_positions(inputs),  # type: ignore[arg-type]
         )
         total = len(inputs.token_ids) + extra_tokens
         seq.blocks = [self.cache.allocator.allocate() for _ in range(-(-total // self.block_size))]

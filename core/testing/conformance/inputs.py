@@ -22,10 +22,7 @@ def with_tokens_appended(inputs: Any, tokens: list[int]) -> Any:
 
 
 def describe_config(config: Any) -> str:
-    return (
-        f"architectures={getattr(config, 'architectures', None)} "
-        f"model_type={getattr(config, 'model_type', None)!r}"
-    )
+    return f"architectures={getattr(config, 'architectures', None)} model_type={getattr(config, 'model_type', None)!r}"
 
 
 def random_picture(seed: int, size: tuple[int, int], mode: str = "RGB"):
@@ -91,12 +88,16 @@ def probe_configs() -> list[Any]:
     return [
         RawConfig({"architectures": ["VlmConformanceProbeForCausalLM"], "model_type": "vlm_conformance_probe", **text}),
         RawConfig({"model_type": "vlm_conformance_probe", **text}),  # architectures is None
-        RawConfig({
-            "architectures": ["VlmConformanceProbeForConditionalGeneration"],
-            "model_type": "vlm_conformance_probe_vl",
-            "text_config": {
-                "architectures": ["VlmConformanceProbeTextModel"], "model_type": "vlm_conformance_probe_text", **text,
-            },
-            "vision_config": {"model_type": "vlm_conformance_probe_vision", "hidden_size": 16},
-        }),
+        RawConfig(
+            {
+                "architectures": ["VlmConformanceProbeForConditionalGeneration"],
+                "model_type": "vlm_conformance_probe_vl",
+                "text_config": {
+                    "architectures": ["VlmConformanceProbeTextModel"],
+                    "model_type": "vlm_conformance_probe_text",
+                    **text,
+                },
+                "vision_config": {"model_type": "vlm_conformance_probe_vision", "hidden_size": 16},
+            }
+        ),
     ]

@@ -38,9 +38,14 @@ class PluginConformanceTests:
         if cls.plugin is None:
             pytest.fail(f"{cls.__name__} must set `plugin` to the plugin's name or module")
         return Conformance(
-            cls.plugin, checkpoint, cls.reference,
-            reference_inputs=cls.reference_inputs, foreign_configs=cls.foreign_configs,
-            prompts=cls.prompts, new_tokens=cls.new_tokens, atol=cls.atol,
+            cls.plugin,
+            checkpoint,
+            cls.reference,
+            reference_inputs=cls.reference_inputs,
+            foreign_configs=cls.foreign_configs,
+            prompts=cls.prompts,
+            new_tokens=cls.new_tokens,
+            atol=cls.atol,
         )
 
     def test_plugin_loads(self, conformance):

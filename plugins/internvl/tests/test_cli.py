@@ -42,7 +42,10 @@ def pictures(tmp_path_factory):
 
 
 def user(text, *images):
-    return {"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}
+    return {
+        "role": "user",
+        "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}],
+    }
 
 
 def reply(llm, messages) -> str:
@@ -52,7 +55,18 @@ def reply(llm, messages) -> str:
 def test_one_shot_with_one_and_two_images(model_dir, llm, pictures, capsys):
     assert main(["--model", model_dir, "--image", pictures["wide"], "--prompt", "Describe.", "--max-tokens", "12"]) == 0
     assert capsys.readouterr().out == reply(llm, [user("Describe.", pictures["wide"])]) + "\n"
-    args = ["--model", model_dir, "-i", pictures["wide"], "-i", pictures["square"], "-p", "Compare.", "--max-tokens", "12"]
+    args = [
+        "--model",
+        model_dir,
+        "-i",
+        pictures["wide"],
+        "-i",
+        pictures["square"],
+        "-p",
+        "Compare.",
+        "--max-tokens",
+        "12",
+    ]
     assert main(args) == 0
     assert capsys.readouterr().out == reply(llm, [user("Compare.", pictures["wide"], pictures["square"])]) + "\n"
 
@@ -64,17 +78,22 @@ def test_one_shot_with_a_broken_image_is_one_line(model_dir, pictures, capsys):
 
 
 def test_scripted_session(model_dir, llm, pictures, capsys, monkeypatch):
-    script = "\n".join([
-        f"/image {pictures['wide']}",
-        "What is this?",
-        f"/image {pictures['broken']}",  # a bad picture: reported, the session goes on
-        "And now?",
-        "/clear",
-        f"/image {pictures['square']}",
-        "What is this?",
-        "/exit",
-        "never read",
-    ]) + "\n"
+    script = (
+        "\n".join(
+            [
+                f"/image {pictures['wide']}",
+                "What is this?",
+                f"/image {pictures['broken']}",  # a bad picture: reported, the session goes on
+                "And now?",
+                "/clear",
+                f"/image {pictures['square']}",
+                "What is this?",
+                "/exit",
+                "never read",
+            ]
+        )
+        + "\n"
+    )
     monkeypatch.setattr(sys, "stdin", io.StringIO(script))
     assert main(["--model", model_dir, "--max-tokens", "12"]) == 0
     captured = capsys.readouterr()

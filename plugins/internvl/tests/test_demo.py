@@ -47,7 +47,9 @@ def vlm_answers(held_out) -> list[str]:
     from vlm import LLM, SamplingParams
 
     llm = LLM(str(DEMO_MODEL))
-    outputs = llm.chat([conversation(image, q) for image, q, _ in held_out], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    outputs = llm.chat(
+        [conversation(image, q) for image, q, _ in held_out], SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    )
     return [out.outputs[0].text.strip() for out in outputs]
 
 
@@ -66,19 +68,24 @@ def transformers_answers(held_out) -> list[str]:
     for question, indices in by_question.items():
         inputs = processor.apply_chat_template(
             [conversation(held_out[i][0], question) for i in indices],
-            add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
         )
         assert int(inputs["attention_mask"].min()) == 1  # same question, same length: no padding
         with torch.inference_mode():
             out = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)
-        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         for i, text in zip(indices, texts):
             answers[i] = text.strip()
     return answers
 
 
 def accuracy(held_out, answers) -> tuple[float, list]:
-    wrong = [(q, want, got) for (_, q, want), got in zip(held_out, answers) if not shapes.answer_is_correct(q, want, got)]
+    wrong = [
+        (q, want, got) for (_, q, want), got in zip(held_out, answers) if not shapes.answer_is_correct(q, want, got)
+    ]
     return 1 - len(wrong) / len(held_out), wrong
 
 
@@ -87,8 +94,14 @@ def test_checkpoint_is_a_small_hf_internvl():
     assert config["model_type"] == "internvl"
     assert config["architectures"] == ["InternVLForConditionalGeneration"]
     assert config["text_config"]["model_type"] == "qwen2"
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
-                 "processor_config.json", "generation_config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "generation_config.json",
+    ):
         assert (DEMO_MODEL / name).is_file(), name
     assert (DEMO_MODEL / "model.safetensors").stat().st_size < 15_000_000
     generation = json.loads((DEMO_MODEL / "generation_config.json").read_text())
@@ -106,7 +119,9 @@ def test_vlm_answers_held_out_pictures(held_out, vlm_answers):
 
 
 def test_vlm_agrees_with_transformers(held_out, vlm_answers, transformers_answers):
-    differ = [(q, ours, ref) for (_, q, _), ours, ref in zip(held_out, vlm_answers, transformers_answers) if ours != ref]
+    differ = [
+        (q, ours, ref) for (_, q, _), ours, ref in zip(held_out, vlm_answers, transformers_answers) if ours != ref
+    ]
     assert not differ, f"{len(differ)} answers differ (question, vlm, transformers): {differ}"
 
 
@@ -129,15 +144,22 @@ def test_examples_are_deterministic_and_well_posed():
         image, scene = shapes.make_picture(rng)
         assert image.size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
         assert 1 <= scene.count <= shapes.MAX_SHAPES and len({s.kind for s in scene.shapes}) == 1
-        for s, t in ((s, t) for i, s in enumerate(scene.shapes) for t in scene.shapes[i + 1:]):
+        for s, t in ((s, t) for i, s in enumerate(scene.shapes) for t in scene.shapes[i + 1 :]):
             assert max(abs(s.cx - t.cx), abs(s.cy - t.cy)) > s.radius + t.radius  # no overlap
         assert [q for q, _ in shapes.questions_for(scene)] == list(shapes.QUESTIONS)
 
 
 @pytest.mark.parametrize(
     "expected, got, ok",
-    [("two", "2", True), ("two", "Two.", True), ("circle", "a circle", True), ("red", " RED ", True),
-     ("circle", "circles", False), ("three", "two", False), ("mixed", "", False)],
+    [
+        ("two", "2", True),
+        ("two", "Two.", True),
+        ("circle", "a circle", True),
+        ("red", " RED ", True),
+        ("circle", "circles", False),
+        ("three", "two", False),
+        ("mixed", "", False),
+    ],
 )
 def test_answer_is_correct(expected, got, ok):
     assert shapes.answer_is_correct("question", expected, got) is ok

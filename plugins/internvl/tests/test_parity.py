@@ -39,12 +39,22 @@ def picture(seed: int, size: tuple[int, int]) -> Image.Image:
 
 
 def conversations():
-    one = [{"role": "user", "content": [{"type": "image", "image": picture(1, (90, 50))}, {"type": "text", "text": "Describe this."}]}]
-    two = [{"role": "user", "content": [
-        {"type": "image", "image": picture(2, (40, 120))},
-        {"type": "image", "image": picture(3, (60, 60))},
-        {"type": "text", "text": "Compare them."},
-    ]}]
+    one = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": picture(1, (90, 50))}, {"type": "text", "text": "Describe this."}],
+        }
+    ]
+    two = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": picture(2, (40, 120))},
+                {"type": "image", "image": picture(3, (60, 60))},
+                {"type": "text", "text": "Compare them."},
+            ],
+        }
+    ]
     none = [{"role": "user", "content": "Hello there, no picture today."}]
     return {"one image": one, "two images": two, "no image": none}
 
@@ -73,10 +83,17 @@ def reference(model, input_ids: list[int], pixel_values: torch.Tensor | None):
     kwargs = {} if pixel_values is None else {"pixel_values": pixel_values.to(DEVICE)}
     with torch.inference_mode():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS, return_dict_in_generate=True, output_logits=True, pad_token_id=0, **kwargs,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=0,
+            **kwargs,
         )
-    return out.sequences[0, ids.shape[1]:].tolist(), torch.stack([step[0] for step in out.logits]).cpu()
+    return out.sequences[0, ids.shape[1] :].tolist(), torch.stack([step[0] for step in out.logits]).cpu()
 
 
 def run(llm: LLM, prompts):
@@ -108,7 +125,9 @@ def test_hf_layout_inputs_come_from_transformers_processor(checkpoints):
     llm = LLM(checkpoints["hf"], **ENGINE_ARGS)
     processor = load_reference_processor(checkpoints["hf"])
     messages = conversations()["two images"]
-    expected = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    expected = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     ours = llm.engine.preprocess(messages)
     assert ours.token_ids == expected["input_ids"][0].tolist()
     assert torch.equal(torch.cat([i.pixel_values for i in ours.images]), expected["pixel_values"])
@@ -127,7 +146,12 @@ def test_batched_requests_with_different_image_counts_equal_alone(engine):
 
 def test_layouts_agree(checkpoints):
     """Same weights in both layouts: the same image question gets the same answer."""
-    messages = [{"role": "user", "content": [{"type": "image", "image": picture(7, (64, 64))}, {"type": "text", "text": "What?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": picture(7, (64, 64))}, {"type": "text", "text": "What?"}],
+        }
+    ]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     hf_llm, original_llm = LLM(checkpoints["hf"], **ENGINE_ARGS), LLM(checkpoints["original"], **ENGINE_ARGS)
     hf_inputs, original_inputs = hf_llm.engine.preprocess(messages), original_llm.engine.preprocess(messages)
@@ -135,3 +159,9 @@ def test_layouts_agree(checkpoints):
     hf_features = hf_llm.engine.model.embed_images(on_device(hf_inputs.images))[0].cpu()
     original_features = original_llm.engine.model.embed_images(on_device(original_inputs.images))[0].cpu()
     torch.testing.assert_close(hf_features, original_features, atol=1e-5, rtol=0)
+    # the two layouts render chat prompts with different templates; the same prompt ids and pixels
+    # must get the same answer from the same weights
+    [hf_out] = hf_llm.generate([hf_inputs], params)
+    [original_out] = original_llm.generate([hf_inputs], params)
+    assert len(hf_out.outputs[0].token_ids) == 16
+    assert hf_out.outputs[0].token_ids == original_out.outputs[0].token_ids

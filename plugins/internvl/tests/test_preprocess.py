@@ -23,8 +23,8 @@ from PIL import Image
 
 from vlm.config import load_model_config
 from vlm.errors import InputError
-from vlm_plugin_internvl.testing import ORIGINAL_SYSTEM_MESSAGE, load_reference_processor, write_tiny_internvl
 from vlm_plugin_internvl.preprocess import InternVLPreprocessor, to_rgb
+from vlm_plugin_internvl.testing import ORIGINAL_SYSTEM_MESSAGE, load_reference_processor, write_tiny_internvl
 
 CONFIGS = {"tiny": dict(image_size=56, max_patches=6), "448": dict(image_size=448, max_patches=12)}
 
@@ -83,7 +83,9 @@ def references(checkpoints):
 
 
 def user(*parts):
-    content = [{"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts]
+    content = [
+        {"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts
+    ]
     return [{"role": "user", "content": content}]
 
 
@@ -116,7 +118,10 @@ def opengvlab_dynamic_preprocess(image, min_num, max_num, image_size, use_thumbn
     orig_width, orig_height = image.size
     aspect_ratio = orig_width / orig_height
     target_ratios = set(
-        (i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
         if min_num <= i * j <= max_num
     )
     target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
@@ -132,8 +137,14 @@ def opengvlab_dynamic_preprocess(image, min_num, max_num, image_size, use_thumbn
     resized_img = image.resize((target_width, target_height))  # PIL's default filter: bicubic
     columns = target_width // image_size
     processed = [
-        resized_img.crop(((i % columns) * image_size, (i // columns) * image_size,
-                          ((i % columns) + 1) * image_size, ((i // columns) + 1) * image_size))
+        resized_img.crop(
+            (
+                (i % columns) * image_size,
+                (i // columns) * image_size,
+                ((i % columns) + 1) * image_size,
+                ((i // columns) + 1) * image_size,
+            )
+        )
         for i in range(blocks)
     ]
     if use_thumbnail and len(processed) != 1:
@@ -300,7 +311,9 @@ def test_errors(preprocessors, tmp_path):
     one_line_error(lambda: hf(with_part({"type": "image", "path": missing})), "missing.jpg", "no such file")
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    one_line_error(lambda: hf(with_part({"type": "image", "path": str(broken)})), "broken.jpg", "re-save or re-download")
+    one_line_error(
+        lambda: hf(with_part({"type": "image", "path": str(broken)})), "broken.jpg", "re-save or re-download"
+    )
     remote = {"type": "image", "url": "https://example.com/a.png"}
     one_line_error(lambda: hf(with_part(remote)), "remote image URLs are disabled")
     one_line_error(lambda: hf([1, 2, hf.image_token_id]), "token-id prompt cannot carry images")

@@ -55,7 +55,7 @@ def test_original_layout_is_the_same_weights(pair):
         new = to_hf(name)
         if "attention.qkv" in new:
             for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
-                back[new.replace("qkv", part)] = tensor[i * dim:(i + 1) * dim]
+                back[new.replace("qkv", part)] = tensor[i * dim : (i + 1) * dim]
         else:
             back[new] = tensor
     assert sorted(back) == sorted(hf)

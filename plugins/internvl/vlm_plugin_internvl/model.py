@@ -21,10 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.plugin import composite_text_config
-from vlm.plugin import build_language_model
 from vlm.nn import (
-    vision_batches,
     LayerNorm,
     RMSNorm,
     VisionAttention,
@@ -34,7 +31,9 @@ from vlm.nn import (
     build_qkv_proj,
     build_replicated_linear,
     get_act_fn,
+    vision_batches,
 )
+from vlm.plugin import build_language_model, composite_text_config
 
 
 def _pair(value: Any) -> int:
@@ -88,7 +87,9 @@ class InternVisionEmbeddings(nn.Module):
         super().__init__()
         self.patch_size = s.patch_size
         self.grid = s.image_size // s.patch_size
-        self.class_embedding = nn.Parameter(torch.empty(1, 1, s.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.class_embedding = nn.Parameter(
+            torch.empty(1, 1, s.hidden_size, dtype=dtype, device=device), requires_grad=False
+        )
         self.patch_embedding = nn.Conv2d(3, s.hidden_size, s.patch_size, s.patch_size, dtype=dtype, device=device)
         self.patch_embedding.requires_grad_(False)
         self.position_embedding = nn.Parameter(
@@ -119,7 +120,14 @@ class InternAttention(nn.Module):
         super().__init__()
         head_dim = s.hidden_size // s.num_heads
         self.qkv_proj = build_qkv_proj(
-            s.hidden_size, head_dim, s.num_heads, s.num_heads, bias=s.qkv_bias, dtype=dtype, device=device, replicate=True
+            s.hidden_size,
+            head_dim,
+            s.num_heads,
+            s.num_heads,
+            bias=s.qkv_bias,
+            dtype=dtype,
+            device=device,
+            replicate=True,
         )
         self.qk_norm = s.qk_norm
         if s.qk_norm:  # over all heads at once, not per head
@@ -216,7 +224,9 @@ class InternVLChatModel(VisionLanguageModel):
         # the original layout's llm_config carries its own tie flag
         text_config = composite_text_config(hf_config) if s.hf_layout else hf_config.get_text_config()
         scale = int(round(1 / s.downsample_ratio))
-        self.projector = InternVLProjector(s.hidden_size * scale * scale, text_config.hidden_size, s.projector_act, dtype, device)
+        self.projector = InternVLProjector(
+            s.hidden_size * scale * scale, text_config.hidden_size, s.projector_act, dtype, device
+        )
         self.language_model = build_language_model(text_config, model_config, dtype, device)
 
     def embed_images(self, images: list[Any]) -> list[torch.Tensor]:
@@ -227,7 +237,9 @@ class InternVLChatModel(VisionLanguageModel):
         """
         pixel_values = torch.cat([image.pixel_values for image in images]).to(self.projector.linear_1.bias.dtype)
         tiles = list(pixel_values.split(1))
-        features = torch.cat([self.vision_model(torch.cat(group)) for group in vision_batches(pixel_values.device, tiles)])
+        features = torch.cat(
+            [self.vision_model(torch.cat(group)) for group in vision_batches(pixel_values.device, tiles)]
+        )
         if self.vision.drop_cls:
             features = features[:, 1:]
         side = int(math.isqrt(features.shape[1]))
@@ -265,7 +277,10 @@ _HF_RENAMES = [
     (r"^vision_tower\.embeddings\.cls_token$", "vision_model.embeddings.class_embedding"),
     (r"^vision_tower\.embeddings\.position_embeddings$", "vision_model.embeddings.position_embedding"),
     (r"^vision_tower\.embeddings\.patch_embeddings\.projection\.", "vision_model.embeddings.patch_embedding."),
-    (r"^vision_tower\.encoder\.layer\.(\d+)\.attention\.projection_layer\.", r"vision_model.encoder.layers.\1.attn.proj."),
+    (
+        r"^vision_tower\.encoder\.layer\.(\d+)\.attention\.projection_layer\.",
+        r"vision_model.encoder.layers.\1.attn.proj.",
+    ),
     (r"^vision_tower\.encoder\.layer\.(\d+)\.attention\.", r"vision_model.encoder.layers.\1.attn."),
     (r"^vision_tower\.encoder\.layer\.(\d+)\.layernorm_before\.", r"vision_model.encoder.layers.\1.norm1."),
     (r"^vision_tower\.encoder\.layer\.(\d+)\.layernorm_after\.", r"vision_model.encoder.layers.\1.norm2."),

@@ -30,9 +30,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from vlm.plugin import ConfigError
-from vlm.plugin import ImageInput, pixel_values_key
-from vlm.plugin import ImagePromptPreprocessor, find_chat_template, read_json, to_rgb
+from vlm.plugin import (
+    ConfigError,
+    ImageInput,
+    ImagePromptPreprocessor,
+    find_chat_template,
+    pixel_values_key,
+    read_json,
+    to_rgb,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,7 +75,9 @@ class ImageSettings:
 
 @lru_cache(maxsize=16)
 def _candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
-    grids = [(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if min_tiles <= c * r <= max_tiles]
+    grids = [
+        (c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if min_tiles <= c * r <= max_tiles
+    ]
     return tuple(sorted(grids, key=lambda grid: grid[0] * grid[1]))  # stable: by area, then columns
 
 
@@ -97,9 +105,7 @@ def tile_image(image: Any, settings: ImageSettings) -> tuple[list[Any], tuple[in
         return [image.resize((tw, th), resample=settings.resample)], (1, 1)
     columns, rows = closest_grid(image.width, image.height, settings)
     resized = image.resize((tw * columns, th * rows), resample=settings.resample)
-    tiles = [
-        resized.crop((c * tw, r * th, (c + 1) * tw, (r + 1) * th)) for r in range(rows) for c in range(columns)
-    ]
+    tiles = [resized.crop((c * tw, r * th, (c + 1) * tw, (r + 1) * th)) for r in range(rows) for c in range(columns)]
     if settings.use_thumbnail and len(tiles) > 1:
         tiles.append(image.resize((tw, th), resample=settings.resample))
     return tiles, (columns, rows)
@@ -240,7 +246,8 @@ class InternVLPreprocessor(ImagePromptPreprocessor):
             self.image_token = getattr(tokenizer, "context_image_token", None) or IMG_CONTEXT
             self.placeholder = self.image_token
         self.image_token_id = self.vocabulary_id(
-            self.image_token, f"InternVL needs {IMG_START}, {IMG_END} and {IMG_CONTEXT} in its vocabulary",
+            self.image_token,
+            f"InternVL needs {IMG_START}, {IMG_END} and {IMG_CONTEXT} in its vocabulary",
             required=self.supports_images,
         )
         if self.supports_images:
@@ -284,7 +291,9 @@ class InternVLPreprocessor(ImagePromptPreprocessor):
             for message in messages:
                 if isinstance(message["content"], list):
                     parts = message["content"]
-                    message["content"] = "".join(p["text"] if p["type"] == "text" else self.placeholder + "\n" for p in parts)
+                    message["content"] = "".join(
+                        p["text"] if p["type"] == "text" else self.placeholder + "\n" for p in parts
+                    )
         return messages
 
     def expand_image(self, image: ImageInput) -> str:

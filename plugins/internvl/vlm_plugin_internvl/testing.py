@@ -26,7 +26,7 @@ import json
 import re
 import shutil
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +99,14 @@ def build_internvl_tokenizer():
 
     vocab = {symbol: i for i, symbol in enumerate(bytes_to_unicode().values())}
     tokenizer = Qwen2Tokenizer(
-        vocab=vocab, merges=[], errors="replace", unk_token=None, bos_token=None,
-        eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=dict(IMAGE_TOKENS),
+        vocab=vocab,
+        merges=[],
+        errors="replace",
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=dict(IMAGE_TOKENS),
     )
     tokenizer.add_special_tokens(
         {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]}
@@ -109,17 +115,23 @@ def build_internvl_tokenizer():
     return tokenizer
 
 
-@lru_cache(maxsize=None)
+@cache
 def _videoless_processor_class():
     from transformers import AutoProcessor, InternVLConfig, InternVLProcessor
 
     class VideolessInternVLProcessor(InternVLProcessor):
         """InternVLProcessor without its video processor (which needs torchvision)."""
 
-        def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
+        def __init__(
+            self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs
+        ):
             super().__init__(
-                image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                image_seq_length=image_seq_length, chat_template=chat_template, **kwargs,
+                image_processor=image_processor,
+                tokenizer=tokenizer,
+                video_processor=None,
+                image_seq_length=image_seq_length,
+                chat_template=chat_template,
+                **kwargs,
             )
 
     # for AutoProcessor.from_pretrained on directories whose processor_config.json names no class
@@ -174,7 +186,12 @@ def write_tiny_internvl(
             return convert_hf_to_original(hf_dir, path, use_thumbnail=overrides.get("use_thumbnail", True))
 
     import torch
-    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLVisionConfig,
+    )
 
     min_patches = overrides.pop("min_patches", 1)
     max_patches = overrides.pop("max_patches", 6)
@@ -184,15 +201,30 @@ def write_tiny_internvl(
     text_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     text_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     text_config.bos_token_id = None
-    vision_config = InternVLVisionConfig(**{
-        **dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-               patch_size=14, image_size=[image_size, image_size], use_qk_norm=True, attention_bias=True,
-               layer_scale_init_value=0.1, initializer_range=0.3, norm_type="layer_norm"),
-        **overrides.pop("vision_config", {}),
-    })
+    vision_config = InternVLVisionConfig(
+        **{
+            **dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                patch_size=14,
+                image_size=[image_size, image_size],
+                use_qk_norm=True,
+                attention_bias=True,
+                layer_scale_init_value=0.1,
+                initializer_range=0.3,
+                norm_type="layer_norm",
+            ),
+            **overrides.pop("vision_config", {}),
+        }
+    )
     config = InternVLConfig(
-        vision_config=vision_config, text_config=text_config,
-        image_token_id=tokenizer.context_image_token_id, downsample_ratio=0.5, tie_word_embeddings=False,
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.context_image_token_id,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
         **overrides,
     )
     patch = vision_config.patch_size[0]
@@ -207,7 +239,9 @@ def write_tiny_internvl(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     image_processor = GotOcr2ImageProcessorPil(
-        size={"height": image_size, "width": image_size}, min_patches=min_patches, max_patches=max_patches,
+        size={"height": image_size, "width": image_size},
+        min_patches=min_patches,
+        max_patches=max_patches,
         **_IMAGE_PROCESSOR,
     )
     image_processor.save_pretrained(path)

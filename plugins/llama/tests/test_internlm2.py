@@ -36,10 +36,15 @@ def reference(llama_dir, prompts):
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         out = model.generate(
-            ids, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-            return_dict_in_generate=True, output_logits=True, pad_token_id=0,
+            ids,
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=0,
         )
-        results.append((out.sequences[0, ids.shape[1]:].tolist(), torch.stack([step[0] for step in out.logits])))
+        results.append((out.sequences[0, ids.shape[1] :].tolist(), torch.stack([step[0] for step in out.logits])))
     return results
 
 
@@ -137,15 +142,15 @@ def test_grouped_wqkv_loads_each_tensor_parallel_rank_like_q_k_v(monkeypatch, he
     split across ranks, or replicated when there are fewer than ranks), weight and bias."""
     import vlm.nn.linear as linear
     from vlm.nn import build_qkv_proj
-    from vlm_plugin_llama.testing import pack_wqkv
     from vlm_plugin_llama.internlm2 import grouped_qkv_loader
+    from vlm_plugin_llama.testing import pack_wqkv
 
     head_dim, hidden = 4, 8
     q, k, v = (torch.randn(n * head_dim, hidden) for n in (heads, kv_heads, kv_heads))
     qb, kb, vb = (torch.randn(n * head_dim) for n in (heads, kv_heads, kv_heads))
     monkeypatch.setattr(linear, "tp_world_size", lambda: world)
     for rank in range(world):
-        monkeypatch.setattr(linear, "tp_rank", lambda: rank)
+        monkeypatch.setattr(linear, "tp_rank", lambda rank=rank: rank)
         separate, grouped = (build_qkv_proj(hidden, head_dim, heads, kv_heads, bias=True) for _ in range(2))
         for param, tensors in ((separate.weight, (q, k, v)), (separate.bias, (qb, kb, vb))):
             for shard, tensor in zip("qkv", tensors):
@@ -203,8 +208,16 @@ def test_rope_scaling():
     from vlm.errors import ConfigError
     from vlm_plugin_llama.internlm2 import InternLM2ForCausalLM
 
-    base = dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", vocab_size=32, hidden_size=32,
-                intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, rope_theta=1e6)
+    base = dict(
+        architectures=["InternLM2ForCausalLM"],
+        model_type="internlm2",
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        rope_theta=1e6,
+    )
 
     def inv_freq(**extra):
         model = InternLM2ForCausalLM(RawConfig({**base, **extra}), device=torch.device("meta"))
@@ -223,8 +236,17 @@ def test_internlm2_defaults_for_absent_fields():
     from vlm.config import RawConfig
     from vlm_plugin_llama.internlm2 import InternLM2ForCausalLM
 
-    config = RawConfig(dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", vocab_size=32,
-                            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))
+    config = RawConfig(
+        dict(
+            architectures=["InternLM2ForCausalLM"],
+            model_type="internlm2",
+            vocab_size=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+        )
+    )
     attn = InternLM2ForCausalLM(config, device=torch.device("meta")).model.layers[0].self_attn
     assert attn.qkv_proj.bias is not None and attn.o_proj.bias is not None
     assert attn.num_kv_heads == 4 and attn.head_dim == 8

@@ -39,10 +39,15 @@ def reference(model_dir: str, prompts: list[str]):
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(DEVICE)
         out = model.generate(
-            ids, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-            return_dict_in_generate=True, output_logits=True, pad_token_id=0,
+            ids,
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=0,
         )
-        tokens = out.sequences[0, ids.shape[1]:].tolist()
+        tokens = out.sequences[0, ids.shape[1] :].tolist()
         results.append((tokens, torch.stack([step[0] for step in out.logits]).cpu()))
     return results
 
@@ -90,7 +95,9 @@ def test_chat_template_matches_transformers(family):
 
     model_dir, _, llm = family
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
-    expected = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True
+    )
     if isinstance(expected, dict) or hasattr(expected, "input_ids"):
         expected = expected["input_ids"]
     assert llm.engine.preprocess(messages).token_ids == list(expected)

@@ -11,9 +11,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from vlm.nn import ForwardBatch
 from vlm.nn import (
     Attention,
+    ForwardBatch,
+    LoadReport,
     ParallelLMHead,
     RMSNorm,
     RotaryEmbedding,
@@ -24,9 +25,8 @@ from vlm.nn import (
     build_qkv_proj,
     build_rowwise_linear,
     load_weights_by_mapping,
+    tp_world_size,
 )
-from vlm.nn import tp_world_size
-from vlm.nn import LoadReport
 
 
 def _head_dim(config) -> int:
@@ -44,7 +44,9 @@ class LlamaAttention(nn.Module):
         world = tp_world_size()
         self.head_dim = _head_dim(config)
         self.num_heads = config.num_attention_heads // world
-        self.num_kv_heads = max(1, (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) // world)
+        self.num_kv_heads = max(
+            1, (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) // world
+        )
         qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
         o_bias = config.model_type != "qwen2" and bool(getattr(config, "attention_bias", False))
         self.qkv_proj = build_qkv_proj(
@@ -85,7 +87,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
         size = config.intermediate_size
-        self.gate_up_proj = build_merged_colwise_linear(config.hidden_size, [size, size], bias=bias, dtype=dtype, device=device)
+        self.gate_up_proj = build_merged_colwise_linear(
+            config.hidden_size, [size, size], bias=bias, dtype=dtype, device=device
+        )
         self.down_proj = build_rowwise_linear(size, config.hidden_size, bias=bias, dtype=dtype, device=device)
         self.act_fn = SiluAndMul()
 

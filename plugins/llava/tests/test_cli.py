@@ -31,7 +31,10 @@ def pictures(tmp_path_factory) -> dict[str, str]:
 
 
 def user(text, *images):
-    return {"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}
+    return {
+        "role": "user",
+        "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}],
+    }
 
 
 def api_answer(model_dir: str, messages) -> str:
@@ -43,13 +46,38 @@ def api_answer(model_dir: str, messages) -> str:
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_one_shot_prints_the_api_answer(llava_checkpoints, pictures, capsys, variant):
     model_dir = llava_checkpoints[variant]
-    args = ["--model", model_dir, "--image", pictures["wide"], "--prompt", "Describe.", "--temperature", "0", "--max-tokens", "8"]
+    args = [
+        "--model",
+        model_dir,
+        "--image",
+        pictures["wide"],
+        "--prompt",
+        "Describe.",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+    ]
     assert main(args) == 0
     assert capsys.readouterr().out == api_answer(model_dir, [user("Describe.", pictures["wide"])]) + "\n"
-    args = ["--model", model_dir, "-i", pictures["wide"], "-i", pictures["tall"], "-p", "Compare.", "--temperature", "0",
-            "--max-tokens", "8"]
+    args = [
+        "--model",
+        model_dir,
+        "-i",
+        pictures["wide"],
+        "-i",
+        pictures["tall"],
+        "-p",
+        "Compare.",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+    ]
     assert main(args) == 0
-    assert capsys.readouterr().out == api_answer(model_dir, [user("Compare.", pictures["wide"], pictures["tall"])]) + "\n"
+    assert (
+        capsys.readouterr().out == api_answer(model_dir, [user("Compare.", pictures["wide"], pictures["tall"])]) + "\n"
+    )
 
 
 def test_vlmrun_console_script(llava_checkpoints, pictures):
@@ -58,9 +86,22 @@ def test_vlmrun_console_script(llava_checkpoints, pictures):
     assert vlmrun, "vlmrun is not installed next to this interpreter"
     model_dir = llava_checkpoints["llava-next-clip-mistral"]
     result = subprocess.run(
-        [vlmrun, "--model", model_dir, "--image", pictures["tall"], "--prompt", "What is it?", "--temperature", "0",
-         "--max-tokens", "8"],
-        capture_output=True, text=True, timeout=300,
+        [
+            vlmrun,
+            "--model",
+            model_dir,
+            "--image",
+            pictures["tall"],
+            "--prompt",
+            "What is it?",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == api_answer(model_dir, [user("What is it?", pictures["tall"])]) + "\n"

@@ -13,8 +13,8 @@ import torch
 from vlm import LLM
 from vlm.config import load_model_config
 from vlm.errors import ConfigError
-from vlm_plugin_llava.testing import LAYOUTS, write_tiny_llava
 from vlm_plugin_llava.model import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from vlm_plugin_llava.testing import LAYOUTS, write_tiny_llava
 
 
 @pytest.mark.parametrize("variant", ["llava-clip-llama", "llava-next-clip-mistral"])
@@ -61,11 +61,18 @@ def build_with(source: str, path, model_class, **changes):
     return model_class(model_config.hf_config, model_config, device="meta")
 
 
-@pytest.mark.parametrize("variant, model_class, changes, needle", [
-    ("llava-next-clip-mistral", LlavaNextForConditionalGeneration, {"vision_feature_select_strategy": "full"},
-     "leaves 5 of 4"),
-    ("llava-clip-llama", LlavaForConditionalGeneration, {"vision_feature_layer": -5}, "outside the 3-layer"),
-])
+@pytest.mark.parametrize(
+    "variant, model_class, changes, needle",
+    [
+        (
+            "llava-next-clip-mistral",
+            LlavaNextForConditionalGeneration,
+            {"vision_feature_select_strategy": "full"},
+            "leaves 5 of 4",
+        ),
+        ("llava-clip-llama", LlavaForConditionalGeneration, {"vision_feature_layer": -5}, "outside the 3-layer"),
+    ],
+)
 def test_configs_the_model_cannot_run_are_refused(llava_checkpoints, tmp_path, variant, model_class, changes, needle):
     with pytest.raises(ConfigError, match=needle):
         build_with(llava_checkpoints[variant], tmp_path / "edited", model_class, **changes)

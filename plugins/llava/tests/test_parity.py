@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from vlm import LLM, SamplingParams
-from vlm_plugin_llava.testing import VARIANTS, load_reference_processor
 from vlm.testing.logits import generate_with_logits
+from vlm_plugin_llava.testing import VARIANTS, load_reference_processor
 
 NEW_TOKENS = 32
 DEVICE = os.environ.get("VLM_TEST_DEVICE", "cpu")
@@ -46,7 +46,9 @@ def on_device(images):
 
 
 def user(*parts):
-    content = [{"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts]
+    content = [
+        {"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts
+    ]
     return [{"role": "user", "content": content}]
 
 
@@ -74,10 +76,17 @@ def reference_generate(model, inputs) -> tuple[list[int], torch.Tensor]:
     extra = {k: inputs[k].to(DEVICE) for k in ("pixel_values", "image_sizes") if k in inputs}
     with torch.inference_mode():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS, return_dict_in_generate=True, output_logits=True, pad_token_id=0, **extra,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=0,
+            **extra,
         )
-    return out.sequences[0, ids.shape[1]:].tolist(), torch.stack([step[0] for step in out.logits]).cpu()
+    return out.sequences[0, ids.shape[1] :].tolist(), torch.stack([step[0] for step in out.logits]).cpu()
 
 
 def run(llm: LLM, prompts):

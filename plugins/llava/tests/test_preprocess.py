@@ -21,8 +21,8 @@ from PIL import Image
 from vlm.config import load_model_config
 from vlm.errors import ConfigError, InputError
 from vlm.testing.conformance import odd_images
-from vlm_plugin_llava.testing import VARIANTS, load_reference_processor
 from vlm_plugin_llava.preprocess import LlavaPreprocessor, anyres_num_tokens
+from vlm_plugin_llava.testing import VARIANTS, load_reference_processor
 
 REAL_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
@@ -97,7 +97,9 @@ def references(directories):
 
 
 def user(*parts):
-    content = [{"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts]
+    content = [
+        {"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts
+    ]
     return [{"role": "user", "content": content}]
 
 
@@ -120,7 +122,7 @@ def check(ours, reference, messages):
         assert torch.equal(image.pixel_values, want)  # bit for bit
         if "image_sizes" in expected:
             assert list(image.extra["original_size"]) == expected["image_sizes"][index].tolist()
-            assert not pixels[index][len(image.pixel_values):].any()  # nothing but padding left over
+            assert not pixels[index][len(image.pixel_values) :].any()  # nothing but padding left over
     assert got.token_ids.count(got.image_token_id) == sum(image.num_tokens for image in got.images)
     return got
 
@@ -161,8 +163,16 @@ def test_string_contents_render_as_text_parts(preprocessors):
     (transformers' processor would render a string content as nothing)."""
     ours = preprocessors["llava-clip-llama"]
     picture = noise(50, 40)
-    as_parts = [*user(picture, "What?"), {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}, *user("Sure?")]
-    as_strings = [*user(picture, "What?"), {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "Sure?"}]
+    as_parts = [
+        *user(picture, "What?"),
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        *user("Sure?"),
+    ]
+    as_strings = [
+        *user(picture, "What?"),
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "Sure?"},
+    ]
     assert ours(as_strings).token_ids == ours(as_parts).token_ids
     assert "A cat." in ours(as_strings).prompt and "Sure?" in ours(as_strings).prompt
 
@@ -194,7 +204,14 @@ def test_image_sources(preprocessors, references, tmp_path):
     expected = check(ours, references["llava-next-clip-mistral"], user(image, "What?"))
     data_url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
     for source in (str(path), data_url, path.read_bytes(), path.as_uri()):
-        got = ours([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": source}}, {"type": "text", "text": "What?"}]}])
+        got = ours(
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": source}}, {"type": "text", "text": "What?"}],
+                }
+            ]
+        )
         assert got.token_ids == expected.token_ids
         assert got.images[0].key == expected.images[0].key
         assert torch.equal(got.images[0].pixel_values, expected.images[0].pixel_values)
@@ -219,7 +236,9 @@ def test_anyres_count_equals_transformers_for_many_sizes(references):
 
     processor = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessorPil(image_grid_pinpoints=REAL_PINPOINTS, size={"shortest_edge": 336}),
-        tokenizer=build_llava_tokenizer(), patch_size=14, vision_feature_select_strategy="default",
+        tokenizer=build_llava_tokenizer(),
+        patch_size=14,
+        vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
     rng = np.random.default_rng(0)
@@ -274,7 +293,11 @@ def edited(source: Path, out: Path, config=None, processor=None, image=None) -> 
     """A copy of ``source`` with fields of config.json / processor_config.json /
     preprocessor_config.json replaced (a value of None deletes the field)."""
     shutil.copytree(source, out)
-    for name, changes in (("config.json", config), ("processor_config.json", processor), ("preprocessor_config.json", image)):
+    for name, changes in (
+        ("config.json", config),
+        ("processor_config.json", processor),
+        ("preprocessor_config.json", image),
+    ):
         if changes:
             data = json.loads((out / name).read_text())
             for key, value in changes.items():
@@ -298,22 +321,30 @@ def test_processor_config_variants(directories, references, tmp_path):
     (nested / "processor_config.json").write_text(json.dumps(processor))
     check(preprocessor_for(nested), references["llava-clip-llama"], picture)
     # older checkpoints leave the token-count fields out: the model's values are used
-    bare = edited(tiny, tmp_path / "bare", processor={"patch_size": None, "num_additional_image_tokens": None,
-                                                      "vision_feature_select_strategy": None})
+    bare = edited(
+        tiny,
+        tmp_path / "bare",
+        processor={"patch_size": None, "num_additional_image_tokens": None, "vision_feature_select_strategy": None},
+    )
     check(preprocessor_for(bare), references["llava-clip-llama"], picture)
 
 
-@pytest.mark.parametrize("change, needle", [
-    (dict(processor={"patch_size": 16}), "patch_size is 16"),
-    (dict(processor={"num_additional_image_tokens": 0}), "num_additional_image_tokens is 0"),
-    (dict(processor={"vision_feature_select_strategy": "full"}), "vision_feature_select_strategy is 'full'"),
-    (dict(image={"crop_size": {"height": 28, "width": 28}}), "makes 28x28 pictures"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (dict(processor={"patch_size": 16}), "patch_size is 16"),
+        (dict(processor={"num_additional_image_tokens": 0}), "num_additional_image_tokens is 0"),
+        (dict(processor={"vision_feature_select_strategy": "full"}), "vision_feature_select_strategy is 'full'"),
+        (dict(image={"crop_size": {"height": 28, "width": 28}}), "makes 28x28 pictures"),
+    ],
+)
 def test_inconsistent_configs_are_refused(directories, tmp_path, change, needle):
     path = edited(directories["llava-clip-llama"], tmp_path / "edited", **change)
     one_line_error(lambda: preprocessor_for(path), needle, error=ConfigError)
 
 
 def test_inconsistent_pinpoints_are_refused(directories, tmp_path):
-    path = edited(directories["llava-next-clip-mistral"], tmp_path / "edited", image={"image_grid_pinpoints": [[28, 56]]})
+    path = edited(
+        directories["llava-next-clip-mistral"], tmp_path / "edited", image={"image_grid_pinpoints": [[28, 56]]}
+    )
     one_line_error(lambda: preprocessor_for(path), "image_grid_pinpoints", error=ConfigError)

@@ -23,9 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm.plugin import ConfigError
-from vlm.plugin import composite_text_config
-from vlm.plugin import build_language_model
 from vlm.nn import (
     LayerNorm,
     VisionAttention,
@@ -36,6 +33,7 @@ from vlm.nn import (
     build_replicated_linear,
     get_act_fn,
 )
+from vlm.plugin import ConfigError, build_language_model, composite_text_config
 
 #: vision_config.model_type -> does the tower have a class token and a LayerNorm before the encoder?
 VISION_TOWERS = {"clip_vision_model": True, "siglip_vision_model": False}
@@ -86,7 +84,9 @@ class VisionEmbeddings(nn.Module):
     def __init__(self, s: VisionSettings, dtype, device):
         super().__init__()
         if s.class_token:
-            self.class_embedding = nn.Parameter(torch.empty(s.hidden_size, dtype=dtype, device=device), requires_grad=False)
+            self.class_embedding = nn.Parameter(
+                torch.empty(s.hidden_size, dtype=dtype, device=device), requires_grad=False
+            )
         # CLIP's patch convolution has no bias, SigLIP's has one
         self.patch_embedding = nn.Conv2d(
             3, s.hidden_size, s.patch_size, s.patch_size, bias=not s.class_token, dtype=dtype, device=device

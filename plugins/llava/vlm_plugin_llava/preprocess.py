@@ -27,9 +27,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from vlm.plugin import ConfigError, InputError
-from vlm.plugin import ImageInput, pixel_values_key
-from vlm.plugin import ImagePromptPreprocessor, read_json
+from vlm.plugin import ConfigError, ImageInput, ImagePromptPreprocessor, InputError, pixel_values_key, read_json
 
 IMAGE_TOKEN = "<image>"  # LlavaProcessor's default
 MAX_ASPECT_RATIO = 200  # as Qwen2-VL's smart_resize: beyond it, a picture is refused
@@ -74,7 +72,9 @@ class LlavaPreprocessor(ImagePromptPreprocessor):
         super().__init__(tokenizer, hf_config, model_path, **load_options)
         self.anyres = getattr(hf_config, "model_type", None) == "llava_next"
         self.processor_config = read_json(self.model_path / "processor_config.json") or {}
-        self.image_token = getattr(tokenizer, "image_token", None) or self.processor_config.get("image_token", IMAGE_TOKEN)
+        self.image_token = getattr(tokenizer, "image_token", None) or self.processor_config.get(
+            "image_token", IMAGE_TOKEN
+        )
         self.placeholder = self.image_token
         self.image_token_id = self.vocabulary_id(self.image_token, "LLaVA needs it")
         self.image_processor = self._image_processor()
@@ -108,8 +108,14 @@ class LlavaPreprocessor(ImagePromptPreprocessor):
         model_strategy = "default" if vision.drop_first else "full"
         declared = {
             "patch_size": (self.processor_config.get("patch_size"), vision.patch_size),
-            "vision_feature_select_strategy": (self.processor_config.get("vision_feature_select_strategy"), model_strategy),
-            "num_additional_image_tokens": (self.processor_config.get("num_additional_image_tokens"), int(vision.class_token)),
+            "vision_feature_select_strategy": (
+                self.processor_config.get("vision_feature_select_strategy"),
+                model_strategy,
+            ),
+            "num_additional_image_tokens": (
+                self.processor_config.get("num_additional_image_tokens"),
+                int(vision.class_token),
+            ),
         }
         for field, (value, model_value) in declared.items():
             if value is not None and value != model_value:
@@ -147,7 +153,10 @@ class LlavaPreprocessor(ImagePromptPreprocessor):
     def num_tokens(self, pixel_values: Any, original_size: tuple[int, int]) -> int:
         if self.anyres:
             count = anyres_num_tokens(
-                original_size, self.tile_size, self.patch_size, self.image_processor.image_grid_pinpoints,
+                original_size,
+                self.tile_size,
+                self.patch_size,
+                self.image_processor.image_grid_pinpoints,
                 self.additional_tokens,
             )
         else:

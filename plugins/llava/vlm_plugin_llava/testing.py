@@ -73,36 +73,77 @@ _CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.2613
 VARIANTS: dict[str, dict[str, Any]] = {
     # LLaVA-1.5: CLIP (class token, pre-LN, quick_gelu), second-to-last layer, CLS dropped
     "llava-clip-llama": dict(
-        architecture="llava", text="llama", tower="clip", image_size=42, layers=3,
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        architecture="llava",
+        text="llama",
+        tower="clip",
+        image_size=42,
+        layers=3,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
         image_processor=dict(
-            image_processor_type="CLIPImageProcessor", size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42},
-            do_resize=True, do_center_crop=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-            image_mean=_CLIP_MEAN, image_std=_CLIP_STD, resample=3, do_convert_rgb=True,
+            image_processor_type="CLIPImageProcessor",
+            size={"shortest_edge": 42},
+            crop_size={"height": 42, "width": 42},
+            do_resize=True,
+            do_center_crop=True,
+            do_rescale=True,
+            rescale_factor=1 / 255,
+            do_normalize=True,
+            image_mean=_CLIP_MEAN,
+            image_std=_CLIP_STD,
+            resample=3,
+            do_convert_rgb=True,
         ),
         chat_template=LLAVA_CHAT_TEMPLATE,
     ),
     # SigLIP tower (no class token, no pre-LN, an unused head), last layer and embeddings concatenated, all tokens kept
     "llava-siglip-qwen2": dict(
-        architecture="llava", text="qwen2", tower="siglip", image_size=42, layers=3,
-        vision_feature_layer=[-1, 0], vision_feature_select_strategy="full", multimodal_projector_bias=False,
+        architecture="llava",
+        text="qwen2",
+        tower="siglip",
+        image_size=42,
+        layers=3,
+        vision_feature_layer=[-1, 0],
+        vision_feature_select_strategy="full",
+        multimodal_projector_bias=False,
         image_processor=dict(
-            image_processor_type="SiglipImageProcessor", size={"height": 42, "width": 42}, do_resize=True,
-            do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5, 0.5, 0.5],
-            image_std=[0.5, 0.5, 0.5], resample=3, do_convert_rgb=True,
+            image_processor_type="SiglipImageProcessor",
+            size={"height": 42, "width": 42},
+            do_resize=True,
+            do_rescale=True,
+            rescale_factor=1 / 255,
+            do_normalize=True,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+            resample=3,
+            do_convert_rgb=True,
         ),
         chat_template=LLAVA_CHAT_TEMPLATE,
     ),
     # LLaVA-NeXT: anyres tiles of 28 px on a small set of grids, unpadding, image_newline
     "llava-next-clip-mistral": dict(
-        architecture="llava_next", text="mistral", tower="clip", image_size=28, layers=2,
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
+        architecture="llava_next",
+        text="mistral",
+        tower="clip",
+        image_size=28,
+        layers=2,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
         image_grid_pinpoints=[[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]],
         image_processor=dict(
-            image_processor_type="LlavaNextImageProcessor", size={"shortest_edge": 28},
-            crop_size={"height": 28, "width": 28}, do_resize=True, do_center_crop=True, do_rescale=True,
-            rescale_factor=1 / 255, do_normalize=True, image_mean=_CLIP_MEAN, image_std=_CLIP_STD, resample=3,
-            do_convert_rgb=True, do_pad=True,
+            image_processor_type="LlavaNextImageProcessor",
+            size={"shortest_edge": 28},
+            crop_size={"height": 28, "width": 28},
+            do_resize=True,
+            do_center_crop=True,
+            do_rescale=True,
+            rescale_factor=1 / 255,
+            do_normalize=True,
+            image_mean=_CLIP_MEAN,
+            image_std=_CLIP_STD,
+            resample=3,
+            do_convert_rgb=True,
+            do_pad=True,
             image_grid_pinpoints=[[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]],
         ),
         chat_template=LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE,
@@ -137,8 +178,12 @@ def _vision_config(spec: dict[str, Any]):
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
     common = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=spec["layers"], num_attention_heads=2,
-        image_size=spec["image_size"], patch_size=14,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=2,
+        image_size=spec["image_size"],
+        patch_size=14,
     )
     if spec["tower"] == "siglip":
         return SiglipVisionConfig(**common)  # gelu_pytorch_tanh, with the pooling head llava ignores
@@ -166,7 +211,11 @@ def _randomize(model: Any, seed: int) -> None:
 
 
 def write_tiny_llava(
-    path: str | Path, variant: str = "llava-clip-llama", layout: str = "hub", seed: int = 0, tie_word_embeddings: bool = False
+    path: str | Path,
+    variant: str = "llava-clip-llama",
+    layout: str = "hub",
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Write a tiny random LLaVA checkpoint of one of :data:`VARIANTS` to ``path``.
 
@@ -198,10 +247,13 @@ def write_tiny_llava(
     vision_config = _vision_config(spec)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     fields = dict(
-        vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=image_token_id,
         vision_feature_layer=spec["vision_feature_layer"],
         vision_feature_select_strategy=spec["vision_feature_select_strategy"],
-        multimodal_projector_bias=spec.get("multimodal_projector_bias", True), tie_word_embeddings=False,
+        multimodal_projector_bias=spec.get("multimodal_projector_bias", True),
+        tie_word_embeddings=False,
     )
     has_cls = spec["tower"] == "clip"
     tokens = (spec["image_size"] // 14) ** 2 + (has_cls and spec["vision_feature_select_strategy"] == "full")
@@ -222,8 +274,11 @@ def write_tiny_llava(
     if layout != "transformers":
         weights = path / "model.safetensors"
         tensors = load_file(str(weights))
-        save_file({rename_saved(name, layout): t.contiguous() for name, t in tensors.items()}, str(weights),
-                  metadata={"format": "pt"})
+        save_file(
+            {rename_saved(name, layout): t.contiguous() for name, t in tensors.items()},
+            str(weights),
+            metadata={"format": "pt"},
+        )
 
     tokenizer.save_pretrained(path)
     image_processor = dict(spec["image_processor"])

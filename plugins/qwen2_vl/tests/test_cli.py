@@ -36,11 +36,35 @@ def test_one_shot_equals_python_api(model_dir, pictures, capsys):
         content = [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]
         return llm.chat([{"role": "user", "content": content}], params)[0].outputs[0].text
 
-    args = ["--model", model_dir, "--image", pictures["wide"], "--prompt", "Describe.", "--temperature", "0", "--max-tokens", "8"]
+    args = [
+        "--model",
+        model_dir,
+        "--image",
+        pictures["wide"],
+        "--prompt",
+        "Describe.",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+    ]
     assert main(args) == 0
     expected = reply("Describe.", pictures["wide"])
     assert expected and capsys.readouterr().out == expected + "\n"
-    args = ["--model", model_dir, "-i", pictures["wide"], "-i", pictures["tall"], "-p", "Compare.", "--temperature", "0", "--max-tokens", "8"]
+    args = [
+        "--model",
+        model_dir,
+        "-i",
+        pictures["wide"],
+        "-i",
+        pictures["tall"],
+        "-p",
+        "Compare.",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+    ]
     assert main(args) == 0
     assert capsys.readouterr().out == reply("Compare.", pictures["wide"], pictures["tall"]) + "\n"
 

@@ -31,7 +31,9 @@ def scripted_answer(monkeypatch):
     """Make the engine 'generate' ``text`` (then EOS) whatever the logits say."""
 
     def install(llm_tokenizer, text: str):
-        script = llm_tokenizer.encode(text, add_special_tokens=False) + [llm_tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        script = llm_tokenizer.encode(text, add_special_tokens=False) + [
+            llm_tokenizer.convert_tokens_to_ids("<|im_end|>")
+        ]
 
         def sample(logits, seqs, eos_token_ids):
             return [script[len(seq.output_token_ids)] for seq in seqs], [None] * len(seqs)
@@ -56,8 +58,15 @@ def picture(path):
 def test_boxes_from_the_python_api(models, scripted_answer, tmp_path, flavor):
     llm = LLM(models[flavor])
     scripted_answer(llm.tokenizer, ANSWERS[flavor])
-    messages = [{"role": "user", "content": [{"type": "image", "image": picture(tmp_path / "p.png")},
-                                             {"type": "text", "text": "Where is the square?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": picture(tmp_path / "p.png")},
+                {"type": "text", "text": "Where is the square?"},
+            ],
+        }
+    ]
     out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=200))[0].outputs[0]
     assert "<|box_start|>" not in out.text  # special tokens are not shown...
     space = NORMALIZED_1000 if flavor == "qwen2_vl" else PIXELS
@@ -71,8 +80,16 @@ def test_vlmrun_draw_boxes_lands_on_the_original_picture(models, scripted_answer
 
     scripted_answer(AutoTokenizer.from_pretrained(models[flavor]), ANSWERS[flavor])
     out = tmp_path / "boxes.png"
-    args = ["--model", models[flavor], "--image", picture(tmp_path / "p.png"), "--prompt", "Where is the square?",
-            "--draw-boxes", str(out)]
+    args = [
+        "--model",
+        models[flavor],
+        "--image",
+        picture(tmp_path / "p.png"),
+        "--prompt",
+        "Where is the square?",
+        "--draw-boxes",
+        str(out),
+    ]
     assert main(args) == 0
     assert "saved" in capsys.readouterr().err
     drawn = np.asarray(Image.open(out))

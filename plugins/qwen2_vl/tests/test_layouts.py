@@ -55,13 +55,19 @@ def test_flat_config_with_tied_embeddings_equals_transformers(tied_flat):
     ids = torch.tensor([inputs.token_ids])
     with torch.inference_mode():
         out = reference.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS, return_dict_in_generate=True, output_logits=True, pad_token_id=0,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=0,
             **reference_inputs(inputs),
         )
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     [(tokens, logits)] = generate_with_logits(llm, [messages()], params)
-    assert tokens == out.sequences[0, ids.shape[1]:].tolist()
+    assert tokens == out.sequences[0, ids.shape[1] :].tolist()
     torch.testing.assert_close(logits, torch.stack([step[0] for step in out.logits]), atol=1e-4, rtol=0)
 
 
@@ -73,7 +79,14 @@ def test_text_config_becomes_qwen2_with_mrope(tied_flat):
     assert (qwen2.model_type, qwen2.architectures) == ("qwen2", ["Qwen2ForCausalLM"])
     assert qwen2.rope_parameters["mrope_section"] == [2, 3, 3] and qwen2.rope_parameters["rope_theta"] == 10000.0
     assert qwen2.tie_word_embeddings is True
-    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "rms_norm_eps"):
+    for field in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "rms_norm_eps",
+    ):
         assert getattr(qwen2, field) == getattr(text, field)
 
 
@@ -84,14 +97,18 @@ def test_in_memory_tensor_names_load_the_same(tmp_path):
     renamed = tmp_path / "renamed"
     shutil.copytree(saved, renamed)
     tensors = load_file(str(saved / "model.safetensors"))
-    assert any(name.startswith("visual.") for name in tensors) and any(name.startswith("model.layers.") for name in tensors)
+    assert any(name.startswith("visual.") for name in tensors) and any(
+        name.startswith("model.layers.") for name in tensors
+    )
 
     def in_memory(name: str) -> str:
         if name.startswith("visual."):
             return "model." + name
         return name.replace("model.", "model.language_model.", 1) if name.startswith("model.") else name
 
-    save_file({in_memory(n): t for n, t in tensors.items()}, str(renamed / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {in_memory(n): t for n, t in tensors.items()}, str(renamed / "model.safetensors"), metadata={"format": "pt"}
+    )
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     [(want, want_logits)] = generate_with_logits(LLM(str(saved)), [messages()], params)
     [(got, got_logits)] = generate_with_logits(LLM(str(renamed)), [messages()], params)
@@ -101,19 +118,24 @@ def test_in_memory_tensor_names_load_the_same(tmp_path):
 
 @pytest.mark.parametrize(
     "vision, needle",
-    [({"window_size": 14}, "window_size 14 is smaller than one merged token"), ({"patch_size": None}, "vision_config is incomplete")],
+    [
+        ({"window_size": 14}, "window_size 14 is smaller than one merged token"),
+        ({"patch_size": None}, "vision_config is incomplete"),
+    ],
 )
 def test_broken_vision_configs_are_one_line_errors(vision, needle):
+    from types import SimpleNamespace
+
     from transformers import Qwen2_5_VLConfig
 
     from vlm.errors import ConfigError
     from vlm_plugin_qwen2vl.model import VisionSettings
 
-    from types import SimpleNamespace
-
     base = Qwen2_5_VLConfig(vision_config={"depth": 2, "hidden_size": 32, "num_heads": 2, "out_hidden_size": 64})
     fields = {**base.vision_config.to_dict(), **vision}
-    config = SimpleNamespace(model_type="qwen2_5_vl", vision_config=SimpleNamespace(**{k: v for k, v in fields.items() if v is not None}))
+    config = SimpleNamespace(
+        model_type="qwen2_5_vl", vision_config=SimpleNamespace(**{k: v for k, v in fields.items() if v is not None})
+    )
     with pytest.raises(ConfigError, match=needle) as exc:
         VisionSettings(config)
     assert "\n" not in str(exc.value)

@@ -40,7 +40,12 @@ def picture(seed: int, size: tuple[int, int]) -> Image.Image:
 
 
 def user(text: str, *pictures: Image.Image) -> list[dict]:
-    return [{"role": "user", "content": [*({"type": "image", "image": p} for p in pictures), {"type": "text", "text": text}]}]
+    return [
+        {
+            "role": "user",
+            "content": [*({"type": "image", "image": p} for p in pictures), {"type": "text", "text": text}],
+        }
+    ]
 
 
 def conversations():
@@ -82,11 +87,17 @@ def reference_generate(model: ReferenceModel, inputs) -> tuple[list[int], torch.
     ids = torch.tensor([inputs.token_ids], device=DEVICE)
     with torch.inference_mode():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS, return_dict_in_generate=True, output_logits=True, pad_token_id=0,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=0,
             **reference_extra(inputs),
         )
-    return out.sequences[0, ids.shape[1]:].tolist(), torch.stack([step[0] for step in out.logits]).cpu()
+    return out.sequences[0, ids.shape[1] :].tolist(), torch.stack([step[0] for step in out.logits]).cpu()
 
 
 def test_vision_features_equal_transformers(flavor):

@@ -19,8 +19,8 @@ from PIL import Image
 from vlm.config import load_model_config
 from vlm.errors import ConfigError, InputError
 from vlm.testing.conformance import odd_images
-from vlm_plugin_qwen2vl.testing import load_reference_processor, write_tiny_qwen2_vl
 from vlm_plugin_qwen2vl.preprocess import ImageSettings, Qwen2VLPreprocessor, smart_resize
+from vlm_plugin_qwen2vl.testing import load_reference_processor, write_tiny_qwen2_vl
 
 REAL_BUDGET = {"min_pixels": 3136, "max_pixels": 12845056}
 
@@ -66,7 +66,9 @@ def pairs(checkpoints):
 
 
 def user(*parts):
-    content = [{"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts]
+    content = [
+        {"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts
+    ]
     return [{"role": "user", "content": content}]
 
 
@@ -100,12 +102,19 @@ def test_two_images_text_only_and_history(pairs):
     ours, reference = pairs["tiny"]
     check(ours, reference, user("Compare", noise(90, 50, seed=1), "with", noise(50, 200, seed=2), "please."))
     check(ours, reference, [{"role": "user", "content": "No picture."}])
-    check(ours, reference, [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "image", "image": noise(64, 64)}, {"type": "text", "text": "What?"}]},
-        {"role": "assistant", "content": "Noise."},
-        {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image", "image": noise(30, 80, seed=3)}]},
-    ])
+    check(
+        ours,
+        reference,
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image", "image": noise(64, 64)}, {"type": "text", "text": "What?"}]},
+            {"role": "assistant", "content": "Noise."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "And this?"}, {"type": "image", "image": noise(30, 80, seed=3)}],
+            },
+        ],
+    )
 
 
 def test_positions_equal_get_rope_index(pairs, checkpoints):
@@ -114,15 +123,23 @@ def test_positions_equal_get_rope_index(pairs, checkpoints):
 
     ours, reference = pairs["tiny"]
     messages = user(noise(90, 50, seed=1), "and", noise(300, 17, seed=2), noise(1, 1), "?")
-    expected = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    expected = reference.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     # get_rope_index reads only the config: call it without building the model
     config = Qwen2VLConfig.from_pretrained(checkpoints["tiny"])
-    holder = type("Holder", (), {
-        "config": config,
-        "get_rope_index": Qwen2VLModel.get_rope_index,
-        "get_vision_position_ids": Qwen2VLModel.get_vision_position_ids,
-    })()
-    positions, deltas = holder.get_rope_index(expected["input_ids"], expected["mm_token_type_ids"], expected["image_grid_thw"])
+    holder = type(
+        "Holder",
+        (),
+        {
+            "config": config,
+            "get_rope_index": Qwen2VLModel.get_rope_index,
+            "get_vision_position_ids": Qwen2VLModel.get_vision_position_ids,
+        },
+    )()
+    positions, deltas = holder.get_rope_index(
+        expected["input_ids"], expected["mm_token_type_ids"], expected["image_grid_thw"]
+    )
     got = ours(messages)
     assert torch.equal(got.positions, positions[:, 0])
     assert got.position_delta == int(deltas[0, 0]) != 0

@@ -26,14 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm.plugin import composite_text_config
-from vlm.plugin import ConfigError
-from vlm.plugin import build_language_model
 from vlm.nn import (
     GeluAndMul,
     LayerNorm,
     RMSNorm,
     RotaryEmbedding,
+    ShapeMismatch,
     SiluAndMul,
     VisionAttention,
     VisionLanguageModel,
@@ -46,7 +44,7 @@ from vlm.nn import (
     build_rowwise_linear,
     get_act_fn,
 )
-from vlm.nn import ShapeMismatch
+from vlm.plugin import ConfigError, build_language_model, composite_text_config
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches
 
@@ -58,8 +56,10 @@ class VisionSettings:
         try:
             self._read(hf_config)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"config.json's vision_config is incomplete or malformed ({exc}); compare it with the "
-                              "model's published config.json") from None
+            raise ConfigError(
+                f"config.json's vision_config is incomplete or malformed ({exc}); compare it with the "
+                "model's published config.json"
+            ) from None
         if self.window_size is not None and self.window_size < self.patch_size * self.merge_size:
             raise ConfigError(
                 f"vision_config.window_size {self.window_size} is smaller than one merged token "
@@ -68,7 +68,10 @@ class VisionSettings:
 
     def _read(self, hf_config: Any) -> None:
         vc = hf_config.vision_config
-        self.qwen2_5 = getattr(hf_config, "model_type", None) == "qwen2_5_vl" or getattr(vc, "model_type", None) == "qwen2_5_vl_vision"
+        self.qwen2_5 = (
+            getattr(hf_config, "model_type", None) == "qwen2_5_vl"
+            or getattr(vc, "model_type", None) == "qwen2_5_vl_vision"
+        )
         self.depth = vc.depth
         self.num_heads = vc.num_heads
         self.patch_size = int(vc.patch_size)
@@ -217,7 +220,9 @@ def patch_rows_and_columns(grids: Sequence[Grid], merge_size: int) -> tuple[torc
 
 
 def cumulative_lengths(lengths: Sequence[int], device=None) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(list(lengths), dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return torch.tensor(
+        [0, *torch.tensor(list(lengths), dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32, device=device
+    )
 
 
 def window_order(grids: Sequence[Grid], merge_size: int, window_units: int) -> tuple[torch.Tensor, list[int]]:
@@ -266,7 +271,9 @@ class Qwen2VisionTransformer(nn.Module):
             order, lengths = window_order(grids, s.merge_size, s.window_size // s.merge_size // s.patch_size)
             order = order.to(device)
             unit = s.merge_size**2  # patches of one merged token stay together
-            x, cos, sin = (part.view(-1, unit, part.shape[-1])[order].view(-1, part.shape[-1]) for part in (x, cos, sin))
+            x, cos, sin = (
+                part.view(-1, unit, part.shape[-1])[order].view(-1, part.shape[-1]) for part in (x, cos, sin)
+            )
             windows = cumulative_lengths(lengths, device)
 
         for index, block in enumerate(self.blocks):

@@ -33,9 +33,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlm.plugin import ConfigError, InputError
-from vlm.plugin import ImageInput, ModelInputs, pixel_values_key
-from vlm.plugin import ImagePromptPreprocessor, read_json, rescale_and_normalize, to_rgb
+from vlm.plugin import (
+    ConfigError,
+    ImageInput,
+    ImagePromptPreprocessor,
+    InputError,
+    ModelInputs,
+    pixel_values_key,
+    read_json,
+    rescale_and_normalize,
+    to_rgb,
+)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2VLImageProcessor's defaults
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -131,7 +139,6 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 def patchify(pixels: Any, settings: ImageSettings) -> Any:
     """float32 ``[C, H, W]`` -> ``[(H / P) * (W / P), C * T * P * P]`` rows, each ``merge x merge``
     block of patches consecutive; the single picture fills all ``T`` temporal slots."""
-    import torch
 
     channels, height, width = pixels.shape
     p, m, t = settings.patch_size, settings.merge_size, settings.temporal_patch_size
@@ -224,7 +231,11 @@ class Qwen2VLPreprocessor(ImagePromptPreprocessor):
         """preprocessor_config.json must cut patches the way the vision tower reads them."""
         vision = self.hf_config.vision_config
         s = self.settings
-        for field, ours in (("patch_size", s.patch_size), ("temporal_patch_size", s.temporal_patch_size), ("spatial_merge_size", s.merge_size)):
+        for field, ours in (
+            ("patch_size", s.patch_size),
+            ("temporal_patch_size", s.temporal_patch_size),
+            ("spatial_merge_size", s.merge_size),
+        ):
             theirs = getattr(vision, field, None)
             if theirs is not None and int(theirs) != ours:
                 raise ConfigError(
@@ -244,8 +255,11 @@ class Qwen2VLPreprocessor(ImagePromptPreprocessor):
             num_tokens=patches.shape[0] // self.settings.merge_size**2,
             key=key,
             # Qwen2.5-VL answers grounding questions in pixels of the resized picture
-            extra={"image_grid_thw": grid, "image_size": image.size,
-                   "resized_size": (grid[2] * self.settings.patch_size, grid[1] * self.settings.patch_size)},
+            extra={
+                "image_grid_thw": grid,
+                "image_size": image.size,
+                "resized_size": (grid[2] * self.settings.patch_size, grid[1] * self.settings.patch_size),
+            },
         )
 
     def finish(self, inputs: ModelInputs) -> ModelInputs:

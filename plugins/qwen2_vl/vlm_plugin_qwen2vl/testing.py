@@ -28,7 +28,7 @@ no ``<|image_pad|>`` that a teacher-forced reference would take for a picture's 
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ def build_qwen2_vl_tokenizer():
     return tokenizer
 
 
-@lru_cache(maxsize=None)
+@cache
 def _videoless_processor_classes() -> dict[str, type]:
     from transformers import (
         AutoProcessor,
@@ -92,10 +92,23 @@ def _videoless_processor_classes() -> dict[str, type]:
     ):
 
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, _base=base, **kwargs):
-            _base.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                           chat_template=chat_template, **kwargs)
+            _base.__init__(
+                self,
+                image_processor=image_processor,
+                tokenizer=tokenizer,
+                video_processor=None,
+                chat_template=chat_template,
+                **kwargs,
+            )
 
-        cls = type(f"Videoless{base.__name__}", (base,), {"__init__": __init__, "__doc__": f"{base.__name__} without its video processor (which needs torchvision)."})
+        cls = type(
+            f"Videoless{base.__name__}",
+            (base,),
+            {
+                "__init__": __init__,
+                "__doc__": f"{base.__name__} without its video processor (which needs torchvision).",
+            },
+        )
         # for AutoProcessor on directories whose processor_config.json names no class
         AutoProcessor.register(config_class, cls, exist_ok=True)
         classes[flavor] = cls
@@ -151,21 +164,47 @@ def write_tiny_qwen2_vl(
     tokenizer = build_qwen2_vl_tokenizer()
     token = tokenizer.convert_tokens_to_ids
     text_config = dict(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.3,
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        initializer_range=0.3,
         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-        eos_token_id=token("<|im_end|>"), pad_token_id=token("<|endoftext|>"), bos_token_id=None,
+        eos_token_id=token("<|im_end|>"),
+        pad_token_id=token("<|endoftext|>"),
+        bos_token_id=None,
     )
     text_config.update(overrides.pop("text_config", {}))
     vision_config = dict(
-        depth=2, embed_dim=32, hidden_size=text_config["hidden_size"], num_heads=2, mlp_ratio=2,
-        hidden_act="quick_gelu", patch_size=14, temporal_patch_size=2, spatial_merge_size=2, initializer_range=0.3,
+        depth=2,
+        embed_dim=32,
+        hidden_size=text_config["hidden_size"],
+        num_heads=2,
+        mlp_ratio=2,
+        hidden_act="quick_gelu",
+        patch_size=14,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        initializer_range=0.3,
     )
     if flavor == "qwen2_5_vl":
         vision_config = dict(
-            depth=4, hidden_size=32, intermediate_size=48, num_heads=2, hidden_act="silu", patch_size=14,
-            temporal_patch_size=2, spatial_merge_size=2, window_size=56, fullatt_block_indexes=[1, 3],
-            out_hidden_size=text_config["hidden_size"], initializer_range=0.3,
+            depth=4,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=2,
+            hidden_act="silu",
+            patch_size=14,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1, 3],
+            out_hidden_size=text_config["hidden_size"],
+            initializer_range=0.3,
         )
     vision_config.update(overrides.pop("vision_config", {}))
     config_class, model_class = {
@@ -173,9 +212,12 @@ def write_tiny_qwen2_vl(
         "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration),
     }[flavor]
     config = config_class(
-        text_config=text_config, vision_config=vision_config,
-        image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
-        vision_start_token_id=token("<|vision_start|>"), vision_end_token_id=token("<|vision_end|>"),
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=token("<|image_pad|>"),
+        video_token_id=token("<|video_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"),
+        vision_end_token_id=token("<|vision_end|>"),
         **{"tie_word_embeddings": False, **overrides},
     )
     torch.manual_seed(seed)
@@ -193,8 +235,6 @@ def write_tiny_qwen2_vl(
     tokenizer.save_pretrained(path)
     transformers.Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(path)
     return path
-
-
 
 
 class ReferenceModel:
