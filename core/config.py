@@ -67,6 +67,9 @@ class Settings(BaseModel):
 class RawConfig:
     """Attribute access over a config.json that transformers does not know."""
 
+    architectures: list[str] | None
+    model_type: str | None
+
     def __init__(self, data: dict[str, Any]) -> None:
         for key, value in data.items():
             setattr(self, key, RawConfig(value) if isinstance(value, dict) else value)

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
-NORMALIZED_1000 = "normalized_1000"
-PIXELS = "pixels"
+NORMALIZED_1000: Final = "normalized_1000"
+PIXELS: Final = "pixels"
 
 BOX_START = "<|box_start|>"
 _REF = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>", re.S)
@@ -71,7 +71,8 @@ def parse_boxes(text: str) -> list[GroundedBox]:
         # a box belongs to the latest object reference before it
         earlier = [name for start, name in refs if start < match.start()]
         label = earlier[-1] if earlier else None
-        boxes.append(GroundedBox(label, tuple(float(v) for v in match.groups()), NORMALIZED_1000))
+        x1, y1, x2, y2 = (float(v) for v in match.groups())
+        boxes.append(GroundedBox(label, (x1, y1, x2, y2), NORMALIZED_1000))
     for match in _JSON_OBJECT.finditer(text):
         try:
             item = json.loads(match.group(0))
@@ -80,7 +81,8 @@ def parse_boxes(text: str) -> list[GroundedBox]:
         coords = item.get("bbox_2d")
         if isinstance(coords, list) and len(coords) == 4 and all(isinstance(v, (int, float)) for v in coords):
             name = item.get("label")
-            boxes.append(GroundedBox(str(name) if name is not None else None, tuple(float(v) for v in coords), PIXELS))
+            x1, y1, x2, y2 = (float(v) for v in coords)
+            boxes.append(GroundedBox(str(name) if name is not None else None, (x1, y1, x2, y2), PIXELS))
     return boxes
 
 

@@ -12,7 +12,7 @@ llm.chat([{"role": "user", "content": "Hi!"}])        # one conversation, chat t
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from vlm.config import EngineConfig
 from vlm.engine.llm_engine import LLMEngine
@@ -83,7 +83,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate the assistant's reply for one conversation or a list of conversations."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        return self.generate(conversations, sampling_params, use_tqdm)
+        return self.generate(cast(list[Prompt], conversations), sampling_params, use_tqdm)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one request piece by piece as it is generated."""

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 
@@ -24,6 +24,7 @@ from vlm.plugin.manager import build_model
 if TYPE_CHECKING:
     from vlm.config import ModelConfig
     from vlm.nn.weights import LoadReport
+    from vlm.plugin.model_protocol import ModelProtocol
 
 logger = logging.getLogger("vlm")
 
@@ -250,7 +251,7 @@ def load_model(
     if weights is None:
         files = checkpoint_files(Path(model_config.path))
         weights = iter_checkpoint(files, meta=meta, progress=progress and os.isatty(2))
-    report = model.load_weights(weights)
+    report = cast("ModelProtocol", model).load_weights(weights)
     if strict and not report.ok:
         raise report.error(model_config.path)
     if verify is not None:

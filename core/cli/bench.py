@@ -14,8 +14,12 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from vlm.cli.engine_args import add_engine_arguments, engine_settings
+
+if TYPE_CHECKING:
+    from vlm.inputs import Prompt
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,10 +93,9 @@ def bench_engine(args: argparse.Namespace) -> list[RequestTiming]:
     engine = LLMEngine(EngineConfig(model=args.model, **settings))
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     image = load_image(args.image) if args.image else None
-    pending = [
-        user_message(text, [image] if image else []) for text in prompts(args.num_requests, args.input_len, args.seed)
+    pending: list[Prompt] = [
+        [user_message(text, [image] if image else [])] for text in prompts(args.num_requests, args.input_len, args.seed)
     ]
-    pending = [[message] for message in pending]
     timings: dict[str, RequestTiming] = {}
     in_flight: set[str] = set()
     bar = tqdm(total=args.num_requests, desc="requests", unit="req", file=sys.stderr)
@@ -137,9 +140,10 @@ def bench_server(args: argparse.Namespace) -> list[RequestTiming]:
             content = [image_part, {"type": "text", "text": text}] if image_part else text
             async with semaphore:
                 timing = RequestTiming(time.perf_counter())
-                stream = await client.chat.completions.create(
+                messages: Any = [{"role": "user", "content": content}]
+                stream: Any = await client.chat.completions.create(
                     model=model,
-                    messages=[{"role": "user", "content": content}],
+                    messages=messages,
                     max_tokens=args.output_len,
                     temperature=0,
                     stream=True,

@@ -50,7 +50,7 @@ def check_command(args: Namespace) -> int:
         for key, value in config.summary().items():
             print(f"  {key}: {value}")
         print(f"tokenizer: {tokenizer_summary}")
-        print(f"checkpoint: {', '.join(result['checkpoint_files'])} ({report.loaded} tensors match)")
+        print(f"checkpoint: {', '.join(f.path.name for f in files)} ({report.loaded} tensors match)")
         for label, names in (
             ("missing", report.missing),
             ("unexpected", report.unexpected),

@@ -107,7 +107,8 @@ def make_scene(rng: random.Random, size: int = IMAGE_SIZE) -> Scene:
 
 
 def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int = 18) -> tuple[int, int, int]:
-    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
+    red, green, blue = (max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
+    return red, green, blue
 
 
 def draw_scene(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:

@@ -14,16 +14,11 @@ class ImageEmbeddingCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._bytes = 0
-        self.hits = 0
-        self.misses = 0
 
     def get(self, key: str) -> torch.Tensor | None:
         value = self._entries.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
+        if value is not None:
+            self._entries.move_to_end(key)
         return value
 
     def put(self, key: str, value: torch.Tensor) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -32,7 +32,8 @@ class ModelRunner:
         device: torch.device,
         image_cache: ImageEmbeddingCache | None = None,
     ):
-        self.model = model
+        # an nn.Module that follows vlm.plugin.ModelProtocol (a type cannot say both)
+        self.model: Any = model
         self.kv_cache = kv_cache
         self.device = device
         self.image_cache = image_cache or ImageEmbeddingCache()
@@ -120,7 +121,7 @@ class ModelRunner:
 
     def _embed_images(self, seqs: list[Sequence]) -> None:
         """Give each sequence its image embeddings: from the cache, else one batched encode."""
-        found: dict[str, torch.Tensor] = {}
+        found: dict[str, torch.Tensor | None] = {}
         todo = []
         for seq in seqs:
             for image in seq.inputs.images:
@@ -144,17 +145,18 @@ class ModelRunner:
                 found[image.key] = embeds
                 self.image_cache.put(image.key, embeds)
         for seq in seqs:
-            seq.image_embeds = torch.cat([found[image.key] for image in seq.inputs.images])
+            seq.image_embeds = torch.cat([cast(torch.Tensor, found[image.key]) for image in seq.inputs.images])
 
     def _image_span(self, seq: Sequence, start: int, count: int, flat_offset: int) -> ImageSpan | None:
         """The image rows that land in this chunk ``[start, start + count)`` of the prompt."""
-        positions = seq.placeholder_positions
+        positions, embeds = seq.placeholder_positions, seq.image_embeds
+        assert positions is not None and embeds is not None  # only sequences with images get here
         first = int(torch.searchsorted(positions, start))
         last = int(torch.searchsorted(positions, start + count))
         if first == last:
             return None
         index = positions[first:last] - start + flat_offset
-        return ImageSpan(token_index=index.to(self.device), embeds=seq.image_embeds[first:last])
+        return ImageSpan(token_index=index.to(self.device), embeds=embeds[first:last])
 
     @torch.inference_mode()
     def forward(self, step: ScheduledStep, inputs_embeds: torch.Tensor | None = None) -> StepResult:

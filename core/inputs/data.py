@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, Union
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +42,7 @@ def pixel_values_key(pixel_values: torch.Tensor) -> str:
 
     tensor = pixel_values.detach().cpu().contiguous()
     digest = hashlib.sha256(f"{tensor.dtype}:{tuple(tensor.shape)}:".encode())
-    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -73,3 +73,8 @@ class Preprocessor(Protocol):
     tokenizer: Any
 
     def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs: ...
+
+
+def is_token_ids(prompt: Any) -> TypeGuard[list[int]]:
+    """A prompt given as token ids (a non-empty list of ints) rather than text or messages."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)

@@ -192,7 +192,7 @@ def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             # PIL warns above its own limit (~89 MP); ours (max_pixels) is checked just below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise InputError(f"image {name}: too many pixels ({exc}); downscale the image first") from None
     except UnidentifiedImageError:

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from vlm.errors import ConfigError, InputError
-from vlm.inputs.data import ImageInput, Message, ModelInputs, Prompt
-from vlm.inputs.images import MAX_PIXELS, load_image
+from vlm.inputs.data import ImageInput, Message, ModelInputs, Prompt, is_token_ids
+from vlm.inputs.images import load_image
 from vlm.inputs.messages import has_image_parts, iter_image_parts, normalize_messages, validate_messages
 
 
@@ -49,12 +49,12 @@ class TextPreprocessor:
         return self.tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs:
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:
+        if is_token_ids(prompt):
             return ModelInputs(token_ids=list(prompt))
         if isinstance(prompt, list):
             if has_image_parts(prompt):
                 raise InputError("this model reads text only: remove the image parts, or serve a vision-language model")
-            text = self.render(prompt, add_generation_prompt)
+            text = self.render(cast(list[Message], prompt), add_generation_prompt)
             # the template already wrote BOS where the model wants it
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         elif isinstance(prompt, str):
@@ -151,25 +151,16 @@ class ImagePromptPreprocessor:
     image_token_id: int | None = None
     supports_images: bool = True
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        hf_config: Any,
-        model_path: str | Path,
-        *,
-        allowed_dir: str | Path | None = None,
-        allow_remote: bool = False,
-        max_pixels: int = MAX_PIXELS,
-    ):
+    def __init__(self, tokenizer: Any, hf_config: Any, model_path: str | Path):
         self.tokenizer = tokenizer
         self.hf_config = hf_config
         self.model_path = Path(model_path)
-        self.load_options = dict(allowed_dir=allowed_dir, allow_remote=allow_remote, max_pixels=max_pixels)
         self.chat_template = find_chat_template(self.model_path, tokenizer)
 
     def load_image(self, source: Any) -> Any:
-        """A PIL image from a path, URL, bytes or PIL image, under this preprocessor's loading policy."""
-        return load_image(source, **self.load_options)
+        """A PIL image from a path, ``file://`` or ``data:`` URL, bytes or PIL image (no remote
+        media: the server loads those itself, under its own policy, before preprocessing)."""
+        return load_image(source)
 
     def vocabulary_id(self, token: str, needs: str, required: bool = True) -> int | None:
         """The id of ``token``; a :class:`~vlm.errors.ConfigError` naming ``needs`` when the tokenizer
@@ -228,7 +219,7 @@ class ImagePromptPreprocessor:
         return text, sources
 
     def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs:
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        if is_token_ids(prompt):
             if self.image_token_id is not None and self.image_token_id in prompt:
                 raise InputError(
                     f"a token-id prompt cannot carry images (it holds {self.image_token} tokens); send chat "
@@ -236,7 +227,7 @@ class ImagePromptPreprocessor:
                 )
             return self.finish(ModelInputs(token_ids=list(prompt), image_token_id=self.image_token_id))
         if isinstance(prompt, list):
-            text, sources = self.render(prompt, add_generation_prompt)
+            text, sources = self.render(cast(list[Message], prompt), add_generation_prompt)
             bos = getattr(self.tokenizer, "bos_token", None)
             add_special_tokens = not (bos and text.startswith(bos))  # as transformers' processors decide
         elif isinstance(prompt, str):

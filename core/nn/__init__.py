@@ -32,6 +32,8 @@ from vlm.nn.weights import (
     default_weight_loader,
     load_weights_by_mapping,
     load_with_language_model,
+    set_weight_loader,
+    weight_loader_of,
 )
 from vlm.platform import vision_batches
 
@@ -63,7 +65,9 @@ __all__ = [
     "load_weights_by_mapping",
     "load_with_language_model",
     "prepare_for_inference",
+    "set_weight_loader",
     "tp_rank",
     "tp_world_size",
     "vision_batches",
+    "weight_loader_of",
 ]

@@ -5,6 +5,7 @@ through ``vlm.kernels``, and the plain ones vision towers and projectors name in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ class NewGELU(nn.Module):
 
 
 #: transformers' ``hidden_act`` / ``projector_hidden_act`` names -> the same function here
-_ACTIVATIONS = {
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": lambda: GELU("none"),
     "gelu_pytorch_tanh": lambda: GELU("tanh"),
     "gelu_new": NewGELU,

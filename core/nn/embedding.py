@@ -8,7 +8,7 @@ from torch import nn
 
 from vlm.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_world_size
 from vlm.kernels.cpu_gemm import linear, pack_weight
-from vlm.nn.weights import ShapeMismatch
+from vlm.nn.weights import ShapeMismatch, set_weight_loader
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -21,7 +21,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(self.per_rank, embedding_dim, dtype=dtype, device=device), requires_grad=False
         )
-        self.weight.weight_loader = self._load
+        set_weight_loader(self.weight, self._load)
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if loaded.shape[0] != self.num_embeddings or loaded.shape[1:] != param.shape[1:]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from vlm.distributed import all_reduce, divide, tp_rank, tp_world_size
 from vlm.kernels.cpu_gemm import linear, pack_weight
-from vlm.nn.weights import ShapeMismatch
+from vlm.nn.weights import ShapeMismatch, set_weight_loader
 
 
 def _parameter(shape: tuple[int, ...], dtype, device) -> nn.Parameter:
@@ -65,10 +65,10 @@ class ColwiseLinear(PackableLinear):
         self.in_features, self.out_features = in_features, out_features
         self.out_per_rank = divide(out_features, tp_world_size(), "output features")
         self.weight = _parameter((self.out_per_rank, in_features), dtype, device)
-        self.weight.weight_loader = self._load
+        set_weight_loader(self.weight, self._load)
         self.bias = _parameter((self.out_per_rank,), dtype, device) if bias else None
         if self.bias is not None:
-            self.bias.weight_loader = self._load
+            set_weight_loader(self.bias, self._load)
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         _check((self.out_features, *param.shape[1:]), loaded)
@@ -84,7 +84,7 @@ class RowwiseLinear(PackableLinear):
         self.in_features, self.out_features = in_features, out_features
         self.in_per_rank = divide(in_features, tp_world_size(), "input features")
         self.weight = _parameter((out_features, self.in_per_rank), dtype, device)
-        self.weight.weight_loader = self._load_weight
+        set_weight_loader(self.weight, self._load_weight)
         self.bias = _parameter((out_features,), dtype, device) if bias else None
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -110,8 +110,7 @@ class MergedColwiseLinear(PackableLinear):
         self.bias = _parameter((sum(self.sizes_per_rank),), dtype, device) if bias else None
         for param in (self.weight, self.bias):
             if param is not None:
-                param.weight_loader = self._load
-                param.shard_ids = list(range(len(out_sizes)))
+                set_weight_loader(param, self._load, list(range(len(out_sizes))))
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
         _check((self.out_sizes[shard_id], *param.shape[1:]), loaded)
@@ -157,8 +156,7 @@ class QKVLinear(PackableLinear):
         self.bias = _parameter((out,), dtype, device) if bias else None
         for param in (self.weight, self.bias):
             if param is not None:
-                param.weight_loader = self._load
-                param.shard_ids = ["q", "k", "v"]
+                set_weight_loader(param, self._load, ["q", "k", "v"])
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
         if shard_id is None:  # a checkpoint that stores q, k, v already fused in this order
@@ -183,8 +181,8 @@ class QKVLinear(PackableLinear):
             size = self.kv_size
             ranks_per_kv_head = max(1, self.world // self.total_kv_heads)
             head_start = (self.rank // ranks_per_kv_head) * self.num_kv_heads
-        shard = loaded.narrow(0, head_start * self.head_dim, size)
-        param.data[offset : offset + size].copy_(shard)
+        rows = loaded.narrow(0, head_start * self.head_dim, size)
+        param.data[offset : offset + size].copy_(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)

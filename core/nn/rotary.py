@@ -46,6 +46,8 @@ class RotaryEmbedding(nn.Module):
     :param hf_config: the text config, read for ``rope_parameters`` / ``rope_scaling``.
     """
 
+    inv_freq: torch.Tensor
+
     def __init__(
         self,
         head_dim: int,
@@ -79,6 +81,7 @@ class RotaryEmbedding(nn.Module):
             freqs = torch.outer(positions, self.inv_freq.to(device))
             self._cos = freqs.cos() * self.attention_scaling
             self._sin = freqs.sin() * self.attention_scaling
+        assert self._sin is not None
         return self._cos, self._sin
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

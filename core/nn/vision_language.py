@@ -10,6 +10,7 @@ through :func:`~vlm.nn.weights.load_with_language_model`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,8 @@ class VisionLanguageModel(nn.Module):
     checkpoint tensors are the language model's, under what name).
     """
 
-    language_model: nn.Module
+    # an nn.Module that follows vlm.plugin.ModelProtocol (a type cannot say both)
+    language_model: Any
 
     # -- the model protocol: text goes straight to the language model ----------------------
 

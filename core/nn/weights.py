@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,6 +79,19 @@ class CheckpointMismatchError(WeightsError):
         )
 
 
+def set_weight_loader(param: torch.Tensor, loader: Callable[..., None], shard_ids: list[Any] | None = None) -> None:
+    """Give ``param`` the function that copies a *full* checkpoint tensor (or one shard of it, named
+    by ``shard_ids``) into this rank's part of it; :class:`WeightLoader` calls it."""
+    param.weight_loader = loader  # type: ignore[attr-defined]
+    if shard_ids is not None:
+        param.shard_ids = shard_ids  # type: ignore[attr-defined]
+
+
+def weight_loader_of(param: torch.Tensor) -> Callable[..., None]:
+    """The loader :func:`set_weight_loader` gave ``param``, else :func:`default_weight_loader`."""
+    return getattr(param, "weight_loader", default_weight_loader)
+
+
 def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
     if tuple(param.shape) != tuple(loaded.shape):
         raise ShapeMismatch(tuple(param.shape), tuple(loaded.shape))
@@ -119,7 +133,7 @@ class WeightLoader:
         if param is None:
             self.report.unexpected.append(checkpoint_name)
             return
-        loader = getattr(param, "weight_loader", default_weight_loader)
+        loader = weight_loader_of(param)
         # a whole fused tensor (shard_id None) fills every shard of the parameter
         shards = [shard_id] if shard_id is not None else getattr(param, "shard_ids", [None])
         # reported as mis-shaped or loaded, never also as missing
@@ -182,7 +196,7 @@ def load_with_language_model(
             else:
                 yield lm_name, tensor
 
-    lm_report = language_model.load_weights(language_model_weights())
+    lm_report: LoadReport = language_model.load_weights(language_model_weights())  # type: ignore[operator]
     return own.finish().merge(lm_report, prefix)
 
 

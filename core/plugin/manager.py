@@ -24,6 +24,7 @@ import importlib.util
 import os
 import sys
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,11 +195,16 @@ class PluginRegistry:
         )
 
     def _enable_tracing(self) -> None:
-        def before(hook_name: str, hook_impls: list, kwargs: dict) -> None:
+        def before(hook_name: str, hook_impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
             names = [impl.plugin_name for impl in hook_impls]
             print(f"[vlm plugins] {hook_name}({_short(kwargs)}) -> {names}", file=sys.stderr)
 
-        def after(outcome: Any, hook_name: str, hook_impls: list, kwargs: dict) -> None:
+        def after(
+            outcome: pluggy.Result[Any],
+            hook_name: str,
+            hook_impls: Sequence[pluggy.HookImpl],
+            kwargs: Mapping[str, Any],
+        ) -> None:
             try:
                 result = outcome.get_result()
             except BaseException as exc:

@@ -147,7 +147,7 @@ class ChatEvents(EventStream):
     def step_event(self, step: _Step) -> str:
         logprobs = None
         if step.logprobs is not None:
-            logprobs = chat_logprobs(self.token_texts, step.token_ids, step.logprobs, self.num_logprobs)
+            logprobs = chat_logprobs(self.token_texts, step.token_ids, step.logprobs, self.num_logprobs or 0)
         choice = ChatChunkChoice(
             index=step.index,
             delta=DeltaMessage(content=step.text or None),
@@ -171,7 +171,7 @@ class CompletionEvents(EventStream):
         logprobs = None
         if step.logprobs is not None:
             logprobs = completion_logprobs(
-                self.token_texts, step.token_ids, step.logprobs, self.num_logprobs, self.text_offsets[step.index]
+                self.token_texts, step.token_ids, step.logprobs, self.num_logprobs or 0, self.text_offsets[step.index]
             )
         self.text_offsets[step.index] += len(step.text)
         choice = CompletionChoice(index=step.index, text=step.text, logprobs=logprobs, finish_reason=step.finish_reason)

@@ -11,17 +11,20 @@ own suite sets ``TRITON_INTERPRET`` and ``HF_HUB_OFFLINE`` in the repository's `
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
     from vlm.testing.checkpoints import write_tiny_text_model
 
     root = tmp_path_factory.mktemp("tiny-models")
     cache: dict[tuple, str] = {}
 
-    def get(model_type: str = "qwen2", **overrides) -> str:
+    def get(model_type: str = "qwen2", **overrides: Any) -> str:
         key = (model_type, tuple(sorted(overrides.items())))
         if key not in cache:
             name = model_type + "".join(f"-{k}={v}" for k, v in sorted(overrides.items()))

@@ -29,7 +29,9 @@ class ServerProcess:
 
     def _wait_for_url(self, timeout: float) -> str:
         lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.append(self.proc.stdout.readline().decode()), daemon=True)
+        stdout = self.proc.stdout
+        assert stdout is not None  # started with stdout=PIPE
+        reader = threading.Thread(target=lambda: lines.append(stdout.readline().decode()), daemon=True)
         reader.start()
         reader.join(timeout)
         match = re.search(r"http://127\.0\.0\.1:\d+", lines[0]) if lines else None

@@ -627,7 +627,7 @@ class Conformance:
                 _fail(f"ImageInput.num_tokens is {image.num_tokens!r} for {what}; it must be a positive int")
             if not isinstance(image.key, str) or not image.key:
                 _fail("ImageInput.key is empty; set it to vlm.inputs.pixel_values_key(pixel_values)")
-        count = inputs.token_ids.count(inputs.image_token_id)
+        count = inputs.token_ids.count(inputs.image_token_id)  # type: ignore[arg-type]  # checked above
         expected = sum(image.num_tokens for image in inputs.images)
         if count != expected:
             _fail(

@@ -34,8 +34,8 @@ class Harness:
             request_id=f"conformance-{self._count}",
             inputs=inputs,
             params=SamplingParams(),
-            detokenizer=None,
-            placeholder_positions=placeholder_positions(inputs),  # type: ignore[arg-type]
+            detokenizer=None,  # type: ignore[arg-type]  # the harness never detokenizes
+            placeholder_positions=placeholder_positions(inputs),
         )
         total = len(inputs.token_ids) + extra_tokens
         seq.blocks = [self.cache.allocator.allocate() for _ in range(-(-total // self.block_size))]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -181,7 +181,8 @@ class InternVisionModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[tiles, 3, H, W]`` -> features of the configured layer, ``[tiles, 1 + patches, D]``."""
         x = self.embeddings(pixel_values)
-        for layer in self.encoder.layers[: self.settings.layers_used]:
+        layers = cast(nn.ModuleList, self.encoder.layers)
+        for layer in layers[: self.settings.layers_used]:
             x = layer(x)
         if self.post_layernorm is not None and self.settings.layers_used == self.settings.num_layers:
             x = self.post_layernorm(x)
@@ -235,7 +236,7 @@ class InternVLChatModel(VisionLanguageModel):
         Tiles go through the tower in the groups :func:`vlm.nn.vision_batches` picks for the
         device: one batched pass on GPUs, tile by tile on CPU.
         """
-        pixel_values = torch.cat([image.pixel_values for image in images]).to(self.projector.linear_1.bias.dtype)
+        pixel_values = torch.cat([image.pixel_values for image in images]).to(self.projector.layer_norm.weight.dtype)
         tiles = list(pixel_values.split(1))
         features = torch.cat(
             [self.vision_model(torch.cat(group)) for group in vision_batches(pixel_values.device, tiles)]

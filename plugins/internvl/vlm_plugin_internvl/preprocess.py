@@ -230,8 +230,8 @@ class InternVLPreprocessor(ImagePromptPreprocessor):
     and expands it, this class makes the tiles and wraps each image's tokens in ``<img>`` ... ``</img>``.
     """
 
-    def __init__(self, tokenizer: Any, hf_config: Any, model_path: str | Path, **load_options: Any):
-        super().__init__(tokenizer, hf_config, model_path, **load_options)
+    def __init__(self, tokenizer: Any, hf_config: Any, model_path: str | Path):
+        super().__init__(tokenizer, hf_config, model_path)
         self.original_layout = is_original_layout(hf_config)
         self.supports_images = getattr(hf_config, "vision_config", None) is not None
         if self.original_layout:

@@ -227,12 +227,14 @@ def write_tiny_internvl(
         tie_word_embeddings=False,
         **overrides,
     )
-    patch = vision_config.patch_size[0]
+    patch = vision_config.patch_size
+    patch = patch if isinstance(patch, int) else patch[0]
     tokens_per_tile = int((image_size // patch) ** 2 * config.downsample_ratio**2)
     config.image_seq_length = tokens_per_tile
 
     torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config).to(torch.float32).eval()
+    model: Any = InternVLForConditionalGeneration(config)
+    model = model.to(torch.float32).eval()
     _randomize_vision(model, seed)
     model.generation_config.eos_token_id = text_config.eos_token_id
     model.generation_config.pad_token_id = text_config.pad_token_id

@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from vlm.nn import LoadReport, ShapeMismatch, WeightMapping, load_weights_by_mapping
+from vlm.nn import (
+    LoadReport,
+    ShapeMismatch,
+    WeightMapping,
+    load_weights_by_mapping,
+    set_weight_loader,
+    weight_loader_of,
+)
 from vlm.plugin import ConfigError
 from vlm_plugin_llama.model import LlamaForCausalLM
 
@@ -106,7 +113,7 @@ def llama_config(config):
 
 def grouped_qkv_loader(layer: QKVLinear):
     """A ``weight_loader`` taking InternLM2's grouped wqkv (weight or bias) for ``layer``."""
-    load_shard = layer.weight.weight_loader  # QKVLinear's: full q/k/v tensor + "q"/"k"/"v"
+    load_shard = weight_loader_of(layer.weight)  # QKVLinear's: full q/k/v tensor + "q"/"k"/"v"
     kv_heads, head_dim = layer.total_kv_heads, layer.head_dim
     q_per_kv = layer.total_heads // kv_heads
 
@@ -134,8 +141,7 @@ class InternLM2ForCausalLM(LlamaForCausalLM):
             loader = grouped_qkv_loader(qkv)
             for param in (qkv.weight, qkv.bias):
                 if param is not None:
-                    param.weight_loader = loader
-                    param.shard_ids = [None]  # wqkv arrives whole, not as q/k/v shards
+                    set_weight_loader(param, loader, [None])  # wqkv arrives whole, not as q/k/v shards
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> LoadReport:
         ignore = [r"rotary_emb\.inv_freq$"]

@@ -18,7 +18,7 @@ are the towers' ``post_layernorm`` and SigLIP's pooling head: LLaVA reads hidden
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -163,7 +163,8 @@ class VisionTower(nn.Module):
             x = self.pre_layrnorm(x)
         wanted = self.settings.feature_layers
         kept = {0: x} if 0 in wanted else {}  # only the states the projector reads stay alive
-        for index, layer in enumerate(self.encoder.layers, start=1):
+        layers = cast(nn.ModuleList, self.encoder.layers)
+        for index, layer in enumerate(layers, start=1):
             x = layer(x)
             if index in wanted:
                 kept[index] = x
@@ -272,7 +273,7 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
         from transformers.image_processing_utils import select_best_resolution
 
         side = self.vision.grid
-        height, width = select_best_resolution(list(original_size), self.grid_pinpoints)
+        height, width = select_best_resolution(tuple(original_size), self.grid_pinpoints)
         rows, cols = height // self.vision.image_size, width // self.vision.image_size
         x = grid.view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # [C, H, W]
         x = unpad(x, original_size)

@@ -42,7 +42,7 @@ def anyres_num_tokens(
     from transformers.image_processing_utils import select_best_resolution
 
     height, width = original_size
-    best_height, best_width = select_best_resolution([height, width], grid_pinpoints)
+    best_height, best_width = select_best_resolution((height, width), grid_pinpoints)
     patches = tile // patch_size
     current_height, current_width = patches * (best_height // tile), patches * (best_width // tile)
     if width / height > current_width / current_height:
@@ -68,8 +68,8 @@ class LlavaPreprocessor(ImagePromptPreprocessor):
     the pixels, counts each image's tokens and fits messages to the template's content style.
     """
 
-    def __init__(self, tokenizer: Any, hf_config: Any, model_path: str | Path, **load_options: Any):
-        super().__init__(tokenizer, hf_config, model_path, **load_options)
+    def __init__(self, tokenizer: Any, hf_config: Any, model_path: str | Path):
+        super().__init__(tokenizer, hf_config, model_path)
         self.anyres = getattr(hf_config, "model_type", None) == "llava_next"
         self.processor_config = read_json(self.model_path / "processor_config.json") or {}
         self.image_token = getattr(tokenizer, "image_token", None) or self.processor_config.get(

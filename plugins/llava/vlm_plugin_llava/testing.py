@@ -257,6 +257,8 @@ def write_tiny_llava(
     )
     has_cls = spec["tower"] == "clip"
     tokens = (spec["image_size"] // 14) ** 2 + (has_cls and spec["vision_feature_select_strategy"] == "full")
+    config: Any
+    model_class: Any
     if spec["architecture"] == "llava_next":
         config = LlavaNextConfig(**fields, image_grid_pinpoints=spec["image_grid_pinpoints"], image_seq_length=tokens)
         model_class = LlavaNextForConditionalGeneration

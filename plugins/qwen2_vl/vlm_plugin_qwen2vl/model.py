@@ -43,6 +43,7 @@ from vlm.nn import (
     build_replicated_linear,
     build_rowwise_linear,
     get_act_fn,
+    set_weight_loader,
 )
 from vlm.plugin import ConfigError, build_language_model, composite_text_config
 
@@ -77,10 +78,11 @@ class VisionSettings:
         self.patch_size = int(vc.patch_size)
         self.temporal_patch_size = int(vc.temporal_patch_size)
         self.merge_size = int(vc.spatial_merge_size)
-        self.in_channels = int(getattr(vc, "in_channels", None) or getattr(vc, "in_chans", 3))
+        self.in_channels = int(getattr(vc, "in_channels", None) or getattr(vc, "in_chans", None) or 3)
         self.hidden_act = vc.hidden_act
         rope = getattr(vc, "rope_parameters", None) or {}
         self.rope_theta = float(rope.get("rope_theta", 10000.0))
+        self.window_size: int | None
         if self.qwen2_5:
             self.width = vc.hidden_size
             self.intermediate_size = vc.intermediate_size
@@ -112,7 +114,7 @@ class Qwen2VisionPatchEmbed(nn.Module):
         self.conv_shape = (s.width, s.in_channels, s.temporal_patch_size, s.patch_size, s.patch_size)
         patch_values = s.in_channels * s.temporal_patch_size * s.patch_size**2
         self.proj = build_replicated_linear(patch_values, s.width, bias=False, dtype=dtype, device=device)
-        self.proj.weight.weight_loader = self._load_conv_weight
+        set_weight_loader(self.proj.weight, self._load_conv_weight)
 
     def _load_conv_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if tuple(loaded.shape) != self.conv_shape:
@@ -163,6 +165,7 @@ class Qwen2_5VisionMLP(nn.Module):
         # must divide by the tensor-parallel size (3420 in Qwen2.5-VL: up to 4 ranks)
         self.gate_up_proj = build_merged_colwise_linear(s.width, [size, size], bias=True, dtype=dtype, device=device)
         self.down_proj = build_rowwise_linear(size, s.width, bias=True, dtype=dtype, device=device)
+        self.act_fn: nn.Module
         if s.hidden_act == "silu":
             self.act_fn = SiluAndMul()
         elif s.hidden_act in ("gelu", "gelu_pytorch_tanh"):

@@ -217,8 +217,8 @@ class Qwen2VLPreprocessor(ImagePromptPreprocessor):
     and expands it, this class makes the pixels and the positions.
     """
 
-    def __init__(self, tokenizer: Any, hf_config: Any, model_path: str | Path, **load_options: Any):
-        super().__init__(tokenizer, hf_config, model_path, **load_options)
+    def __init__(self, tokenizer: Any, hf_config: Any, model_path: str | Path):
+        super().__init__(tokenizer, hf_config, model_path)
         self.settings = ImageSettings.from_model_dir(self.model_path)
         # the processor's rule: the tokenizer may name its image token, else <|image_pad|>
         self.image_token = self.placeholder = getattr(tokenizer, "image_token", None) or IMAGE_PAD
@@ -267,6 +267,7 @@ class Qwen2VLPreprocessor(ImagePromptPreprocessor):
         if not inputs.images:
             return inputs
         grids = [image.extra["image_grid_thw"] for image in inputs.images]
+        assert self.image_token_id is not None  # set when the preprocessor was built
         positions, delta = mrope_positions(inputs.token_ids, self.image_token_id, grids, self.settings.merge_size)
         return dataclasses.replace(inputs, positions=positions, position_delta=delta)
 

@@ -121,7 +121,8 @@ def load_reference_processor(path: str | Path, flavor: str | None = None):
 
     if flavor is None:
         flavor = json.loads((Path(path) / "config.json").read_text())["model_type"]
-    return _videoless_processor_classes()[flavor].from_pretrained(str(path))
+    processor_class: Any = _videoless_processor_classes()[flavor]
+    return processor_class.from_pretrained(str(path))
 
 
 def _randomize_vision(model: Any, seed: int) -> None:
