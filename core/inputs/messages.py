@@ -9,6 +9,7 @@ take them: ``{"type": "text", "text": ...}``, ``{"type": "image", "image": <sour
 ``{"type": "image_url", "image_url": {"url": ...}}``. :func:`normalize_messages` rewrites every
 image part as ``{"type": "image", "image": <source>}`` (what transformers' templates test for) and
 :func:`iter_image_parts` lists the sources in prompt order; ``vlm.inputs.load_image`` loads them.
+:func:`text_content_as` gives text contents the form (string or parts) a chat template renders.
 """
 
 from __future__ import annotations
@@ -93,6 +94,21 @@ def normalize_messages(messages: Any) -> list[Message]:
                     f"{where} has type {part['type']!r}; this engine takes 'text', 'image' and 'image_url' parts"
                 )
         out.append({**message, "content": parts})
+    return out
+
+
+def text_content_as(messages: list[Message], form: str) -> list[Message]:
+    """Normalized messages with their text contents in ``form``: ``"parts"`` makes a string content
+    one text part, ``"string"`` joins a content of text parts only; anything else is kept (a
+    content with images is the preprocessor's to shape). The input is not modified."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if form == "parts" and isinstance(content, str):
+            message = {**message, "content": [{"type": "text", "text": content}]}
+        elif form == "string" and isinstance(content, list) and all(p["type"] == "text" for p in content):
+            message = {**message, "content": "".join(p["text"] for p in content)}
+        out.append(message)
     return out
 
 

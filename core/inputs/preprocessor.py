@@ -2,6 +2,8 @@
 
 - :class:`TextPreprocessor` tokenizes plain prompts and renders chat messages with the
   tokenizer's chat template (what text-only plugins return from ``build_preprocessor``).
+- :func:`template_content_form` probes whether a chat template renders string contents, text
+  parts or both; both preprocessors hand every message's text to the template in a form it renders.
 - :func:`read_json` reads ``preprocessor_config.json`` / ``processor_config.json`` with one-line
   errors; :func:`find_chat_template` finds the chat template transformers' *processor* would use
   (which may differ from the tokenizer's).
@@ -18,42 +20,79 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
 from vlm.errors import ConfigError, InputError
 from vlm.inputs.data import ImageInput, Message, ModelInputs, Prompt, is_token_ids
 from vlm.inputs.images import load_image
-from vlm.inputs.messages import has_image_parts, iter_image_parts, normalize_messages, validate_messages
+from vlm.inputs.messages import has_image_parts, iter_image_parts, normalize_messages, text_content_as
+
+#: a marker no real prompt holds: :func:`template_content_form` looks for it in a rendered probe
+_PROBE = "vlm-content-probe-5d1e"
+
+
+def template_content_form(render: Callable[[list[Message]], str]) -> str:
+    """Which content form a chat template renders: ``"string"``, ``"parts"`` or ``"both"``.
+
+    ``render`` renders messages with the template (``tokenize=False``). Templates differ: SmolVLM's
+    iterates parts, so string content renders as nothing; plain ChatML concatenates strings and
+    fails on a list. So a user message holding a marker is rendered in each form, and a form counts
+    when the marker comes out as text (a template that raises on a form does not render it).
+
+    :raises InputError: the template renders the user's text in neither form.
+    """
+
+    def renders(content: Any) -> bool:
+        try:
+            text = render([{"role": "user", "content": content}])
+        except Exception:  # noqa: BLE001 - any failure means this form does not render
+            return False
+        # a string-only template prints a parts list as its repr (or JSON): not a rendering of the text
+        return _PROBE in text and not any(f"{q}text{q}: {q}{_PROBE}{q}" in text for q in "'\"")
+
+    string, parts = renders(_PROBE), renders([{"type": "text", "text": _PROBE}])
+    if not (string or parts):
+        raise InputError(
+            "this model's chat template renders no user text (neither string contents nor text parts); "
+            "send a plain prompt string instead of chat messages (vlmrun --no-chat-template)"
+        )
+    return "both" if string and parts else "string" if string else "parts"
 
 
 class TextPreprocessor:
     """Tokenizes plain prompts, renders chat messages with the tokenizer's chat template."""
 
+    _probed: tuple[str, str] | None = None  # (template, its content form), probed once per template
+
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
 
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
             raise InputError(
                 "this model's tokenizer has no chat template (tokenizer_config.json 'chat_template'); "
                 "send a plain prompt string instead of chat messages"
             )
-        # text-only chat templates expect a string: join OpenAI-style text parts
-        flat = [
-            {**m, "content": "".join(p.get("text", "") for p in m["content"])}
-            if isinstance(m.get("content"), list)
-            else m
-            for m in validate_messages(messages)
-        ]
-        return self.tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=add_generation_prompt)
+        messages = normalize_messages(messages)
+        if has_image_parts(messages):
+            raise InputError("this model reads text only: remove the image parts, or serve a vision-language model")
+        if self._probed is None or self._probed[0] != template:
+            probe = partial(self.tokenizer.apply_chat_template, tokenize=False)
+            self._probed = (template, template_content_form(probe))
+        # text-only templates get a string (joined text parts), unless they render parts only
+        form = "parts" if self._probed[1] == "parts" else "string"
+        return self.tokenizer.apply_chat_template(
+            text_content_as(messages, form), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs:
         if is_token_ids(prompt):
             return ModelInputs(token_ids=list(prompt))
         if isinstance(prompt, list):
-            if has_image_parts(prompt):
-                raise InputError("this model reads text only: remove the image parts, or serve a vision-language model")
             text = self.render(cast(list[Message], prompt), add_generation_prompt)
             # the template already wrote BOS where the model wants it
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -150,6 +189,7 @@ class ImagePromptPreprocessor:
     image_token: str
     image_token_id: int | None = None
     supports_images: bool = True
+    _probed: tuple[str, str] | None = None  # (template, its content form), probed once per template
 
     def __init__(self, tokenizer: Any, hf_config: Any, model_path: str | Path):
         self.tokenizer = tokenizer
@@ -207,13 +247,13 @@ class ImagePromptPreprocessor:
             )
         from jinja2 import TemplateError
 
+        render = partial(self.tokenizer.apply_chat_template, chat_template=self.chat_template, tokenize=False)
+        if self._probed is None or self._probed[0] != self.chat_template:
+            self._probed = (self.chat_template, template_content_form(render))
+        # text in the form the template renders ("both": as prepare_messages left it)
+        messages = text_content_as(self.prepare_messages(messages), self._probed[1])
         try:
-            text = self.tokenizer.apply_chat_template(
-                self.prepare_messages(messages),
-                chat_template=self.chat_template,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-            )
+            text = render(messages, add_generation_prompt=add_generation_prompt)
         except TemplateError as exc:
             raise InputError(f"the chat template rejected the messages ({exc}); fix the message list") from None
         return text, sources
@@ -253,4 +293,11 @@ class ImagePromptPreprocessor:
         return self.finish(ModelInputs(token_ids=ids, images=images, prompt=text, image_token_id=self.image_token_id))
 
 
-__all__ = ["ImagePromptPreprocessor", "find_chat_template", "read_json", "rescale_and_normalize", "to_rgb"]
+__all__ = [
+    "ImagePromptPreprocessor",
+    "find_chat_template",
+    "read_json",
+    "rescale_and_normalize",
+    "template_content_form",
+    "to_rgb",
+]
