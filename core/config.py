@@ -143,6 +143,7 @@ class ModelConfig(BaseModel):
     torch_dtype: str | None = Field(description="the checkpoint's dtype as declared in config.json")
     text: TextModelConfig
     is_multimodal: bool
+    config_builder: str | None = Field(None, description="the plugin's ConfigBuilder that read config.json, if any")
     hf_config: Any = Field(exclude=True, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -217,28 +218,102 @@ def _config_dict(config: Any) -> dict[str, Any]:
     return data
 
 
-def load_model_config(model_dir: str | Path) -> ModelConfig:
-    """Read and validate ``model_dir/config.json``; raises :class:`ConfigError` in one line."""
-    model_dir = Path(model_dir)
-    raw = read_config_json(model_dir)
-    hf_config = load_hf_config(model_dir, raw)
+class ConfigBuilder:
+    """Turns a config.json in a plugin's own naming into vlm's :class:`ModelConfig` (lmdeploy's
+    ``ConfigBuilder``). Register a subclass in ``vlm.registry.CONFIG_BUILDERS`` (a plugin's child
+    scope); the core asks every builder's :meth:`condition` before it validates the text config,
+    and the first that claims the config builds it.
+
+    Typical ``build``: translate the fields into a transformers config the language-model plugin
+    already serves, and return :func:`build_model_config` of it; every plugin then sees that
+    config (``match``, ``build_model``), and the checkpoint's weights load unchanged.
+    """
+
+    @classmethod
+    def condition(cls, hf_config: Any) -> bool:
+        """Whether this builder understands ``hf_config`` (what config.json was read as)."""
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, hf_config: Any, model_path: Path) -> ModelConfig:
+        """vlm's config for the model in ``model_path``."""
+        raise NotImplementedError
+
+
+def build_model_config(
+    model_path: str | Path,
+    hf_config: Any,
+    torch_dtype: str | None = None,
+    where: str | None = None,
+) -> ModelConfig:
+    """Validate ``hf_config`` (its nested text config for a VLM) into a :class:`ModelConfig`;
+    a missing or bad field is a one-line :class:`ConfigError` naming it."""
+    model_path = Path(model_path)
     text_config = text_config_of(hf_config)
     text_dict = _config_dict(text_config)
-    where = f"{model_dir / 'config.json'}:" + (" text config" if text_config is not hf_config else "")
+    where = where or f"{model_path / 'config.json'}:" + (" text config" if text_config is not hf_config else "")
     try:
         text = TextModelConfig.model_validate(text_dict)
     except ValidationError as exc:
         raise ConfigError(f"{where} {one_line(exc, 'field')}; fix config.json") from None
-    dtype = raw.get("torch_dtype") or raw.get("dtype") or text_dict.get("torch_dtype") or text_dict.get("dtype")
+    dtype = torch_dtype or text_dict.get("torch_dtype") or text_dict.get("dtype")
     return ModelConfig(
-        path=str(model_dir),
-        model_type=raw.get("model_type"),
-        architectures=list(raw.get("architectures") or []),
+        path=str(model_path),
+        model_type=getattr(hf_config, "model_type", None),
+        architectures=list(getattr(hf_config, "architectures", None) or []),
         torch_dtype=str(dtype).replace("torch.", "") if dtype else None,
         text=text,
         is_multimodal=text_config is not hf_config,
         hf_config=hf_config,
     )
+
+
+def config_builders() -> list[type[ConfigBuilder]]:
+    """Every registered config builder (the plugins are loaded first: they register theirs)."""
+    from vlm.plugin.manager import get_registry
+    from vlm.registry import CONFIG_BUILDERS, Registry
+
+    get_registry()
+    found: list[type[ConfigBuilder]] = []
+    pending: list[Registry] = [CONFIG_BUILDERS]
+    while pending:
+        registry = pending.pop(0)
+        for name in list(registry.module_dict):
+            builder = registry.get(f"{registry.scope}.{name}")
+            if builder not in found:  # aliases name one builder twice
+                found.append(builder)
+        pending += list(registry.children.values())
+    return found
+
+
+def load_model_config(model_dir: str | Path) -> ModelConfig:
+    """Read and validate ``model_dir/config.json``; raises :class:`ConfigError` in one line.
+
+    A plugin's :class:`ConfigBuilder` that claims the config builds it; otherwise transformers'
+    config class (or the raw JSON) must name the fields of :class:`TextModelConfig`.
+    """
+    model_dir = Path(model_dir)
+    raw = read_config_json(model_dir)
+    hf_config = load_hf_config(model_dir, raw)
+    for builder in config_builders():
+        if builder.condition(hf_config):
+            config = builder.build(hf_config, model_dir)
+            if not isinstance(config, ModelConfig):
+                raise ConfigError(
+                    f"config builder {builder.__qualname__} returned {type(config).__name__}, not a ModelConfig; "
+                    "return vlm.plugin.build_model_config(...)"
+                )
+            return config.model_copy(update={"config_builder": f"{builder.__module__}.{builder.__qualname__}"})
+    dtype = raw.get("torch_dtype") or raw.get("dtype")
+    try:
+        return build_model_config(model_dir, hf_config, torch_dtype=str(dtype) if dtype else None)
+    except ConfigError as exc:
+        if isinstance(hf_config, RawConfig):  # transformers does not know this model_type either
+            raise ConfigError(
+                f"{exc}, or install a plugin whose config builder reads model_type={raw.get('model_type')!r} "
+                "(transformers has no config class for it)"
+            ) from None
+        raise
 
 
 class EngineConfig(Settings):

@@ -51,7 +51,13 @@ if TYPE_CHECKING:  # imported for annotations only: this module must not import 
     from vlm.inputs import Preprocessor
 
 #: Version of this contract. Bump the major version when a spec changes incompatibly.
-API_VERSION = "1.0"
+#:
+#: - 1.0: ``architectures``, ``match``, ``build_preprocessor``, ``build_model``.
+#: - 1.1: component registries (``vlm.registry``: vision towers, projectors, patch embeddings,
+#:   activations) and config builders (``vlm.plugin.ConfigBuilder`` in ``CONFIG_BUILDERS``), which
+#:   read a config.json in a plugin's own naming before the core validates it. No hook changed:
+#:   plugins written for 1.0 (``>=1.0,<2``) keep working.
+API_VERSION = "1.1"
 
 #: The name of the module attribute where a plugin declares the versions it supports.
 API_VERSION_ATTRIBUTE = "vlm_api_version"

@@ -7,6 +7,7 @@ the tiny Qwen2 checkpoint at a priority above the real llama plugin.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from types import ModuleType
 
@@ -84,10 +85,18 @@ def fails(conformance: Conformance, check: str, *patterns: str) -> str:
 
 
 def test_llama_plugin_passes_every_check_through_the_function_api(tiny_qwen2):
-    conformance = Conformance("llama", tiny_qwen2, "transformers:AutoModelForCausalLM", new_tokens=8)
+    conformance = Conformance(
+        "llama",
+        tiny_qwen2,
+        "transformers:AutoModelForCausalLM",
+        reference_processor="transformers:AutoTokenizer",
+        new_tokens=8,
+    )
     conformance.run_all()
     assert conformance.check_greedy_parity() is True
+    assert conformance.check_preprocessing() is True
     assert Conformance("llama", tiny_qwen2).check_greedy_parity() is False  # no reference: nothing to compare
+    assert Conformance("llama", tiny_qwen2).check_preprocessing() is False
 
 
 def test_the_pytest_base_class_has_one_test_per_check():
@@ -105,6 +114,7 @@ def test_vlm_testing_exports_the_kit_lazily():
 def test_odd_images_cover_sizes_and_modes():
     images = dict(odd_images())
     assert images["1x1 RGB"].size == (1, 1) and images["17x300 RGB"].size == (17, 300)
+    assert images["300x17 RGB"].size == (300, 17) and images["1000x50 RGB"].size == (1000, 50)
     assert {image.mode for image in images.values()} >= {"RGB", "RGBA", "L", "P"}
 
 
@@ -397,3 +407,134 @@ def test_a_plugin_that_imports_torch_eagerly_is_reported(tmp_path, tiny_qwen2, m
 
         sys.modules.pop("vlmtest_eager_torch", None)
     Conformance("llama", tiny_qwen2).check_lazy_torch_import()
+
+
+# -- preprocessing against a reference processor -------------------------------------------
+
+
+def test_preprocessing_catches_a_text_preprocessor_that_drops_the_generation_prompt(tiny_qwen2):
+    def no_generation_prompt(tokenizer):
+        inner = text_preprocessor(tokenizer)
+
+        class NoGenerationPrompt:
+            def __init__(self):
+                self.tokenizer = tokenizer
+
+            def __call__(self, prompt, add_generation_prompt=True):
+                return inner(prompt, add_generation_prompt=False)
+
+        return NoGenerationPrompt()
+
+    plugin = make_plugin("vlmtest_no_generation_prompt", build_preprocessor=no_generation_prompt)
+    fails(
+        Conformance(plugin, tiny_qwen2, reference_processor="transformers:AutoTokenizer"),
+        "preprocessing",
+        r"for chat messages the preprocessor's token ids differ from the reference processor's from position \d+",
+        r"render chat messages with the checkpoint's chat template",
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_internvl(tmp_path_factory) -> str:
+    """A tiny InternVL checkpoint (Hugging Face layout): 56-px tiles, 1 to 6 tiles and a thumbnail."""
+    from vlm_plugin_internvl.testing import write_tiny_internvl
+
+    return str(write_tiny_internvl(tmp_path_factory.mktemp("internvl") / "hf", "hf", seed=0))
+
+
+def make_internvl_plugin(name: str, preprocessor_class: type) -> ModuleType:
+    """A plugin serving InternVL (above the real plugin) with ``preprocessor_class`` as its preprocessor."""
+    import vlm_plugin_internvl
+
+    def architectures():
+        return ["InternVLForConditionalGeneration"]
+
+    def match(hf_config):
+        archs = getattr(hf_config, "architectures", None) or []
+        return Claim(priority=10, reason="test") if "InternVLForConditionalGeneration" in archs else None
+
+    def build_preprocessor(hf_config, model_path, tokenizer):
+        return preprocessor_class(tokenizer, hf_config, model_path)
+
+    hooks = dict(
+        architectures=architectures,
+        match=match,
+        build_preprocessor=build_preprocessor,
+        build_model=vlm_plugin_internvl.build_model,
+    )
+    module = ModuleType(name)
+    module.vlm_api_version = ">=1.0,<2"
+    for hook, function in hooks.items():
+        setattr(module, hook, hookimpl(function))
+    return module
+
+
+def internvl_conformance(plugin, checkpoint) -> Conformance:
+    from vlm_plugin_internvl.testing import load_reference_processor
+
+    return Conformance(plugin, checkpoint, reference_processor=load_reference_processor)
+
+
+def test_preprocessing_passes_for_the_internvl_plugin(tiny_internvl):
+    assert internvl_conformance("internvl", tiny_internvl).check_preprocessing() is True
+
+
+def test_preprocessing_catches_a_wrong_tile_order(tiny_internvl):
+    """Tiles reversed (the thumbnail first): every other check passes, the pixels are the
+    reference's, only their order is wrong."""
+    from vlm.inputs import pixel_values_key
+    from vlm_plugin_internvl.preprocess import InternVLPreprocessor
+
+    class ReversedTiles(InternVLPreprocessor):
+        def preprocess_image(self, source):
+            image = super().preprocess_image(source)
+            pixel_values = image.pixel_values.flip(0)
+            return dataclasses.replace(image, pixel_values=pixel_values, key=pixel_values_key(pixel_values))
+
+    conformance = internvl_conformance(make_internvl_plugin("vlmtest_reversed_tiles", ReversedTiles), tiny_internvl)
+    conformance.check_images()  # placeholders and features still agree
+    fails(
+        conformance,
+        "preprocessing",
+        r"for a 17x300 RGB image the preprocessor makes the reference processor's 7 tiles but in another order",
+        r"emit the tiles \(and any thumbnail\) in the reference's order",
+    )
+
+
+def test_preprocessing_catches_a_wrong_resample_filter(tiny_internvl):
+    """Bilinear instead of the reference's bicubic: the same shapes, other pixels. (A 1x1 image
+    resizes to one colour with any filter, so the first image that tells is 17x300.)"""
+    from PIL import Image
+
+    from vlm_plugin_internvl.preprocess import InternVLPreprocessor
+
+    class Bilinear(InternVLPreprocessor):
+        def _image_settings(self):
+            return dataclasses.replace(super()._image_settings(), resample=Image.Resampling.BILINEAR)
+
+    conformance = internvl_conformance(make_internvl_plugin("vlmtest_bilinear", Bilinear), tiny_internvl)
+    conformance.check_images()
+    fails(
+        conformance,
+        "preprocessing",
+        r"for a 17x300 RGB image the preprocessor's pixels differ from the reference processor's by up to \d",
+        r"tolerance 1e-06",
+        r"same resample filter, same tile order",
+    )
+
+
+def test_preprocessing_catches_a_wrong_placeholder_expansion(tiny_internvl):
+    """One image token too few per image (and the model told so): the images check cannot see it,
+    the reference's token ids can."""
+    from vlm_plugin_internvl.preprocess import InternVLPreprocessor
+
+    class NoImageEnd(InternVLPreprocessor):
+        def expand_image(self, image):
+            return super().expand_image(image).removesuffix(self.end_token)
+
+    fails(
+        internvl_conformance(make_internvl_plugin("vlmtest_no_image_end", NoImageEnd), tiny_internvl),
+        "preprocessing",
+        r"for a 1x1 RGB image the preprocessor's token ids differ from the reference processor's from position \d+",
+        r"the same start and end tokens",
+    )

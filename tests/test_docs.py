@@ -234,3 +234,25 @@ def test_plugin_facade_imports_no_torch():
 
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_guide_documents_every_registry_core_component_and_config_builder():
+    from vlm import registry
+
+    guide = GUIDE.read_text()
+    roots = [name for name, value in vars(registry).items() if isinstance(value, registry.Registry)]
+    assert len(roots) == len(registry.ROOT_REGISTRIES)
+    missing = [name for name in roots if f"`{name}`" not in guide]
+    for root in (registry.VISION_TOWERS, registry.PROJECTORS, registry.PATCH_EMBEDDINGS):
+        missing += [name for name in root.module_dict if f"`{name}`" not in guide]
+    missing += [m for m in ("ConfigBuilder", "condition(hf_config)", "build_model_config") if m not in guide]
+    assert not missing, f"the guide's registry / config-builder sections do not mention {missing}"
+
+
+def test_guide_documents_the_whole_image_prompt_preprocessor_api():
+    from vlm.inputs.preprocessor import ImagePromptPreprocessor
+
+    guide = GUIDE.read_text()
+    members = [n for n in vars(ImagePromptPreprocessor) if not n.startswith("_") or n in ("__init__", "__call__")]
+    undocumented = [n for n in members if f"`{n}" not in guide]
+    assert not undocumented, f"ImagePromptPreprocessor members missing from the guide: {undocumented}"

@@ -195,7 +195,7 @@ def test_rendered_plugins_install_pass_their_tests_and_run(rendered, tmp_path):
             cwd=project,
         )
         check(tests, f"the generated test suite of {project.name}")
-        assert "12 passed" in tests.stdout, tests.stdout[-2000:]
+        assert "13 passed" in tests.stdout, tests.stdout[-2000:]
 
         checkpoint = tmp_path / f"tiny-{name}"
         check(run([python, "-m", f"vlm_plugin_{name}.tiny_checkpoint", checkpoint]), "tiny_checkpoint")

@@ -10,8 +10,10 @@ from vlm.plugin.manager import get_registry
 
 
 def plugins_command(args: Namespace) -> int:
-    """List plugins; imports plugin modules but never torch."""
+    """List plugins (or, with ``--components``, every registry entry); imports plugin modules but never torch."""
     infos = get_registry().describe()
+    if getattr(args, "components", False):
+        return components_command(args)
     if args.json:
         print(json.dumps([info.as_dict() for info in infos], indent=2))
         return 0
@@ -28,6 +30,21 @@ def plugins_command(args: Namespace) -> int:
         print(f"  hooks: {', '.join(info.hooks)}")
         if info.api_version:
             print(f"  plugin API: {info.api_version}")
+    return 0
+
+
+def components_command(args: Namespace) -> int:
+    """Every component registry, every entry, its scope and where it lives (lazy entries stay unimported)."""
+    from vlm.registry import describe
+
+    rows = describe()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    widths = [max(len(row[key]) for row in rows) for key in ("registry", "scope", "name")]
+    for row in rows:
+        registry, scope, name = (row[key].ljust(width) for key, width in zip(("registry", "scope", "name"), widths))
+        print(f"{registry}  {scope}  {name}  {row['location']}")
     return 0
 
 

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
 
     plugins = sub.add_parser("plugins", help="list installed plugins")
+    plugins.add_argument(
+        "--components", action="store_true", help="list every component registry entry (towers, projectors, ...)"
+    )
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     _add_plugin_options(plugins)
 

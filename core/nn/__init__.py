@@ -22,6 +22,8 @@ from vlm.nn.linear import (
     prepare_for_inference,
 )
 from vlm.nn.norm import LayerNorm, RMSNorm
+from vlm.nn.patch_embedding import ConvPatchEmbedding
+from vlm.nn.projectors import pixel_shuffle
 from vlm.nn.rotary import RotaryEmbedding
 from vlm.nn.vision_language import VisionLanguageModel
 from vlm.nn.weights import (
@@ -39,6 +41,7 @@ from vlm.platform import vision_batches
 
 __all__ = [
     "Attention",
+    "ConvPatchEmbedding",
     "ForwardBatch",
     "GeluAndMul",
     "LayerNorm",
@@ -64,6 +67,7 @@ __all__ = [
     "get_act_fn",
     "load_weights_by_mapping",
     "load_with_language_model",
+    "pixel_shuffle",
     "prepare_for_inference",
     "set_weight_loader",
     "tp_rank",

@@ -5,7 +5,6 @@ through ``vlm.kernels``, and the plain ones vision towers and projectors name in
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,21 +52,22 @@ class NewGELU(nn.Module):
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
-#: transformers' ``hidden_act`` / ``projector_hidden_act`` names -> the same function here
-_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "gelu": lambda: GELU("none"),
-    "gelu_pytorch_tanh": lambda: GELU("tanh"),
-    "gelu_new": NewGELU,
-    "quick_gelu": QuickGELU,
-    "silu": nn.SiLU,
-    "swish": nn.SiLU,
-    "relu": nn.ReLU,
-}
+def gelu() -> GELU:
+    """transformers' ``gelu``: exact."""
+    return GELU("none")
+
+
+def gelu_pytorch_tanh() -> GELU:
+    """transformers' ``gelu_pytorch_tanh``: PyTorch's tanh approximation."""
+    return GELU("tanh")
 
 
 def get_act_fn(name: str) -> nn.Module:
-    """The activation a config names (``"gelu"``, ``"quick_gelu"``, ...), computed as transformers does."""
-    try:
-        return _ACTIVATIONS[name]()
-    except KeyError:
-        raise ValueError(f"unsupported activation {name!r}; vlm knows {', '.join(sorted(_ACTIVATIONS))}") from None
+    """The activation a config names (``"gelu"``, ``"quick_gelu"``, ...), computed as transformers
+    does: ``vlm.registry.ACTIVATIONS.build(dict(type=name))``, where plugins may register more."""
+    from vlm.registry import ACTIVATIONS
+
+    if name not in ACTIVATIONS:
+        known = ", ".join(sorted(n for n in ACTIVATIONS.module_dict if n.islower()))
+        raise ValueError(f"unsupported activation {name!r}; vlm knows {known}")
+    return ACTIVATIONS.build(dict(type=name))

@@ -1,6 +1,7 @@
 """What a plugin imports from vlm-core, besides :mod:`vlm.nn` for its model code.
 
-This is the stable, plugin-facing surface: hook markers and claims (the contract itself is
+This is the stable, plugin-facing surface: the component registries (``vlm.registry``) and
+config builders, hook markers and claims (the contract itself is
 documented in :mod:`vlm.hookspecs`), the config helpers, the preprocessor building blocks, the
 errors a plugin raises, the model protocol, and :func:`build_language_model` for a VLM's nested
 text config. Anything else in ``vlm`` may move between releases; these names keep their meaning
@@ -11,7 +12,7 @@ Importing this module does not import torch: plugin modules import it at the top
 for ``vlmrun plugins``.
 """
 
-from vlm.config import ModelConfig, RawConfig, composite_text_config, text_config_of
+from vlm.config import ConfigBuilder, ModelConfig, RawConfig, build_model_config, composite_text_config, text_config_of
 from vlm.errors import ConfigError, InputError, PluginError, VlmError, WeightsError
 from vlm.hookspecs import API_VERSION, Claim, claim_by_architecture, hookimpl
 from vlm.inputs import (
@@ -32,9 +33,27 @@ from vlm.inputs import (
 )
 from vlm.plugin.manager import build_language_model
 from vlm.plugin.model_protocol import ModelProtocol, VisionModelProtocol
+from vlm.registry import (
+    ACTIVATIONS,
+    CONFIG_BUILDERS,
+    PATCH_EMBEDDINGS,
+    PROJECTORS,
+    VISION_TOWERS,
+    Registry,
+    RegistryError,
+)
 
 __all__ = [
+    "ACTIVATIONS",
     "API_VERSION",
+    "CONFIG_BUILDERS",
+    "ConfigBuilder",
+    "PATCH_EMBEDDINGS",
+    "PROJECTORS",
+    "Registry",
+    "RegistryError",
+    "VISION_TOWERS",
+    "build_model_config",
     "Claim",
     "ConfigError",
     "ImageInput",

@@ -36,6 +36,7 @@ from packaging.version import Version
 
 from vlm import hookspecs
 from vlm.errors import PluginError
+from vlm.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -309,6 +310,11 @@ def get_registry() -> PluginRegistry:
         if _registry is None:
             _registry = PluginRegistry()
     return _registry.load()
+
+
+# a component registry asked for "scope.Name" of a scope nobody created yet loads the plugins,
+# which create their child scopes
+Registry.on_missing_scope = get_registry
 
 
 def reset_registry() -> None:

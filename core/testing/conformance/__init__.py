@@ -14,6 +14,7 @@ fixture (module scope or wider); every check becomes a test::
     class TestConformance(PluginConformanceTests):
         plugin = "llama"                                     # entry-point name, or the module
         reference = "transformers:AutoModelForCausalLM"      # optional: greedy parity against it
+        reference_processor = "transformers:AutoTokenizer"   # optional: preprocessing parity
 
     @pytest.fixture(scope="module")
     def checkpoint(tiny_models):
@@ -24,8 +25,8 @@ The package: :mod:`.checks` (:class:`Conformance`, one method per check), :mod:`
 :mod:`.inputs` (pictures, prompts and foreign configs the checks use), :mod:`.suite` (the pytest
 base class).
 
-**As functions**: ``Conformance(plugin, checkpoint, reference=None).check_match()`` and so on,
-or :func:`run_conformance` for all of them.
+**As functions**: ``Conformance(plugin, checkpoint, reference=None, reference_processor=None)
+.check_match()`` and so on, or :func:`run_conformance` for all of them.
 
 The checks (:data:`CHECKS`, in order):
 
@@ -40,9 +41,15 @@ The checks (:data:`CHECKS`, in order):
 - ``load_weights``: every checkpoint tensor is consumed and every parameter written (nothing
   missing, unexpected or mis-shaped in the :class:`vlm.nn.LoadReport`).
 - ``preprocessor``: text prompts, chat messages and token ids become :class:`vlm.inputs.ModelInputs`.
-- ``images``: odd sizes and modes (1x1, 17x300, RGBA, L, P, CMYK) are handled, and the number of
-  placeholder tokens equals ``ImageInput.num_tokens`` equals the rows ``embed_images`` returns.
-  A text-only plugin must refuse images with :class:`vlm.errors.InputError`.
+- ``images``: odd sizes and modes (1x1, 17x300, 300x17, 1000x50, RGBA, L, P, CMYK) are handled,
+  and the number of placeholder tokens equals ``ImageInput.num_tokens`` equals the rows
+  ``embed_images`` returns. A text-only plugin must refuse images with :class:`vlm.errors.InputError`.
+- ``preprocessing`` (only with a reference processor): the token ids equal the reference
+  processor's (transformers' processor, or the family's own reference) and the pixel values equal
+  its ``pixel_values`` within 1e-6, for a string prompt, chat messages and each of the odd images
+  above: a wrong tile order, resample filter or normalisation fails here (the parity check feeds
+  the reference vlm's own tokens and pixels, so it cannot see them). A text-only plugin is
+  compared with its tokenizer (``"transformers:AutoTokenizer"``) on string prompts and chat messages.
 - ``forward``: shapes and dtypes of ``embed_tokens``, ``forward`` and ``compute_logits``, in
   float32 and bfloat16, and ``inputs_embeds`` is honoured.
 - ``incremental_decoding``: a prefill followed by N decode steps with the paged KV cache, and a

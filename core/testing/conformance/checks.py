@@ -40,6 +40,7 @@ CHECKS = (
     "load_weights",
     "preprocessor",
     "images",
+    "preprocessing",
     "forward",
     "incremental_decoding",
     "batch_invariance",
@@ -48,6 +49,10 @@ CHECKS = (
 
 #: Hooks every plugin implements (``architectures`` is checked separately: it is for listings).
 REQUIRED_HOOKS = ("match", "build_preprocessor", "build_model")
+
+#: How far the preprocessor's pixel values may be from the reference processor's (float32 rounding
+#: of the same arithmetic in another order; a different resample filter or tile order is far above).
+PIXEL_ATOL = 1e-6
 
 #: The methods of the model protocol; VLMs add ``embed_images``.
 MODEL_METHODS = ("forward", "embed_tokens", "compute_logits", "load_weights")
@@ -85,6 +90,27 @@ def _one_thread(check: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _copy_messages(messages: list[Any]) -> list[Any]:
+    """A copy of chat messages down to the content parts (preprocessors may rewrite them in place)."""
+    return [
+        {**m, "content": [dict(p) for p in m["content"]] if isinstance(m.get("content"), list) else m.get("content")}
+        if isinstance(m, dict)
+        else m
+        for m in messages
+    ]
+
+
+def _same_rows_reordered(got: Any, expected: Any) -> bool:
+    """Whether ``got`` holds the rows (tiles, patches) of ``expected`` in another order."""
+    import torch
+
+    if got.dim() < 2 or not 1 < len(got) <= 4096:
+        return False
+    distance = torch.cdist(got.flatten(1)[None], expected.flatten(1)[None], p=float("inf"))[0]
+    close = distance <= PIXEL_ATOL
+    return bool(close.any(0).all() and close.any(1).all())
+
+
 class Conformance:
     """The checks for one plugin on one tiny checkpoint; expensive pieces are built once.
 
@@ -98,6 +124,20 @@ class Conformance:
         ``model(input_ids=[1, T], **reference_inputs(inputs))`` and returns ``.logits`` ``[1, T, V]``.
     :param reference_inputs: ``ModelInputs -> dict`` of extra keyword arguments for the reference
         (default: ``pixel_values``, the images' pixel values concatenated, when there are images).
+    :param reference_processor: for :meth:`check_preprocessing`: a class with
+        ``from_pretrained(path)`` (e.g. ``"transformers:AutoProcessor"``, or
+        ``"transformers:AutoTokenizer"`` for a text-only model), a ``"module:attr"`` string naming
+        one, or a callable ``path -> processor``. The processor is transformers-style:
+        ``processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``
+        renders chat messages (without it the checkpoint tokenizer's template renders them) and
+        ``processor(text=prompt, images=[PIL images], return_tensors="pt")`` (``images`` left out
+        when there are none; ``add_special_tokens=False`` when the rendered prompt already starts
+        with BOS, as transformers' processors decide, and always for a tokenizer) returns a
+        mapping with ``input_ids`` ``[1, T]`` and, for images, ``pixel_values``.
+    :param reference_pixels: ``outputs -> Tensor``: the reference processor's pixels in the layout
+        of vlm's ``ImageInput.pixel_values`` concatenated (default: ``outputs["pixel_values"]``),
+        for a processor that lays them out differently (e.g. LLaVA-NeXT's ``[images, tiles, C,
+        H, W]``: ``outputs["pixel_values"].flatten(0, 1)``; the kit sends one image per prompt).
     :param foreign_configs: more configs of other families that ``match`` must decline.
     :param prompts: prompts for batch invariance and parity (default: :func:`default_prompts`).
     :param new_tokens: tokens generated per prompt in batch invariance and parity.
@@ -113,6 +153,8 @@ class Conformance:
         reference: Any = None,
         *,
         reference_inputs: Callable[[ModelInputs], dict[str, Any]] | None = None,
+        reference_processor: Any = None,
+        reference_pixels: Callable[[Any], Any] | None = None,
         foreign_configs: Iterable[Any] = (),
         prompts: Sequence[Any] | None = None,
         new_tokens: int = 16,
@@ -123,6 +165,8 @@ class Conformance:
         self.checkpoint = Path(checkpoint)
         self.reference = reference
         self.reference_inputs = reference_inputs
+        self.reference_processor = reference_processor
+        self.reference_pixels = reference_pixels
         self.foreign_configs = list(foreign_configs)
         self._prompts = list(prompts) if prompts is not None else None
         self.new_tokens = new_tokens
@@ -212,8 +256,9 @@ class Conformance:
         return self._prompts if self._prompts is not None else default_prompts(self.is_vlm)
 
     def preprocess(self, prompt: Any, what: str = "a prompt") -> ModelInputs:
+        preprocessor = self.preprocessor  # fails with build_preprocessor's own message
         try:
-            inputs = self.preprocessor(prompt)
+            inputs = preprocessor(prompt)
         except Exception as exc:
             _fail(f"the preprocessor raised {type(exc).__name__} on {what}: {exc}")
         if not isinstance(inputs, ModelInputs):
@@ -606,6 +651,154 @@ class Conformance:
                 "ImageInput.key must be a content hash of the pixel values (vlm.inputs.pixel_values_key): the "
                 "engine shares image features and cached prefixes between images with equal keys"
             )
+
+    # -- preprocessing against a reference processor ---------------------------------------
+
+    def load_reference_processor(self) -> Any:
+        """The reference processor for this checkpoint (see ``reference_processor``)."""
+        processor = self.reference_processor
+        if isinstance(processor, str):
+            module, _, attr = processor.partition(":")
+            processor = getattr(importlib.import_module(module), attr)
+        try:
+            if hasattr(processor, "from_pretrained"):
+                return processor.from_pretrained(str(self.checkpoint))
+            return processor(str(self.checkpoint))
+        except Exception as exc:
+            _fail(
+                f"the reference processor {self.reference_processor!r} could not be loaded for {self.checkpoint}: "
+                f"{type(exc).__name__}: {exc}; give reference_processor as a class with from_pretrained(path) or a "
+                "callable path -> processor"
+            )
+
+    def _preprocessing_cases(self) -> list[tuple[str, Any, list[Any]]]:
+        """``(what, prompt, images)``: what the preprocessor and the reference processor both get."""
+        if not self.is_vlm:
+            cases: list[tuple[str, Any, list[Any]]] = [
+                (f"the string prompt {describe_prompt(prompt)}", prompt, []) for prompt in default_prompts(False)
+            ]
+            if getattr(self.tokenizer, "chat_template", None):
+                conversation = [
+                    {"role": "user", "content": "Hi, how are you?"},
+                    {"role": "assistant", "content": "Fine, thanks."},
+                    {"role": "user", "content": "Count to three."},
+                ]
+                cases += [
+                    ("chat messages", conversation[:1], []),
+                    ("a conversation of three turns", conversation, []),
+                ]
+            return cases
+        text_only = [{"role": "user", "content": [{"type": "text", "text": "Hello, no picture today."}]}]
+        return [
+            ("a plain string prompt", "Hello there, plain text.", []),
+            ("chat messages without an image", text_only, []),
+            *((f"a {label} image", image_message(image), [image]) for label, image in odd_images()),
+        ]
+
+    def _reference_outputs(self, processor: Any, prompt: Any, images: list[Any], what: str) -> Any:
+        """The reference processor's outputs for ``prompt``: chat messages are rendered with its
+        chat template, then the text and images go through ``processor(...)``."""
+        kwargs: dict[str, Any] = {"return_tensors": "pt"}
+        try:
+            if isinstance(prompt, str):
+                text = prompt
+            else:
+                render = getattr(processor, "apply_chat_template", None) or self.tokenizer.apply_chat_template
+                text = render(_copy_messages(prompt), tokenize=False, add_generation_prompt=True)
+                # transformers: a tokenizer's chat template writes the special tokens itself; a
+                # processor adds them unless the rendered prompt already starts with BOS
+                tokenizer = getattr(processor, "tokenizer", None)
+                bos = getattr(tokenizer, "bos_token", None)
+                if tokenizer is None or (bos and text.startswith(bos)):
+                    kwargs["add_special_tokens"] = False
+            if images:
+                kwargs["images"] = images
+            return processor(text=text, **kwargs)
+        except Exception as exc:
+            _fail(
+                f"the reference processor raised {type(exc).__name__} on {what}: {exc}; it is called as "
+                "processor(text=..., images=[...], return_tensors='pt') after apply_chat_template(messages, "
+                "tokenize=False, add_generation_prompt=True) (see Conformance's reference_processor)"
+            )
+
+    def _describe_ids(self, ids: list[int]) -> str:
+        try:
+            return f"{ids} = {self.tokenizer.decode(ids)!r}"
+        except Exception:
+            return str(ids)
+
+    def check_preprocessing(self) -> bool:
+        """The preprocessor's token ids equal the reference processor's, and its pixel values (the
+        images' ``pixel_values`` concatenated) equal the reference's within :data:`PIXEL_ATOL`, for
+        text prompts and each of :func:`odd_images`; False when there is no reference processor.
+
+        A text-only plugin is checked on string prompts and chat messages (with a transformers
+        tokenizer as the reference, e.g. ``"transformers:AutoTokenizer"``).
+        """
+        if self.reference_processor is None:
+            return False
+        import torch
+
+        processor = self.load_reference_processor()
+        for what, prompt, images in self._preprocessing_cases():
+            outputs = self._reference_outputs(processor, prompt, images, what)
+            expected_ids = outputs["input_ids"]
+            expected_ids = expected_ids.tolist() if hasattr(expected_ids, "tolist") else list(expected_ids)
+            if expected_ids and isinstance(expected_ids[0], list):
+                if len(expected_ids) != 1:
+                    _fail(f"the reference processor returned {len(expected_ids)} rows of input_ids for {what}; one")
+                expected_ids = expected_ids[0]
+            inputs = self.preprocess(_copy_messages(prompt) if isinstance(prompt, list) else prompt, what)
+            got = inputs.token_ids
+            if got != expected_ids:
+                at = next(
+                    (i for i, (a, b) in enumerate(zip(got, expected_ids)) if a != b), min(len(got), len(expected_ids))
+                )
+                _fail(
+                    f"for {what} the preprocessor's token ids differ from the reference processor's from position "
+                    f"{at} (vlm: {len(got)} ids, then {self._describe_ids(got[at : at + 6])}; reference: "
+                    f"{len(expected_ids)} ids, then {self._describe_ids(expected_ids[at : at + 6])}); render chat "
+                    "messages with the checkpoint's chat template, add BOS only where the reference does, and expand "
+                    "each image placeholder into the reference's tokens (as many per image, the same start and end "
+                    "tokens)"
+                )
+            if not images:
+                continue
+            self._check_placeholders(inputs, what, len(images))
+            if self.reference_pixels is not None:
+                expected = self.reference_pixels(outputs)
+            else:
+                expected = outputs.get("pixel_values") if hasattr(outputs, "get") else None
+            if expected is None:
+                _fail(
+                    f"the reference processor returned no pixel_values for {what}; give reference_pixels "
+                    "(outputs -> Tensor) to pick its pixels"
+                )
+            expected = torch.as_tensor(expected)
+            pixels = torch.cat([image.pixel_values for image in inputs.images])
+            if tuple(pixels.shape) != tuple(expected.shape):
+                _fail(
+                    f"for {what} the preprocessor's pixel values (ImageInput.pixel_values concatenated) have shape "
+                    f"{tuple(pixels.shape)} and the reference processor's {tuple(expected.shape)}; resize to the "
+                    "reference's size and make the same tiles or patches (as many, with the same thumbnail, in the "
+                    "same layout)"
+                )
+            if not pixels.numel():
+                continue
+            pixels, expected = pixels.double(), expected.double()
+            diff = (pixels - expected).abs().max().item()
+            if not diff <= PIXEL_ATOL:
+                if _same_rows_reordered(pixels, expected):
+                    _fail(
+                        f"for {what} the preprocessor makes the reference processor's {len(pixels)} tiles but in "
+                        "another order; emit the tiles (and any thumbnail) in the reference's order"
+                    )
+                _fail(
+                    f"for {what} the preprocessor's pixels differ from the reference processor's by up to {diff:.3g} "
+                    f"(tolerance {PIXEL_ATOL:g}): resize and normalise as the reference does (same resample filter, "
+                    "same tile order, same RGB conversion, rescale factor, mean and std)"
+                )
+        return True
 
     def _check_placeholders(self, inputs: ModelInputs, what: str, expected_images: int) -> None:
         import torch

@@ -45,6 +45,7 @@ def odd_images() -> list[tuple[str, Any]]:
         ("1x1 RGB", Image.new("RGB", (1, 1), (200, 30, 30))),
         ("17x300 RGB", random_picture(11, (17, 300))),
         ("300x17 RGB", random_picture(12, (300, 17))),
+        ("1000x50 RGB", random_picture(17, (1000, 50))),
         ("64x48 RGBA (transparent)", random_picture(13, (64, 48), "RGBA")),
         ("33x33 L (grayscale)", random_picture(14, (33, 33), "L")),
         ("40x24 P (palette)", random_picture(15, (40, 24), "P")),

@@ -16,8 +16,9 @@ class PluginConformanceTests:
     """Base class for a plugin's conformance tests: subclass it as ``Test...`` in a test module.
 
     Set ``plugin`` (name or module) and optionally ``reference``, ``reference_inputs``,
-    ``foreign_configs``, ``prompts``, ``new_tokens``, ``atol``, and provide a ``checkpoint``
-    fixture of class scope or wider that returns a tiny checkpoint directory: in the test module
+    ``reference_processor``, ``reference_pixels`` (see :class:`Conformance`), ``foreign_configs``,
+    ``prompts``, ``new_tokens``, ``atol``, and provide a ``checkpoint`` fixture of class scope or
+    wider that returns a tiny checkpoint directory: in the test module
     (``@pytest.fixture(scope="module")``), in conftest.py, or in the class as a
     ``@pytest.fixture(scope="class")`` over a ``@classmethod``. It may be parametrized to run the
     suite on several checkpoints. Class attributes are read from the class, so a plain function
@@ -27,6 +28,8 @@ class PluginConformanceTests:
     plugin: str | ModuleType | None = None
     reference: Any = None
     reference_inputs: Callable[[ModelInputs], dict[str, Any]] | None = None
+    reference_processor: Any = None
+    reference_pixels: Callable[[Any], Any] | None = None
     foreign_configs: Sequence[Any] = ()
     prompts: Sequence[Any] | None = None
     new_tokens: int = 16
@@ -42,6 +45,8 @@ class PluginConformanceTests:
             checkpoint,
             cls.reference,
             reference_inputs=cls.reference_inputs,
+            reference_processor=cls.reference_processor,
+            reference_pixels=cls.reference_pixels,
             foreign_configs=cls.foreign_configs,
             prompts=cls.prompts,
             new_tokens=cls.new_tokens,
@@ -71,6 +76,14 @@ class PluginConformanceTests:
 
     def test_images_odd_sizes_modes_and_placeholder_count(self, conformance):
         conformance.check_images()
+
+    def test_preprocessing_equals_reference_processor(self, conformance):
+        if conformance.reference_processor is None:
+            pytest.skip(
+                "no reference processor given (set `reference_processor` to compare token ids and pixels with "
+                "the transformers processor or the family's own reference)"
+            )
+        conformance.check_preprocessing()
 
     def test_forward_shapes_and_dtypes(self, conformance):
         conformance.check_forward()

@@ -1,15 +1,22 @@
 {%- set vision = cookiecutter.kind == "vision" -%}
 {%- set C = cookiecutter.__class -%}
 """{{ C }} through vlm's conformance kit (vlm.testing.conformance), with greedy parity against an
-independent reference implementation of the model, written below in plain torch{{ "\n(and transformers' Qwen2ForCausalLM for the language model)" if vision }}.
-
+independent reference implementation of the model, written below in plain torch{{ "\n(and transformers' Qwen2ForCausalLM for the language model)" if vision }}, and
+{% if vision -%}
+preprocessing parity against an independent reference processor, also written below (when the
+family has a transformers processor, use that instead: ``"transformers:AutoProcessor"``).
+{% else -%}
+preprocessing parity against transformers' tokenizer and its chat template.
+{% endif %}
 The kit checks what every plugin must do: match claims our config and declines others', the
 model builds in the dtype and on the device it is given, load_weights consumes every checkpoint
 {% if vision -%}
-tensor, odd images (1x1, 17x300, RGBA, L, ...) give as many placeholder tokens as embed_images
-gives features, incremental decoding with the KV cache equals a full forward, batching changes
+tensor, odd images (1x1, 17x300, 1000x50, RGBA, L, ...) give as many placeholder tokens as
+embed_images gives features and the reference processor's token ids and pixels, incremental
+decoding with the KV cache equals a full forward, batching changes
 {% else -%}
-tensor, incremental decoding with the KV cache equals a full forward, batching changes
+tensor, prompts give the reference tokenizer's token ids, incremental decoding with the KV cache
+equals a full forward, batching changes
 {% endif -%}
 nothing, and vlm's greedy tokens and logits equal the reference's. Each failure says what to
 change. The plugin must be installed (``pip install -e .``) so that vlm finds its entry point.
@@ -23,6 +30,9 @@ from pathlib import Path
 from types import SimpleNamespace
 {%- endif %}
 
+{% if vision -%}
+import numpy as np
+{% endif -%}
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,6 +103,45 @@ class Reference(torch.nn.Module):
             features = self.image_features(pixel_values)
             embeds[input_ids == self.config["image_token_id"]] = features.reshape(-1, features.shape[-1])
         return self.language_model(inputs_embeds=embeds)
+
+
+class ReferenceProcessor:
+    """{{ C }}'s preprocessing written independently of the plugin, transformers-style: the kit
+    renders chat messages with ``apply_chat_template`` and calls the processor with the text and
+    images; token ids must be equal and pixels within 1e-6 (a wrong resample filter, tile order
+    or normalisation is far above that)."""
+
+    def __init__(self, tokenizer, config: dict):
+        vision = config["vision_config"]
+        self.tokenizer = tokenizer
+        self.size = vision["image_size"]
+        self.tokens_per_image = (vision["image_size"] // vision["patch_size"] // vision.get("merge_size", 2)) ** 2
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> ReferenceProcessor:
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(path), json.loads((Path(path) / "config.json").read_text()))
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def pixels(self, image) -> torch.Tensor:
+        """RGB (transparency composited onto white), bicubic resize to size x size, then [-1, 1]."""
+        from PIL import Image
+
+        if "A" in image.getbands() or "transparency" in image.info:
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(white, image.convert("RGBA"))
+        image = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(image, dtype=np.float64).transpose(2, 0, 1) / 127.5 - 1).float()
+
+    def __call__(self, text: str, images=None, return_tensors="pt", add_special_tokens=True):
+        text = text.replace("<image>", "<image>" * self.tokens_per_image)
+        outputs = dict(self.tokenizer(text, add_special_tokens=add_special_tokens, return_tensors=return_tensors))
+        if images:
+            outputs["pixel_values"] = torch.stack([self.pixels(image) for image in images])
+        return outputs
 {% else %}
 class Reference(torch.nn.Module):
     """{{ C }} written independently of the plugin, in plain torch: no fused weights, no KV cache,
@@ -148,3 +197,8 @@ class Reference(torch.nn.Module):
 class Test{{ C }}Conformance(PluginConformanceTests):
     plugin = "{{ cookiecutter.__model_type }}"  # the entry-point name in pyproject.toml
     reference = Reference
+{%- if vision %}
+    reference_processor = ReferenceProcessor
+{%- else %}
+    reference_processor = "transformers:AutoTokenizer"  # text-only: token ids of prompts and chat messages
+{%- endif %}

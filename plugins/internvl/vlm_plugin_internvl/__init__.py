@@ -6,15 +6,21 @@ from whichever plugin claims the nested text config. torch is imported only insi
 
 from __future__ import annotations
 
-from vlm.plugin import claim_by_architecture, hookimpl
+from vlm.plugin import VISION_TOWERS, Registry, claim_by_architecture, hookimpl
 
 __version__ = "0.1.0"
-vlm_api_version = ">=1.0,<2"
+vlm_api_version = ">=1.1,<2"  # builds its components through vlm.registry (contract 1.1)
 
 ARCHITECTURES = {
     "InternVLForConditionalGeneration": "internvl",  # Hugging Face layout
     "InternVLChatModel": "internvl_chat",  # original OpenGVLab layout
 }
+
+
+#: InternViT, for any plugin to build by name: VISION_TOWERS.build(dict(type="internvl.InternVisionTower",
+#: hf_config=..., dtype=..., device=...)) (imported on first use: this module stays torch-free)
+TOWERS = Registry("vision_tower", parent=VISION_TOWERS, scope="internvl")
+TOWERS.register_module(name="InternVisionTower", module="vlm_plugin_internvl.model:build_intern_vision_tower")
 
 
 @hookimpl

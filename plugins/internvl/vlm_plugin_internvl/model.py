@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.nn import (
+    ConvPatchEmbedding,
     LayerNorm,
     RMSNorm,
     VisionAttention,
@@ -31,9 +32,10 @@ from vlm.nn import (
     build_qkv_proj,
     build_replicated_linear,
     get_act_fn,
+    pixel_shuffle,
     vision_batches,
 )
-from vlm.plugin import build_language_model, composite_text_config
+from vlm.plugin import PROJECTORS, VISION_TOWERS, build_language_model, composite_text_config
 
 
 def _pair(value: Any) -> int:
@@ -90,8 +92,7 @@ class InternVisionEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(
             torch.empty(1, 1, s.hidden_size, dtype=dtype, device=device), requires_grad=False
         )
-        self.patch_embedding = nn.Conv2d(3, s.hidden_size, s.patch_size, s.patch_size, dtype=dtype, device=device)
-        self.patch_embedding.requires_grad_(False)
+        self.patch_embedding = ConvPatchEmbedding(3, s.hidden_size, s.patch_size, bias=True, dtype=dtype, device=device)
         self.position_embedding = nn.Parameter(
             torch.empty(1, self.grid * self.grid + 1, s.hidden_size, dtype=dtype, device=device), requires_grad=False
         )
@@ -108,9 +109,8 @@ class InternVisionEmbeddings(nn.Module):
         return torch.cat([cls_pos, patch_pos], dim=1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
-        height, width = patches.shape[-2:]
-        patches = patches.flatten(2).transpose(1, 2)
+        height, width = self.patch_embedding.grid(pixel_values)
+        patches = self.patch_embedding(pixel_values)
         cls = self.class_embedding.expand(patches.shape[0], -1, -1)
         return torch.cat([cls, patches], dim=1) + self._positions(height, width)
 
@@ -189,27 +189,9 @@ class InternVisionModel(nn.Module):
         return x
 
 
-class InternVLProjector(nn.Module):
-    """LayerNorm -> Linear -> GELU -> Linear, from pixel-shuffled vision features to LM width."""
-
-    def __init__(self, in_features: int, out_features: int, act: str, dtype, device):
-        super().__init__()
-        self.layer_norm = LayerNorm(in_features, 1e-5, dtype=dtype, device=device)
-        self.linear_1 = build_replicated_linear(in_features, out_features, bias=True, dtype=dtype, device=device)
-        self.linear_2 = build_replicated_linear(out_features, out_features, bias=True, dtype=dtype, device=device)
-        self.act = get_act_fn(act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
-
-
-def pixel_shuffle(x: torch.Tensor, scale: float, v1: bool = False) -> torch.Tensor:
-    """``[B, W, H, C]`` -> ``[B, W*scale, H*scale, C/scale^2]`` (InternVL's space-to-depth)."""
-    b, w, h, c = x.shape
-    x = x.reshape(b, w, int(h * scale), int(c / scale))
-    x = x.permute(0, 2, 1, 3).contiguous()
-    x = x.reshape(b, int(h * scale), int(w * scale), int(c / (scale * scale)))
-    return x if v1 else x.permute(0, 2, 1, 3).contiguous()
+def build_intern_vision_tower(hf_config: Any, dtype=None, device=None) -> InternVisionModel:
+    """InternViT as an InternVL config sets it up (registered as ``internvl.InternVisionTower``)."""
+    return InternVisionModel(VisionSettings(hf_config), dtype, device)
 
 
 class InternVLChatModel(VisionLanguageModel):
@@ -221,12 +203,21 @@ class InternVLChatModel(VisionLanguageModel):
         self.config = hf_config
         self.vision = VisionSettings(hf_config)
         s = self.vision
-        self.vision_model = InternVisionModel(s, dtype, device)
+        self.vision_model = VISION_TOWERS.build(
+            dict(type="internvl.InternVisionTower", hf_config=hf_config, dtype=dtype, device=device)
+        )
         # the original layout's llm_config carries its own tie flag
         text_config = composite_text_config(hf_config) if s.hf_layout else hf_config.get_text_config()
         scale = int(round(1 / s.downsample_ratio))
-        self.projector = InternVLProjector(
-            s.hidden_size * scale * scale, text_config.hidden_size, s.projector_act, dtype, device
+        self.projector = PROJECTORS.build(
+            dict(
+                type="LayerNormMLPProjector",
+                in_features=s.hidden_size * scale * scale,
+                out_features=text_config.hidden_size,
+                act=s.projector_act,
+                dtype=dtype,
+                device=device,
+            )
         )
         self.language_model = build_language_model(text_config, model_config, dtype, device)
 

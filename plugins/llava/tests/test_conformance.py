@@ -1,5 +1,7 @@
 """vlm-plugin-llava through the conformance kit every plugin uses (vlm.testing.conformance), with
-transformers' LlavaForConditionalGeneration / LlavaNextForConditionalGeneration as the reference."""
+transformers' LlavaForConditionalGeneration / LlavaNextForConditionalGeneration as the reference,
+and transformers' LlavaProcessor / LlavaNextProcessor (vlm_plugin_llava.testing.load_reference_processor)
+as the preprocessing reference."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import pytest
 
 from vlm.config import RawConfig
 from vlm.testing.conformance import PluginConformanceTests
+from vlm_plugin_llava.testing import load_reference_processor
 
 
 def next_reference_inputs(inputs):
@@ -21,8 +24,15 @@ def next_reference_inputs(inputs):
     }
 
 
+def next_reference_pixels(outputs):
+    """LlavaNextProcessor returns ``[images, tiles, C, H, W]`` (padded to the most tiles); the kit
+    sends one image per prompt, so there is no padding: its tiles are vlm's ``[tiles, C, H, W]``."""
+    return outputs["pixel_values"].flatten(0, 1)
+
+
 class LlavaConformance(PluginConformanceTests):
     plugin = "llava"
+    reference_processor = staticmethod(load_reference_processor)
     foreign_configs = [
         RawConfig({"architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl"}),
         # the original LLaVA repos' remote-code class: not a transformers layout
@@ -51,6 +61,7 @@ class TestLlavaSiglipQwen2(LlavaConformance):
 class TestLlavaNextClipMistral(LlavaConformance):
     reference = "transformers:LlavaNextForConditionalGeneration"
     reference_inputs = staticmethod(next_reference_inputs)
+    reference_pixels = staticmethod(next_reference_pixels)
 
     @pytest.fixture(scope="class")
     @classmethod

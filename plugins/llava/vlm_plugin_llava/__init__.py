@@ -9,7 +9,7 @@ from __future__ import annotations
 from vlm.plugin import claim_by_architecture, hookimpl
 
 __version__ = "0.1.0"
-vlm_api_version = ">=1.0,<2"
+vlm_api_version = ">=1.1,<2"  # builds its components through vlm.registry (contract 1.1)
 
 #: architecture name -> model_type, as in config.json
 ARCHITECTURES = {

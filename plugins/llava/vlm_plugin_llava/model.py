@@ -18,25 +18,17 @@ are the towers' ``post_layernorm`` and SigLIP's pooling head: LLaVA reads hidden
 from __future__ import annotations
 
 import re
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
-from vlm.nn import (
-    LayerNorm,
-    VisionAttention,
-    VisionLanguageModel,
-    WeightLoader,
-    WeightMapping,
-    build_qkv_proj,
-    build_replicated_linear,
-    get_act_fn,
-)
-from vlm.plugin import ConfigError, build_language_model, composite_text_config
+from vlm.nn import VisionLanguageModel, WeightLoader, WeightMapping
+from vlm.plugin import PROJECTORS, VISION_TOWERS, ConfigError, build_language_model, composite_text_config
 
-#: vision_config.model_type -> does the tower have a class token and a LayerNorm before the encoder?
-VISION_TOWERS = {"clip_vision_model": True, "siglip_vision_model": False}
+#: vision_config.model_type -> the tower's name in vlm.registry.VISION_TOWERS, and whether it has a
+#: class token (and a LayerNorm before the encoder)
+TOWERS = {"clip_vision_model": ("CLIPVisionTower", True), "siglip_vision_model": ("SiglipVisionTower", False)}
 
 
 class VisionSettings:
@@ -45,12 +37,12 @@ class VisionSettings:
     def __init__(self, hf_config: Any):
         vc = hf_config.vision_config
         tower = getattr(vc, "model_type", None)
-        if tower not in VISION_TOWERS:
+        if tower not in TOWERS:
             raise ConfigError(
                 f"config.json vision_config.model_type is {tower!r}; the llava plugin runs "
-                f"{' and '.join(VISION_TOWERS)} towers"
+                f"{' and '.join(TOWERS)} towers"
             )
-        self.class_token = VISION_TOWERS[tower]  # CLIP: class token + pre_layrnorm; SigLIP: neither
+        self.tower_type, self.class_token = TOWERS[tower]  # CLIP: class token + pre_layrnorm; SigLIP: neither
         self.hidden_size = vc.hidden_size
         self.num_heads = vc.num_attention_heads
         self.intermediate_size = vc.intermediate_size
@@ -78,113 +70,6 @@ class VisionSettings:
         self.tokens_per_tile = self.grid * self.grid + int(self.class_token) - int(self.drop_first)
 
 
-class VisionEmbeddings(nn.Module):
-    """Patches (+ class token) + learned positions."""
-
-    def __init__(self, s: VisionSettings, dtype, device):
-        super().__init__()
-        if s.class_token:
-            self.class_embedding = nn.Parameter(
-                torch.empty(s.hidden_size, dtype=dtype, device=device), requires_grad=False
-            )
-        # CLIP's patch convolution has no bias, SigLIP's has one
-        self.patch_embedding = nn.Conv2d(
-            3, s.hidden_size, s.patch_size, s.patch_size, bias=not s.class_token, dtype=dtype, device=device
-        )
-        positions = s.grid * s.grid + int(s.class_token)
-        self.position_embedding = nn.Embedding(positions, s.hidden_size, dtype=dtype, device=device)
-        self.requires_grad_(False)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
-        x = patches.flatten(2).transpose(1, 2)
-        if hasattr(self, "class_embedding"):
-            x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
-        return x + self.position_embedding.weight
-
-
-class VisionSelfAttention(nn.Module):
-    def __init__(self, s: VisionSettings, dtype, device):
-        super().__init__()
-        head_dim = s.hidden_size // s.num_heads
-        self.qkv_proj = build_qkv_proj(
-            s.hidden_size, head_dim, s.num_heads, s.num_heads, bias=True, dtype=dtype, device=device, replicate=True
-        )
-        self.attn = VisionAttention(s.num_heads, head_dim)
-        self.out_proj = build_replicated_linear(s.hidden_size, s.hidden_size, bias=True, dtype=dtype, device=device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
-        return self.out_proj(self.attn(q, k, v))
-
-
-class VisionMLP(nn.Module):
-    def __init__(self, s: VisionSettings, dtype, device):
-        super().__init__()
-        self.fc1 = build_replicated_linear(s.hidden_size, s.intermediate_size, bias=True, dtype=dtype, device=device)
-        self.act = get_act_fn(s.hidden_act)  # CLIP: quick_gelu, SigLIP: gelu_pytorch_tanh
-        self.fc2 = build_replicated_linear(s.intermediate_size, s.hidden_size, bias=True, dtype=dtype, device=device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class VisionEncoderLayer(nn.Module):
-    """Pre-LN transformer block (CLIP and SigLIP alike)."""
-
-    def __init__(self, s: VisionSettings, dtype, device):
-        super().__init__()
-        self.layer_norm1 = LayerNorm(s.hidden_size, s.eps, dtype=dtype, device=device)
-        self.self_attn = VisionSelfAttention(s, dtype, device)
-        self.layer_norm2 = LayerNorm(s.hidden_size, s.eps, dtype=dtype, device=device)
-        self.mlp = VisionMLP(s, dtype, device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class VisionTower(nn.Module):
-    """CLIP or SigLIP vision transformer, up to the deepest layer LLaVA reads."""
-
-    def __init__(self, s: VisionSettings, dtype, device):
-        super().__init__()
-        self.settings = s
-        self.embeddings = VisionEmbeddings(s, dtype, device)
-        # (sic) the name in CLIP's checkpoints
-        self.pre_layrnorm = LayerNorm(s.hidden_size, s.eps, dtype=dtype, device=device) if s.class_token else None
-        self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList(VisionEncoderLayer(s, dtype, device) for _ in range(s.layers_used))
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[tiles, 3, S, S]`` -> the selected features ``[tiles, tokens_per_tile, D * len(feature_layers)]``."""
-        x = self.embeddings(pixel_values)
-        if self.pre_layrnorm is not None:
-            x = self.pre_layrnorm(x)
-        wanted = self.settings.feature_layers
-        kept = {0: x} if 0 in wanted else {}  # only the states the projector reads stay alive
-        layers = cast(nn.ModuleList, self.encoder.layers)
-        for index, layer in enumerate(layers, start=1):
-            x = layer(x)
-            if index in wanted:
-                kept[index] = x
-        features = torch.cat([kept[i] for i in wanted], dim=-1)
-        return features[:, 1:] if self.settings.drop_first else features
-
-
-class LlavaMultiModalProjector(nn.Module):
-    """Linear -> activation -> Linear, from vision features to the language model's width."""
-
-    def __init__(self, in_features: int, out_features: int, act: str, bias: bool, dtype, device):
-        super().__init__()
-        self.linear_1 = build_replicated_linear(in_features, out_features, bias=bias, dtype=dtype, device=device)
-        self.act = get_act_fn(act)
-        self.linear_2 = build_replicated_linear(out_features, out_features, bias=bias, dtype=dtype, device=device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
-
-
 class LlavaForConditionalGeneration(VisionLanguageModel):
     """LLaVA-1.5: vision tower and projector for ``embed_images``; text goes straight to the
     language model (:class:`vlm.nn.VisionLanguageModel`)."""
@@ -194,16 +79,28 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
         self.config = hf_config
         self.vision = VisionSettings(hf_config)
         s = self.vision
-        self.vision_tower = VisionTower(s, dtype, device)
+        self.vision_tower = VISION_TOWERS.build(
+            dict(
+                type=s.tower_type,
+                vision_config=hf_config.vision_config,
+                feature_layers=s.feature_layers,
+                drop_first=s.drop_first,
+                dtype=dtype,
+                device=device,
+            )
+        )
         # LlavaConfig folds the text config's tie flag into its own, which composite_text_config reads
         text_config = composite_text_config(hf_config)
-        self.multi_modal_projector = LlavaMultiModalProjector(
-            s.hidden_size * len(s.feature_layers),
-            text_config.hidden_size,
-            getattr(hf_config, "projector_hidden_act", "gelu"),
-            bool(getattr(hf_config, "multimodal_projector_bias", True)),
-            dtype,
-            device,
+        self.multi_modal_projector = PROJECTORS.build(
+            dict(
+                type="MLPProjector",
+                in_features=s.hidden_size * len(s.feature_layers),
+                out_features=text_config.hidden_size,
+                act=getattr(hf_config, "projector_hidden_act", "gelu"),
+                bias=bool(getattr(hf_config, "multimodal_projector_bias", True)),
+                dtype=dtype,
+                device=device,
+            )
         )
         self.language_model = build_language_model(text_config, model_config, dtype, device)
 

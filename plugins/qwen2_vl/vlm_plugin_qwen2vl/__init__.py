@@ -8,15 +8,20 @@ torch is imported only inside the hooks.
 
 from __future__ import annotations
 
-from vlm.plugin import claim_by_architecture, hookimpl
+from vlm.plugin import VISION_TOWERS, Registry, claim_by_architecture, hookimpl
 
 __version__ = "0.1.0"
-vlm_api_version = ">=1.0,<2"
+vlm_api_version = ">=1.1,<2"  # builds its components through vlm.registry (contract 1.1)
 
 ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
 }
+
+
+#: The tower, for any plugin to build by name (imported on first use: this module stays torch-free)
+TOWERS = Registry("vision_tower", parent=VISION_TOWERS, scope="qwen2vl")
+TOWERS.register_module(name="Qwen2VisionTower", module="vlm_plugin_qwen2vl.model:build_qwen2_vision_tower")
 
 
 @hookimpl

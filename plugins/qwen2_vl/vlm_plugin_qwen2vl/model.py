@@ -31,7 +31,6 @@ from vlm.nn import (
     LayerNorm,
     RMSNorm,
     RotaryEmbedding,
-    ShapeMismatch,
     SiluAndMul,
     VisionAttention,
     VisionLanguageModel,
@@ -43,9 +42,8 @@ from vlm.nn import (
     build_replicated_linear,
     build_rowwise_linear,
     get_act_fn,
-    set_weight_loader,
 )
-from vlm.plugin import ConfigError, build_language_model, composite_text_config
+from vlm.plugin import PATCH_EMBEDDINGS, VISION_TOWERS, ConfigError, build_language_model, composite_text_config
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches
 
@@ -106,23 +104,20 @@ def _norm(s: VisionSettings, size: int, dtype, device) -> nn.Module:
 
 
 class Qwen2VisionPatchEmbed(nn.Module):
-    """The checkpoint's Conv3d, whose kernel and stride are one (T, P, P) patch, maps each
-    flattened patch linearly: stored as one linear layer (one GEMM), loaded from the 5-D weight."""
+    """The checkpoint's Conv3d over one (T, P, P) patch, held as one GEMM (``proj``) over the
+    patches the preprocessor already flattened."""
 
     def __init__(self, s: VisionSettings, dtype, device):
         super().__init__()
-        self.conv_shape = (s.width, s.in_channels, s.temporal_patch_size, s.patch_size, s.patch_size)
-        patch_values = s.in_channels * s.temporal_patch_size * s.patch_size**2
-        self.proj = build_replicated_linear(patch_values, s.width, bias=False, dtype=dtype, device=device)
-        set_weight_loader(self.proj.weight, self._load_conv_weight)
-
-    def _load_conv_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        if tuple(loaded.shape) != self.conv_shape:
-            raise ShapeMismatch(self.conv_shape, tuple(loaded.shape))
-        param.data.copy_(loaded.reshape(param.shape))
+        kernel = (s.temporal_patch_size, s.patch_size, s.patch_size)
+        self.proj = PATCH_EMBEDDINGS.build(
+            dict(type="ConvPatchEmbedding", in_channels=s.in_channels, hidden_size=s.width, patch_size=kernel),
+            dtype=dtype,
+            device=device,
+        )
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.proj(patches.to(self.proj.weight.dtype))
+        return self.proj(patches)
 
 
 class Qwen2VisionAttention(nn.Module):
@@ -290,6 +285,11 @@ class Qwen2VisionTransformer(nn.Module):
 # ----------------------------------------------------------------------------- the model
 
 
+def build_qwen2_vision_tower(hf_config: Any, dtype=None, device=None) -> Qwen2VisionTransformer:
+    """The Qwen2-VL / Qwen2.5-VL tower as the config sets it up (registered as ``qwen2vl.Qwen2VisionTower``)."""
+    return Qwen2VisionTransformer(VisionSettings(hf_config), dtype, device)
+
+
 class Qwen2VLForConditionalGeneration(VisionLanguageModel):
     """The vision tower for ``embed_images``; text goes straight to the language model
     (:class:`vlm.nn.VisionLanguageModel`)."""
@@ -300,7 +300,9 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
     def __init__(self, hf_config: Any, model_config: Any, dtype=torch.float32, device=None):
         super().__init__()
         self.config = hf_config
-        self.visual = Qwen2VisionTransformer(VisionSettings(hf_config), dtype, device)
+        self.visual = VISION_TOWERS.build(
+            dict(type="qwen2vl.Qwen2VisionTower", hf_config=hf_config, dtype=dtype, device=device)
+        )
         self.language_model = build_language_model(composite_text_config(hf_config), model_config, dtype, device)
 
     def embed_images(self, images: list[Any]) -> list[torch.Tensor]:
