@@ -76,9 +76,13 @@ def run_command(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
         prompt: Any = text
-        if args.image:
+        if args.no_chat_template:
+            # base checkpoints: the family's raw image form, then the text, no chat turn
+            images = [_checked_image(path) for path in args.image or []]
+            prompt = llm.engine.preprocessor.raw_prompt(text, images)
+        elif args.image:
             prompt = _system(args) + [user_message(text, [_checked_image(path) for path in args.image])]
-        elif has_template and not args.no_chat_template:
+        elif has_template:
             prompt = _system(args) + [{"role": "user", "content": text}]
         if args.draw_boxes:
             return _answer_and_draw(llm, prompt, params, args)

@@ -108,7 +108,10 @@ class InputProcessor:
             request_id=request_id,
             inputs=inputs,
             params=params,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, inputs.token_ids, params.skip_special_tokens),
+            # a chat reply is a message of its own; a completion continues the prompt's text
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, [] if inputs.chat else inputs.token_ids, params.skip_special_tokens
+            ),
             generator=generator,
             logprobs=[] if params.logprobs is not None else None,
             placeholder_positions=positions,

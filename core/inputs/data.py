@@ -59,6 +59,10 @@ class ModelInputs:
         (transformers' ``rope_deltas``: ``positions.max() + 1 - T``).
     :param image_token_id: the placeholder token that image embeddings replace, in order:
         ``token_ids.count(image_token_id) == sum(image.num_tokens for image in images)``.
+    :param chat: the prompt was rendered from chat messages, so the reply is a message of its own:
+        its text is ``tokenizer.decode(new_ids)`` (as transformers and OpenAI chat clients have it:
+        no SentencePiece word-start space before the first word). Otherwise the reply continues the
+        prompt's text: ``decode(prompt + new) - decode(prompt)`` (a completion keeps that space).
     """
 
     token_ids: list[int]
@@ -67,6 +71,7 @@ class ModelInputs:
     position_delta: int = 0
     prompt: str | None = None
     image_token_id: int | None = None
+    chat: bool = False
 
 
 class Preprocessor(Protocol):

@@ -112,6 +112,20 @@ def text_content_as(messages: list[Message], form: str) -> list[Message]:
     return out
 
 
+def content_list(messages: list[Message]) -> list[dict[str, Any]]:
+    """Every message's content as one flat list of parts, in order (a string content becomes a
+    text part): what a template that iterates ``messages`` as content parts takes (Qwen2-VL's
+    base checkpoints). Such a template has no roles, so turns run together."""
+    parts: list[dict[str, Any]] = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append({"type": "text", "text": content})
+        elif isinstance(content, list):
+            parts.extend(content)
+    return parts
+
+
 def iter_image_parts(messages: list[Message]) -> Iterator[Any]:
     """The image sources of (normalized or raw) messages, in prompt order."""
     for i, message in enumerate(messages):

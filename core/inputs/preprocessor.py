@@ -19,8 +19,9 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -28,38 +29,44 @@ from typing import Any, cast
 from vlm.errors import ConfigError, InputError
 from vlm.inputs.data import ImageInput, Message, ModelInputs, Prompt, is_token_ids
 from vlm.inputs.images import load_image
-from vlm.inputs.messages import has_image_parts, iter_image_parts, normalize_messages, text_content_as
+from vlm.inputs.messages import content_list, has_image_parts, iter_image_parts, normalize_messages, text_content_as
 
 #: a marker no real prompt holds: :func:`template_content_form` looks for it in a rendered probe
 _PROBE = "vlm-content-probe-5d1e"
 
 
-def template_content_form(render: Callable[[list[Message]], str]) -> str:
-    """Which content form a chat template renders: ``"string"``, ``"parts"`` or ``"both"``.
+def template_content_form(render: Callable[[list[Any]], str], template: str = "") -> str:
+    """Which content form a chat template renders: ``"string"``, ``"parts"``, ``"both"`` or
+    ``"content_list"``.
 
     ``render`` renders messages with the template (``tokenize=False``). Templates differ: SmolVLM's
     iterates parts, so string content renders as nothing; plain ChatML concatenates strings and
-    fails on a list. So a user message holding a marker is rendered in each form, and a form counts
-    when the marker comes out as text (a template that raises on a form does not render it).
+    fails on a list; Qwen2-VL's *base* checkpoints iterate content parts given as ``messages``
+    themselves (no roles: ``"content_list"``). So a marker is rendered in each form, and a form
+    counts when the marker comes out as text (a template that raises on a form does not render it).
 
-    :raises InputError: the template renders the user's text in neither form.
+    :raises InputError: the template renders the user's text in no form; names the template.
     """
 
-    def renders(content: Any) -> bool:
+    def renders(messages: list[Any]) -> bool:
         try:
-            text = render([{"role": "user", "content": content}])
+            text = render(messages)
         except Exception:  # noqa: BLE001 - any failure means this form does not render
             return False
         # a string-only template prints a parts list as its repr (or JSON): not a rendering of the text
         return _PROBE in text and not any(f"{q}text{q}: {q}{_PROBE}{q}" in text for q in "'\"")
 
-    string, parts = renders(_PROBE), renders([{"type": "text", "text": _PROBE}])
-    if not (string or parts):
-        raise InputError(
-            "this model's chat template renders no user text (neither string contents nor text parts); "
-            "send a plain prompt string instead of chat messages (vlmrun --no-chat-template)"
-        )
-    return "both" if string and parts else "string" if string else "parts"
+    part = {"type": "text", "text": _PROBE}
+    string, parts = renders([{"role": "user", "content": _PROBE}]), renders([{"role": "user", "content": [part]}])
+    if string or parts:
+        return "both" if string and parts else "string" if string else "parts"
+    if renders([part]):
+        return "content_list"
+    shown = " ".join(template.split())[:60]
+    raise InputError(
+        f"this model's chat template ({shown!r}...) renders no user text, whatever form the messages take; "
+        "send a plain prompt instead of chat messages (vlmrun --no-chat-template)"
+    )
 
 
 class TextPreprocessor:
@@ -82,12 +89,20 @@ class TextPreprocessor:
             raise InputError("this model reads text only: remove the image parts, or serve a vision-language model")
         if self._probed is None or self._probed[0] != template:
             probe = partial(self.tokenizer.apply_chat_template, tokenize=False)
-            self._probed = (template, template_content_form(probe))
+            self._probed = (template, template_content_form(probe, template))
+        if self._probed[1] == "content_list":
+            return self.tokenizer.apply_chat_template(content_list(messages), tokenize=False)
         # text-only templates get a string (joined text parts), unless they render parts only
         form = "parts" if self._probed[1] == "parts" else "string"
         return self.tokenizer.apply_chat_template(
             text_content_as(messages, form), tokenize=False, add_generation_prompt=add_generation_prompt
         )
+
+    def raw_prompt(self, text: str, images: Sequence[Any] = ()) -> ModelInputs:
+        """A prompt without the chat template; a text-only model refuses images."""
+        if images:
+            raise InputError("this model reads text only: remove the images, or serve a vision-language model")
+        return self(text)
 
     def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs:
         if is_token_ids(prompt):
@@ -96,14 +111,15 @@ class TextPreprocessor:
             text = self.render(cast(list[Message], prompt), add_generation_prompt)
             # the template already wrote BOS where the model wants it
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            chat = True
         elif isinstance(prompt, str):
-            text = prompt
+            text, chat = prompt, False
             ids = self.tokenizer(text)["input_ids"]
         else:
             raise InputError(f"a prompt must be a string, a list of messages or token ids, not {type(prompt).__name__}")
         if not ids:
             raise InputError("the prompt is empty after tokenization; send at least one token")
-        return ModelInputs(token_ids=list(ids), prompt=text)
+        return ModelInputs(token_ids=list(ids), prompt=text, chat=chat)
 
 
 def read_json(path: str | Path) -> dict[str, Any] | None:
@@ -249,11 +265,13 @@ class ImagePromptPreprocessor:
 
         render = partial(self.tokenizer.apply_chat_template, chat_template=self.chat_template, tokenize=False)
         if self._probed is None or self._probed[0] != self.chat_template:
-            self._probed = (self.chat_template, template_content_form(render))
+            self._probed = (self.chat_template, template_content_form(render, self.chat_template))
+        form = self._probed[1]
+        messages = self.prepare_messages(messages)
         # text in the form the template renders ("both": as prepare_messages left it)
-        messages = text_content_as(self.prepare_messages(messages), self._probed[1])
+        rendered: list[Any] = content_list(messages) if form == "content_list" else text_content_as(messages, form)
         try:
-            text = render(messages, add_generation_prompt=add_generation_prompt)
+            text = render(rendered, add_generation_prompt=add_generation_prompt)
         except TemplateError as exc:
             raise InputError(f"the chat template rejected the messages ({exc}); fix the message list") from None
         return text, sources
@@ -274,8 +292,31 @@ class ImagePromptPreprocessor:
             text, sources, add_special_tokens = prompt, [], True
         else:
             raise InputError(f"a prompt must be a string, a list of messages or token ids, not {type(prompt).__name__}")
+        inputs = self._expand(text, sources, add_special_tokens, templated=isinstance(prompt, list))
+        return dataclasses.replace(inputs, chat=isinstance(prompt, list))
 
+    def raw_prompt(self, text: str, images: Sequence[Any] = ()) -> ModelInputs:
+        """A prompt without the chat template (base checkpoints, ``vlmrun --no-chat-template``):
+        each image's :attr:`raw_image_text`, then ``text``, as the family's processor takes a raw prompt."""
+        if images and not self.supports_images:
+            raise InputError("this model takes no images (config.json has no vision_config); send text only")
+        return self._expand(self.raw_image_text * len(images) + text, list(images), add_special_tokens=True)
+
+    @property
+    def raw_image_text(self) -> str:
+        """What stands for one image in a raw prompt (default: the placeholder and a newline)."""
+        return self.placeholder + "\n"
+
+    def _expand(self, text: str, sources: list[Any], add_special_tokens: bool, templated: bool = False) -> ModelInputs:
+        """Placeholders -> each image's tokens; tokenize; check the counts."""
         pieces = text.split(self.placeholder)
+        if len(pieces) - 1 < len(sources) and templated:
+            shown = " ".join((self.chat_template or "").split())[:60]
+            raise InputError(
+                f"the chat template ({shown!r}...) wrote {len(pieces) - 1} image placeholder(s) {self.placeholder!r} "
+                f"for {len(sources)} image(s): it drops images; send the picture with a raw prompt "
+                "(vlmrun --no-chat-template) or use a template that places images"
+            )
         if len(pieces) - 1 != len(sources):
             raise InputError(
                 f"the prompt has {len(pieces) - 1} image placeholder(s) {self.placeholder!r} but {len(sources)} "

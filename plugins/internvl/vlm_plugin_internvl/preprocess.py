@@ -34,11 +34,15 @@ from vlm.plugin import (
     ConfigError,
     ImageInput,
     ImagePromptPreprocessor,
+    InputError,
     find_chat_template,
+    iter_image_parts,
+    normalize_messages,
     pixel_values_key,
     read_json,
     to_rgb,
 )
+from vlm_plugin_internvl.conversation import template_for
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -239,6 +243,8 @@ class InternVLPreprocessor(ImagePromptPreprocessor):
             self.start_token, self.end_token, self.image_token = IMG_START, IMG_END, IMG_CONTEXT
             self.placeholder = ORIGINAL_IMAGE_PLACEHOLDER
             self.chat_template = getattr(tokenizer, "chat_template", None)
+            # model.chat renders with the conversation template config.json names, not the tokenizer's
+            self.conversation = template_for(hf_config)
         else:
             # transformers: the tokenizer names its image tokens; the template writes the context token
             self.start_token = getattr(tokenizer, "start_image_token", None) or IMG_START
@@ -295,6 +301,17 @@ class InternVLPreprocessor(ImagePromptPreprocessor):
                         p["text"] if p["type"] == "text" else self.placeholder + "\n" for p in parts
                     )
         return messages
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> tuple[str, list[Any]]:
+        """The original layout renders as ``model.chat`` does, with config.json's conversation template."""
+        conversation = getattr(self, "conversation", None)
+        if conversation is None:
+            return super().render(messages, add_generation_prompt)
+        messages = normalize_messages(messages)
+        sources = list(iter_image_parts(messages))
+        if sources and not self.supports_images:
+            raise InputError("this model takes no images (config.json has no vision_config); send text only")
+        return conversation.render(self.prepare_messages(messages), add_generation_prompt), sources
 
     def expand_image(self, image: ImageInput) -> str:
         """``<img>`` + ``<IMG_CONTEXT>`` x the image's tokens + ``</img>``."""

@@ -227,6 +227,11 @@ class Qwen2VLPreprocessor(ImagePromptPreprocessor):
         )
         self._check_vision_config()
 
+    @property
+    def raw_image_text(self) -> str:
+        """An image in a raw prompt as the base checkpoints' template writes it (no newline)."""
+        return "<|vision_start|>" + self.placeholder + "<|vision_end|>"
+
     def _check_vision_config(self) -> None:
         """preprocessor_config.json must cut patches the way the vision tower reads them."""
         vision = self.hf_config.vision_config
