@@ -324,7 +324,9 @@ class EngineConfig(Settings):
     model: str = Field(description="model directory, or a hub id already in the local HF cache")
     plugin: str | None = Field(None, description="force this plugin instead of asking `match`")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: float32 on CPU (the fast dtype there), config dtype on GPU"
+        "auto",
+        description="auto: the checkpoint's bf16/fp16 where the CPU computes it natively (else float32) on CPU; "
+        "the checkpoint's dtype on GPU",
     )
     device: str = Field("auto", description="auto: cuda when available, else cpu")
     max_model_len: PositiveInt | None = Field(
@@ -345,3 +347,12 @@ class EngineConfig(Settings):
     )
     seed: int = Field(0, description="default seed for sampling")
     allow_download: bool = Field(False, description="download a hub id that is not cached")
+    quantization: Literal["int8", "int4"] | None = Field(
+        None,
+        description="weight-only quantization of the language model's linear layers, on the fly: int8 (per output "
+        "channel) or int4 (group-wise, with zero points)",
+    )
+    quantization_group_size: Literal[32, 64, 128] = Field(
+        128, description="int4: input features per scale and zero point"
+    )
+    quantize_vision: bool = Field(False, description="quantize the vision tower and projector too")

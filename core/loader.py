@@ -20,6 +20,7 @@ import torch
 from vlm.errors import ConfigError, ModelNotFoundError, WeightsError
 from vlm.nn.linear import prepare_for_inference
 from vlm.plugin.manager import build_model
+from vlm.quantization import QuantConfig, assign_quant_config
 
 if TYPE_CHECKING:
     from vlm.config import ModelConfig
@@ -233,6 +234,7 @@ def load_model(
     strict: bool = True,
     verify: Callable[[torch.nn.Module, LoadReport], None] | None = None,
     progress: bool = True,
+    quantization: QuantConfig | None = None,
 ) -> LoadedModel:
     """Build the model with the plugin that serves it, stream the checkpoint into ``load_weights``
     and prepare it for inference (packed CPU weights): the one way the engine, ``vlmrun check``
@@ -244,9 +246,13 @@ def load_model(
         parameter is matched; ``vlmrun check`` lists the mismatches instead.
     :param verify: called with the model and the report after loading, before the weights are
         repacked (the conformance kit checks there that every parameter was written).
+    :param quantization: quantize the language model's linear layers so (:mod:`vlm.quantization`):
+        they are told before loading (a layer that cannot be quantized so fails before any weight
+        is read), load full precision and quantize themselves when prepared for inference.
     """
     if model is None:
         model, plugin = build_model(model_config, dtype, device, plugin)
+    assign_quant_config(model, quantization)
     meta = device.type == "meta"
     if weights is None:
         files = checkpoint_files(Path(model_config.path))

@@ -45,10 +45,15 @@ def paged_decode_attention(
     mask = (torch.arange(length, device=q.device) < context_lens.unsqueeze(1))[:, None, None, :]
     k = k_cache.view(-1, heads, dim)[slots].transpose(1, 2)  # [B, Hk, L, D]
     v = v_cache.view(-1, heads, dim)[slots].transpose(1, 2)
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        # CPU SDPA in half precision is ~8x slower than in fp32 for one query token (measured:
+        # 1333 vs 168 us, B=8, 14/2 heads, 200 tokens); decode reads little, so compute in fp32
+        q, k, v = q.float(), k.float(), v.float()
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != heads
     )
-    return out.squeeze(2)
+    return out.squeeze(2).to(dtype)
 
 
 def paged_prefill_attention(

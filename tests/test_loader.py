@@ -482,7 +482,7 @@ def test_tied_checkpoint_with_lm_head_copy_loads(tied_qwen2, tmp_path):
 def test_bf16_checkpoint_in_fp32_engine_matches_transformers(tiny_models):
     path = tiny_models("llama", dtype="bfloat16")
     assert {t.dtype for t in _state_dict(path).values()} == {torch.bfloat16}
-    llm = vlm.LLM(path)  # dtype auto: float32 on CPU
+    llm = vlm.LLM(path, dtype="float32")  # (auto picks bf16 where the CPU has it: tests/test_bf16.py)
     assert llm.engine.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in llm.engine.model.parameters())
     prompt_ids = llm.tokenizer.encode(PROMPT)

@@ -15,6 +15,8 @@ _FIELDS = {
     "max_num_seqs": "max_num_seqs",
     "max_num_batched_tokens": "max_num_batched_tokens",
     "tp": "tensor_parallel_size",
+    "quantize": "quantization",
+    "quantization_group_size": "quantization_group_size",
 }
 
 
@@ -23,7 +25,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: float32 on CPU (the fast dtype there), the checkpoint's on GPU",
+        help="auto: on CPU the checkpoint's bf16 where the CPU computes it natively, else float32; the checkpoint's on GPU",
     )
     engine.add_argument("--device", help="auto (default), cpu or cuda")
     engine.add_argument("--max-model-len", type=int, help="prompt + generated tokens per sequence")
@@ -42,12 +44,25 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="shard the model over N processes on this machine (CPU); this one serves",
     )
     engine.add_argument("--no-prefix-caching", action="store_true", help="recompute shared prefixes")
+    engine.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        help="quantize the language model's weights on the fly: int8 (per output channel) or int4 (group-wise)",
+    )
+    engine.add_argument(
+        "--quantization-group-size",
+        type=int,
+        choices=[32, 64, 128],
+        metavar="{32,64,128}",
+        help="int4: input features per scale and zero point (default 128)",
+    )
+    engine.add_argument("--quantize-vision", action="store_true", help="quantize the vision tower and projector too")
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The EngineConfig keyword arguments the user set (unset flags keep EngineConfig's defaults)."""
     settings = {field: getattr(args, flag) for flag, field in _FIELDS.items() if getattr(args, flag, None) is not None}
-    for name in ("plugin", "allow_download"):
+    for name in ("plugin", "allow_download", "quantize_vision"):
         if getattr(args, name, None):
             settings[name] = getattr(args, name)
     if getattr(args, "no_prefix_caching", False):

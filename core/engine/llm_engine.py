@@ -34,6 +34,7 @@ from vlm.inputs import ModelInputs, Prompt
 from vlm.loader import load_model, load_tokenizer, read_generation_config, resolve_model_path
 from vlm.outputs import RequestOutput
 from vlm.plugin.manager import build_preprocessor
+from vlm.quantization import QuantConfig
 from vlm.sampling_params import SamplingParams
 
 logger = logging.getLogger("vlm")
@@ -93,7 +94,12 @@ class LLMEngine:
             raise
 
     def _build(self, config: EngineConfig) -> None:
-        self.model, self.plugin, _ = load_model(self.model_config, self.dtype, self.device, config.plugin)
+        quantization = None
+        if config.quantization is not None:
+            quantization = QuantConfig(config.quantization, config.quantization_group_size, config.quantize_vision)
+        self.model, self.plugin, _ = load_model(
+            self.model_config, self.dtype, self.device, config.plugin, quantization=quantization
+        )
         self.preprocessor = build_preprocessor(self.model_config, self.tokenizer, self.plugin)
 
         text = self.model_config.text

@@ -7,6 +7,14 @@
 
 Every parameter carries a ``weight_loader`` that takes the *full* checkpoint tensor and copies
 this rank's slice, so model files map names and never think about sharding.
+
+Quantization (:mod:`vlm.quantization`): a layer given a ``QuantConfig`` (``quant_config=`` of its
+builder, or the engine's setting through ``assign_quant_config``) still loads its full-precision
+slice; ``prepare_for_inference`` then quantizes it and frees the dense weight. Each rank's
+quantized slice is exactly the slice of the unsharded quantized layer: scales never span output
+rows; int4 groups never span a rank's input slice (a split that would cut one is refused up
+front); and a rowwise layer keeps, while loading, each full row's largest magnitude for its int8
+scale.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from torch import nn
 from vlm.distributed import all_reduce, divide, tp_rank, tp_world_size
 from vlm.kernels.cpu_gemm import linear, pack_weight
 from vlm.nn.weights import ShapeMismatch, set_weight_loader
+from vlm.quantization import QuantConfig, QuantizationError, QuantizedWeight, check_input_features, quantize
 
 
 def _parameter(shape: tuple[int, ...], dtype, device) -> nn.Parameter:
@@ -31,7 +40,8 @@ def _check(expected: tuple[int, ...], got: torch.Tensor) -> None:
 
 
 class PackableLinear(nn.Module):
-    """Base of the ``vlm.nn`` linears: holds ``weight`` / ``bias`` and the optional packed weight."""
+    """Base of the ``vlm.nn`` linears: holds ``weight`` / ``bias`` and, once prepared for inference,
+    the packed or quantized weight that replaces the dense one."""
 
     weight: nn.Parameter
     bias: nn.Parameter | None
@@ -39,15 +49,45 @@ class PackableLinear(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.packed_weight: torch.Tensor | None = None
+        self.quant_config: QuantConfig | None = None
+        self.quantized: QuantizedWeight | None = None
+        # [out]: each output row's largest magnitude over all input features, kept by a layer whose
+        # weight holds a slice of them (rowwise, tensor-parallel) so that int8 uses the full row's scale
+        self.row_absmax: torch.Tensor | None = None
+
+    def set_quant_config(self, config: QuantConfig | None, name: str = "") -> None:
+        """Quantize this layer in ``prepare_for_inference`` (None: do not).
+
+        :raises QuantizationError: its input features on this rank do not fit ``config``.
+        """
+        if config is not None:
+            reason = check_input_features(config, self.weight.shape[1])
+            if reason is not None:
+                raise QuantizationError(f"cannot quantize {self._describe(name)} to {config.describe()}: {reason}")
+        self.quant_config = config
+
+    def _describe(self, name: str) -> str:
+        out_features, in_features = self.weight.shape
+        return f"{type(self).__name__} {name or '(unnamed)'} ({in_features} -> {out_features})"
 
     def prepare_for_inference(self) -> None:
+        if self.quant_config is not None:
+            if self.quantized is None:  # the dense weight is gone after the first call
+                self.quantized = quantize(self.weight.detach(), self.quant_config, self.row_absmax)
+                self._free_dense_weight()
+            return
         packed = pack_weight(self.weight)
         if packed is not None:
             self.packed_weight = packed
-            # the dense copy is no longer read; keep the parameter (for names and shapes) but free it
-            self.weight.data = torch.empty((0, self.weight.shape[1]), dtype=self.weight.dtype)
+            self._free_dense_weight()
+
+    def _free_dense_weight(self) -> None:
+        # the dense copy is no longer read; keep the parameter (for names and shapes) but free it
+        self.weight.data = torch.empty((0, self.weight.shape[1]), dtype=self.weight.dtype, device=self.weight.device)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.quantized.matmul(x, bias)
         return linear(x, self.weight, bias, self.packed_weight)
 
 
@@ -60,7 +100,16 @@ def prepare_for_inference(model: nn.Module) -> None:
 
 
 class ColwiseLinear(PackableLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        dtype=None,
+        device=None,
+        *,
+        quant_config: QuantConfig | None = None,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.out_per_rank = divide(out_features, tp_world_size(), "output features")
@@ -69,6 +118,7 @@ class ColwiseLinear(PackableLinear):
         self.bias = _parameter((self.out_per_rank,), dtype, device) if bias else None
         if self.bias is not None:
             set_weight_loader(self.bias, self._load)
+        self.set_quant_config(quant_config)
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         _check((self.out_features, *param.shape[1:]), loaded)
@@ -79,16 +129,38 @@ class ColwiseLinear(PackableLinear):
 
 
 class RowwiseLinear(PackableLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        dtype=None,
+        device=None,
+        *,
+        quant_config: QuantConfig | None = None,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.in_per_rank = divide(in_features, tp_world_size(), "input features")
         self.weight = _parameter((out_features, self.in_per_rank), dtype, device)
         set_weight_loader(self.weight, self._load_weight)
         self.bias = _parameter((out_features,), dtype, device) if bias else None
+        self.set_quant_config(quant_config)
+
+    def _describe(self, name: str) -> str:
+        world = self.in_features // self.in_per_rank
+        if world == 1:
+            return super()._describe(name)
+        return (
+            f"{type(self).__name__} {name or '(unnamed)'} ({self.in_features} -> {self.out_features}) split over "
+            f"tensor-parallel size {world} ({self.in_per_rank} input features per rank)"
+        )
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         _check((self.out_features, self.in_features), loaded)
+        if self.quant_config is not None and self.in_per_rank != self.in_features:
+            # of the values as this layer stores them, as the unsharded layer would compute it
+            self.row_absmax = loaded.detach().to(param.dtype).abs().amax(dim=1).float()
         param.data.copy_(loaded.narrow(1, tp_rank() * self.in_per_rank, self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +172,16 @@ class RowwiseLinear(PackableLinear):
 class MergedColwiseLinear(PackableLinear):
     """Several colwise projections of the same input in one GEMM; shard ids are 0, 1, ..."""
 
-    def __init__(self, in_features: int, out_sizes: Sequence[int], bias: bool = False, dtype=None, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_sizes: Sequence[int],
+        bias: bool = False,
+        dtype=None,
+        device=None,
+        *,
+        quant_config: QuantConfig | None = None,
+    ):
         super().__init__()
         world = tp_world_size()
         self.in_features = in_features
@@ -111,6 +192,7 @@ class MergedColwiseLinear(PackableLinear):
         for param in (self.weight, self.bias):
             if param is not None:
                 set_weight_loader(param, self._load, list(range(len(out_sizes))))
+        self.set_quant_config(quant_config)
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
         _check((self.out_sizes[shard_id], *param.shape[1:]), loaded)
@@ -138,6 +220,8 @@ class QKVLinear(PackableLinear):
         dtype=None,
         device=None,
         replicate: bool = False,
+        *,
+        quant_config: QuantConfig | None = None,
     ):
         super().__init__()
         self.world, self.rank = (1, 0) if replicate else (tp_world_size(), tp_rank())
@@ -157,6 +241,7 @@ class QKVLinear(PackableLinear):
         for param in (self.weight, self.bias):
             if param is not None:
                 set_weight_loader(param, self._load, ["q", "k", "v"])
+        self.set_quant_config(quant_config)
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
         if shard_id is None:  # a checkpoint that stores q, k, v already fused in this order
@@ -191,38 +276,72 @@ class QKVLinear(PackableLinear):
 class ReplicatedLinear(PackableLinear):
     """A whole linear layer on every rank (small layers, vision towers)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        dtype=None,
+        device=None,
+        *,
+        quant_config: QuantConfig | None = None,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = _parameter((out_features, in_features), dtype, device)
         self.bias = _parameter((out_features,), dtype, device) if bias else None
+        self.set_quant_config(quant_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
 
 
 def build_replicated_linear(
-    in_features: int, out_features: int, bias: bool = False, dtype=None, device=None
+    in_features: int,
+    out_features: int,
+    bias: bool = False,
+    dtype=None,
+    device=None,
+    *,
+    quant_config: QuantConfig | None = None,
 ) -> ReplicatedLinear:
-    return ReplicatedLinear(in_features, out_features, bias=bias, dtype=dtype, device=device)
+    return ReplicatedLinear(in_features, out_features, bias=bias, dtype=dtype, device=device, quant_config=quant_config)
 
 
 def build_colwise_linear(
-    in_features: int, out_features: int, bias: bool = False, dtype=None, device=None
+    in_features: int,
+    out_features: int,
+    bias: bool = False,
+    dtype=None,
+    device=None,
+    *,
+    quant_config: QuantConfig | None = None,
 ) -> ColwiseLinear:
-    return ColwiseLinear(in_features, out_features, bias=bias, dtype=dtype, device=device)
+    return ColwiseLinear(in_features, out_features, bias=bias, dtype=dtype, device=device, quant_config=quant_config)
 
 
 def build_rowwise_linear(
-    in_features: int, out_features: int, bias: bool = False, dtype=None, device=None
+    in_features: int,
+    out_features: int,
+    bias: bool = False,
+    dtype=None,
+    device=None,
+    *,
+    quant_config: QuantConfig | None = None,
 ) -> RowwiseLinear:
-    return RowwiseLinear(in_features, out_features, bias=bias, dtype=dtype, device=device)
+    return RowwiseLinear(in_features, out_features, bias=bias, dtype=dtype, device=device, quant_config=quant_config)
 
 
 def build_merged_colwise_linear(
-    in_features: int, out_sizes: Sequence[int], bias: bool = False, dtype=None, device=None
+    in_features: int,
+    out_sizes: Sequence[int],
+    bias: bool = False,
+    dtype=None,
+    device=None,
+    *,
+    quant_config: QuantConfig | None = None,
 ) -> MergedColwiseLinear:
-    return MergedColwiseLinear(in_features, out_sizes, bias=bias, dtype=dtype, device=device)
+    return MergedColwiseLinear(in_features, out_sizes, bias=bias, dtype=dtype, device=device, quant_config=quant_config)
 
 
 def build_qkv_proj(
@@ -234,7 +353,17 @@ def build_qkv_proj(
     dtype=None,
     device=None,
     replicate: bool = False,
+    *,
+    quant_config: QuantConfig | None = None,
 ) -> QKVLinear:
     return QKVLinear(
-        hidden_size, head_dim, num_heads, num_kv_heads, bias=bias, dtype=dtype, device=device, replicate=replicate
+        hidden_size,
+        head_dim,
+        num_heads,
+        num_kv_heads,
+        bias=bias,
+        dtype=dtype,
+        device=device,
+        replicate=replicate,
+        quant_config=quant_config,
     )

@@ -1,0 +1,113 @@
+"""Weight-only quantization of the ``vlm.nn`` linear layers, on the fly: int8 and int4.
+
+How a model gets quantized, and why this way:
+
+1. The model is built and its checkpoint loaded exactly as without quantization: the linear
+   layers hold their rank's full-precision slice, so tensor-parallel sharding and every weight
+   loader stay as they are, and no plugin's model file changes.
+2. Between building and loading, :func:`assign_quant_config` (called by ``vlm.loader.load_model``
+   with the engine's ``--quantize`` setting) gives a :class:`QuantConfig` to each linear layer to
+   be quantized. Each layer checks at once that it can take it: a layer that cannot (an int4
+   group that a tensor-parallel split would cut) is a one-line error before any weight is read.
+3. ``prepare_for_inference``, which already repacks each layer's weight after loading, quantizes
+   it instead (:func:`quantize`) and frees the dense weight.
+
+Which layers: every ``vlm.nn`` linear layer (``build_*_linear``, ``build_qkv_proj``) of the
+*language model*. In a vision-language model (``vlm.nn.VisionLanguageModel``) that is the
+``language_model`` submodule: the vision tower and projector stay in the model's dtype unless
+``QuantConfig.quantize_vision``. The rule is a module-name prefix, decided once the model exists,
+so it needs nothing from plugins. The LM head and the embeddings are not ``vlm.nn`` linears and
+stay unquantized (as in vLLM's defaults; the head is often tied to the embedding).
+
+A plugin may still choose for itself: every builder takes ``quant_config=``; a layer built with one
+keeps it, whatever the engine setting.
+
+Schemes: :mod:`vlm.quantization.int8` (per output channel, symmetric) and
+:mod:`vlm.quantization.int4` (group-wise with zero points); each has ``quantize`` and a weight
+class whose ``matmul`` is torch's CPU kernel for the scheme, with a dequantize + ``F.linear``
+fallback for other devices and dtypes. Pre-quantized checkpoints (AWQ, GPTQ, compressed-tensors)
+are not read yet.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from vlm.quantization import int4, int8
+from vlm.quantization.base import QuantizedWeight, cpu_kernel_dtype
+from vlm.quantization.config import GROUP_SIZES, SCHEMES, QuantConfig, QuantizationError, Scheme
+
+logger = logging.getLogger("vlm")
+
+#: where a vision-language model keeps its language model (``vlm.nn.VisionLanguageModel``)
+LANGUAGE_MODEL = "language_model"
+
+
+def check_input_features(config: QuantConfig, in_features: int) -> str | None:
+    """Why a layer with ``in_features`` inputs (on this rank) cannot take ``config``, or None."""
+    if config.scheme == "int4" and in_features % config.group_size:
+        fits = [str(size) for size in GROUP_SIZES if in_features % size == 0]
+        hint = f"use --quantization-group-size {' or '.join(fits)}" if fits else "use --quantize int8"
+        return f"{in_features} input features are not a whole number of int4 groups of {config.group_size}; {hint}"
+    return None
+
+
+def quantize(weight: torch.Tensor, config: QuantConfig, row_absmax: torch.Tensor | None = None) -> QuantizedWeight:
+    """A dense ``[out, in]`` weight, quantized into the fastest layout for its device and dtype
+    (the activations are taken to have the weight's dtype).
+
+    :param row_absmax: each row's largest magnitude over the whole row, when ``weight`` is a
+        slice of the input features (see :func:`vlm.quantization.int8.quantize`); int4 groups
+        never span slices and need none.
+    """
+    compute = cpu_kernel_dtype(weight.dtype) if weight.device.type == "cpu" else weight.dtype
+    if config.scheme == "int8":
+        return int8.quantize(weight, compute, row_absmax)
+    portable = int4.quantize(weight, config.group_size, compute)
+    return portable.for_cpu_kernel(compute) or portable
+
+
+def quantized_prefix(model: nn.Module, config: QuantConfig) -> str:
+    """The module-name prefix of the layers ``config`` quantizes: the language model's."""
+    if config.quantize_vision or not isinstance(getattr(model, LANGUAGE_MODEL, None), nn.Module):
+        return ""
+    return LANGUAGE_MODEL + "."
+
+
+def assign_quant_config(model: nn.Module, config: QuantConfig | None) -> list[str]:
+    """Give ``config`` to every linear layer of ``model`` that it quantizes (those of the language
+    model, see the module docstring) and that was not built with a config of its own; they
+    quantize themselves in ``prepare_for_inference``. Returns their names.
+
+    :raises QuantizationError: a layer cannot be quantized so (one line, naming it and the fix).
+    """
+    if config is None:
+        return []
+    prefix = quantized_prefix(model, config)
+    names = []
+    for name, module in model.named_modules():
+        # duck-typed like prepare_for_inference: this package sits below vlm.nn and imports none of it
+        assign = getattr(module, "set_quant_config", None)
+        if assign is None or not name.startswith(prefix) or getattr(module, "quant_config", None) is not None:
+            continue
+        assign(config, name)
+        names.append(name)
+    logger.info("quantizing %d linear layers to %s", len(names), config.describe())
+    return names
+
+
+__all__ = [
+    "GROUP_SIZES",
+    "SCHEMES",
+    "QuantConfig",
+    "QuantizationError",
+    "QuantizedWeight",
+    "Scheme",
+    "assign_quant_config",
+    "check_input_features",
+    "cpu_kernel_dtype",
+    "quantize",
+]

@@ -1,0 +1,67 @@
+"""int8 weight-only quantization: one symmetric scale per output channel (gpt-fast's int8 handler).
+
+``w[n, k] ≈ q[n, k] * scale[n]`` with ``q`` in [-127, 127] and ``scale[n] = max_k |w[n, k]| / 127``,
+so every weight is off by at most ``scale[n] / 2``. On CPU the GEMM is torch's
+``_weight_int8pack_mm(x, q, scale)``, which reads the int8 weight as it is stored (no repacking),
+in the dtype of the scales (:func:`vlm.quantization.base.cpu_kernel_dtype`); elsewhere the weight
+is dequantized and multiplied with ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlm.quantization.base import QuantizedWeight, has_op
+
+_OP = "_weight_int8pack_mm"
+_OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# torch's vectorized (bf16) kernel reads 16 inputs at a time with no remainder loop and checks
+# nothing: other input sizes return garbage or crash (torch 2.13, AVX-512)
+_OP_IN_MULTIPLE = 16
+
+
+class Int8Weight(QuantizedWeight):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        """:param qweight: int8 ``[out, in]``. :param scales: ``[out]``, in the dtype the kernel
+        computes in (it reads them in the activations' dtype)."""
+        self.qweight, self.scales = qweight, scales
+        self.out_features, self.in_features = qweight.shape
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        compute = self.scales.dtype
+        if not (
+            x.device.type == "cpu" and compute in _OP_DTYPES and self.in_features % _OP_IN_MULTIPLE == 0 and has_op(_OP)
+        ):
+            return self.dense_matmul(x, bias)
+        flat = x.reshape(-1, self.in_features).to(compute).contiguous()
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales).to(x.dtype)
+        if bias is not None:
+            out += bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.qweight, self.scales]
+
+
+def quantize(
+    weight: torch.Tensor, compute_dtype: torch.dtype | None = None, row_absmax: torch.Tensor | None = None
+) -> Int8Weight:
+    """Quantize a dense ``[out, in]`` weight.
+
+    :param compute_dtype: the dtype the GEMM computes in and the scales are kept in (default:
+        ``weight``'s).
+    :param row_absmax: ``[out]``, each row's largest magnitude over the *whole* row, when
+        ``weight`` holds a slice of its input features (a row-parallel layer's rank): every rank
+        then uses the unsharded layer's scales and the shards are exactly its slices.
+    """
+    dtype = compute_dtype or weight.dtype
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1) if row_absmax is None else row_absmax.float()
+    # the codes are computed with the scales as stored, so that dequantizing reproduces exactly
+    # what the kernel multiplies by; an all-zero row gets the smallest scale instead of 0 / 0
+    scales = (absmax / 127).clamp(min=torch.finfo(dtype).tiny).to(dtype)
+    qweight = torch.round(w / scales.float()[:, None]).clamp_(-128, 127).to(torch.int8)
+    return Int8Weight(qweight, scales)
