@@ -14,10 +14,11 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None = None  # "stop", "length", "abort", "error" or None while running
     logprobs: list[dict[int, float]] | None = None  # per token: {token_id: logprob}
     delta: str = ""  # text added by the latest step (for streaming)
     boxes: list[GroundedBox] = field(default_factory=list)  # grounding boxes in the answer, once finished
+    error: str | None = None  # with finish_reason "error": what went wrong for this request alone
 
 
 @dataclass

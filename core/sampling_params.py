@@ -8,6 +8,9 @@ from pydantic import Field, field_validator, model_validator
 
 from vlm.config import Settings
 
+#: temperatures below this sample greedily: dividing logits by them overflows (as vLLM does)
+GREEDY_BELOW = 1e-5
+
 
 class SamplingParams(Settings):
     """How to pick tokens for one request; a bad value is a one-line error naming the field."""
@@ -16,14 +19,16 @@ class SamplingParams(Settings):
 
     max_tokens: int = Field(256, ge=1, description="new tokens at most")
     min_tokens: int = Field(0, ge=0, description="new tokens before EOS / stop may end it")
-    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy")
+    temperature: float = Field(
+        1.0, ge=0.0, le=100.0, description=f"0 (or below {GREEDY_BELOW}, which would overflow the logits) means greedy"
+    )
     top_k: int = Field(0, ge=-1, description="keep the k most likely tokens; 0 or -1: all")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens below min_p * p(top)")
     repetition_penalty: float = Field(
-        1.0, gt=0.0, le=10.0, description="CTRL-style penalty on tokens seen in prompt or output"
+        1.0, ge=0.01, le=10.0, description="CTRL-style penalty on tokens seen in prompt or output"
     )
-    seed: int | None = Field(None, description="per-request seed; reproducible sampling")
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="per-request seed (64 bits); reproducible")
     stop: list[str] = Field(default_factory=list, description="strings that end generation")
     stop_token_ids: list[int] = Field(default_factory=list, description="token ids that end it")
     ignore_eos: bool = False
@@ -45,6 +50,13 @@ class SamplingParams(Settings):
             raise ValueError("stop strings must not be empty")
         return value
 
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _token_ids_not_negative(cls, value: list[int]) -> list[int]:
+        if any(t < 0 for t in value):
+            raise ValueError("stop_token_ids must be token ids (0 or more)")
+        return value
+
     @model_validator(mode="after")
     def _min_le_max(self) -> SamplingParams:
         if self.min_tokens > self.max_tokens:
@@ -53,4 +65,4 @@ class SamplingParams(Settings):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1

@@ -100,6 +100,8 @@ class InputProcessor:
     def sequence(self, request_id: str, inputs: ModelInputs, params: SamplingParams, seed: int) -> Sequence:
         """A validated sequence for the scheduler; ``seed`` seeds its sampling unless ``params.seed`` does."""
         positions = self.validate(inputs)
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise InputError(f"stop_token_ids must be in [0, {self.vocab_size}), the model's vocabulary")
         generator = None
         if not params.greedy:
             generator = torch.Generator(device="cpu")

@@ -226,10 +226,13 @@ class LLMEngine:
         self.scheduler.register_full_blocks(scheduled.decodes + [seq for seq, _ in scheduled.prefills])
         if logits is None:
             return []
-        tokens, logprobs = sample(logits, seqs, self.eos_token_ids)
+        tokens, logprobs, failed = sample(logits, seqs, self.eos_token_ids)
         outputs = []
-        for seq, token, lp in zip(seqs, tokens, logprobs):
-            self.outputs.append(seq, token, lp)
+        for i, (seq, token, lp) in enumerate(zip(seqs, tokens, logprobs)):
+            if i in failed:  # this request alone fails; the others of the batch go on
+                seq.finish_reason, seq.error = "error", failed[i]
+            else:
+                self.outputs.append(seq, token, lp)
             outputs.append(self.outputs.output(seq))
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)

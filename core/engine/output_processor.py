@@ -68,7 +68,8 @@ class OutputProcessor:
                     finish_reason=seq.finish_reason,
                     logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
                     delta=delta,
-                    boxes=self._grounded_boxes(seq) if finished else [],
+                    boxes=self._grounded_boxes(seq) if finished and seq.error is None else [],
+                    error=seq.error,
                 )
             ],
             finished=finished,

@@ -35,10 +35,17 @@ def _filter(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.
     return row
 
 
+class SamplingError(ValueError):
+    """One row of the batch cannot be sampled (its processed logits are not finite)."""
+
+
 def sample(
     logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]
-) -> tuple[list[int], list[dict[int, float] | None]]:
-    """``logits`` ``[N, V]`` (fp32), one row per sequence -> next token ids and optional logprobs."""
+) -> tuple[list[int], list[dict[int, float] | None], dict[int, str]]:
+    """``logits`` ``[N, V]`` (fp32), one row per sequence -> next token ids, optional logprobs, and
+    the rows that failed (index -> reason; their token is -1). A row that fails fails alone: the
+    other requests of the batch get their tokens."""
+    failed: dict[int, str] = {}
     logprobs: list[dict[int, float] | None] = [None] * len(seqs)
     wants_logprobs = [s.params.logprobs is not None for s in seqs]
     raw_logprobs = logits.log_softmax(-1) if any(wants_logprobs) else None
@@ -52,26 +59,35 @@ def sample(
     else:
         tokens = []
         for i, seq in enumerate(seqs):
-            p = seq.params
-            row = logits[i].clone()
-            if len(seq.output_token_ids) < p.min_tokens:
-                banned = [t for t in (*eos_token_ids, *p.stop_token_ids) if t < row.shape[0]]
-                row[banned] = float("-inf")
-            if p.repetition_penalty != 1.0:
-                _apply_repetition_penalty(row, seq, p.repetition_penalty)
-            if p.greedy:
-                tokens.append(int(row.argmax()))
-                continue
-            row = _filter(row / p.temperature, p.top_k, p.top_p, p.min_p)
-            probs = row.softmax(-1)
-            tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+            try:
+                tokens.append(_sample_row(logits[i], seq, eos_token_ids))
+            except (SamplingError, RuntimeError) as exc:
+                failed[i] = f"sampling failed for this request alone ({exc}); check its sampling parameters"
+                tokens.append(-1)
     if raw_logprobs is not None:
         for i, seq in enumerate(seqs):
-            if wants_logprobs[i]:
+            if wants_logprobs[i] and i not in failed:
                 row = raw_logprobs[i]
                 top = torch.topk(row, seq.params.logprobs) if seq.params.logprobs else None
                 entry = {tokens[i]: float(row[tokens[i]])}
                 if top is not None:
                     entry.update({int(t): float(v) for t, v in zip(top.indices, top.values)})
                 logprobs[i] = entry
-    return tokens, logprobs
+    return tokens, logprobs, failed
+
+
+def _sample_row(logits: torch.Tensor, seq: Sequence, eos_token_ids: set[int]) -> int:
+    p = seq.params
+    row = logits.clone()
+    if len(seq.output_token_ids) < p.min_tokens:
+        banned = [t for t in (*eos_token_ids, *p.stop_token_ids) if 0 <= t < row.shape[0]]
+        row[banned] = float("-inf")
+    if p.repetition_penalty != 1.0:
+        _apply_repetition_penalty(row, seq, p.repetition_penalty)
+    if p.greedy:
+        return int(row.argmax())
+    row = _filter(row / p.temperature, p.top_k, p.top_p, p.min_p)
+    probs = row.softmax(-1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        raise SamplingError("the processed logits are not finite")
+    return int(torch.multinomial(probs, 1, generator=seq.generator))

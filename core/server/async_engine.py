@@ -412,7 +412,20 @@ class AsyncEngine:
                 stream._unfinished -= 1
                 if stream._unfinished == 0:
                     self._streams.pop(stream.request_id, None)
+            error = output.outputs[0].error if output.outputs else None
+            if error is not None:  # this request failed alone; its neighbours in the batch go on
+                self._abort_siblings(stream, pending)
+                pending.add(stream, stream._put, _input_error(error))
+                continue
             pending.add(stream, stream._put, (index, output))
+
+    def _abort_siblings(self, stream: RequestStream, pending: _Pending) -> None:
+        """The other choices (n > 1) of a request that failed: stop them too."""
+        for engine_id, (other, _) in list(self._sub_ids.items()):
+            if other is stream:
+                del self._sub_ids[engine_id]
+                self._safe_abort(engine_id)
+        self._streams.pop(stream.request_id, None)
 
     def _fail_all(self, error: BaseException, pending: _Pending) -> None:
         """Fail and abort every in-flight request and leave the engine with nothing in it."""

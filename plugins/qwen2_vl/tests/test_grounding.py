@@ -36,7 +36,7 @@ def scripted_answer(monkeypatch):
         ]
 
         def sample(logits, seqs, eos_token_ids):
-            return [script[len(seq.output_token_ids)] for seq in seqs], [None] * len(seqs)
+            return [script[len(seq.output_token_ids)] for seq in seqs], [None] * len(seqs), {}
 
         monkeypatch.setattr(llm_engine, "sample", sample)
 
