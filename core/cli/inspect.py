@@ -30,6 +30,13 @@ def plugins_command(args: Namespace) -> int:
         print(f"  hooks: {', '.join(info.hooks)}")
         if info.api_version:
             print(f"  plugin API: {info.api_version}")
+    broken = [info.name for info in infos if info.error]
+    if broken:
+        print(
+            f"{len(broken)} plugin(s) failed to load: {', '.join(broken)} (see FAILED above); "
+            "VLM_LOAD_PLUGINS='' vlmrun uninstall <package> removes one",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -35,6 +35,20 @@ from vlm.inputs.messages import content_list, has_image_parts, iter_image_parts,
 _PROBE = "vlm-content-probe-5d1e"
 
 
+def check_text(text: str) -> str:
+    """Text a tokenizer can take: a lone surrogate (invalid UTF-16 from JSON, or undecodable
+    bytes in an argv prompt) is a one-line error instead of a tokenizer traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start : exc.end]
+        raise InputError(
+            f"the prompt holds {bad!r} at character {exc.start}, which is not valid Unicode (a lone surrogate); "
+            "send UTF-8 text"
+        ) from None
+    return text
+
+
 def template_content_form(render: Callable[[list[Any]], str], template: str = "") -> str:
     """Which content form a chat template renders: ``"string"``, ``"parts"``, ``"both"`` or
     ``"content_list"``.
@@ -90,13 +104,19 @@ class TextPreprocessor:
         if self._probed is None or self._probed[0] != template:
             probe = partial(self.tokenizer.apply_chat_template, tokenize=False)
             self._probed = (template, template_content_form(probe, template))
-        if self._probed[1] == "content_list":
-            return self.tokenizer.apply_chat_template(content_list(messages), tokenize=False)
-        # text-only templates get a string (joined text parts), unless they render parts only
-        form = "parts" if self._probed[1] == "parts" else "string"
-        return self.tokenizer.apply_chat_template(
-            text_content_as(messages, form), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        from jinja2 import TemplateError
+
+        try:
+            if self._probed[1] == "content_list":
+                return self.tokenizer.apply_chat_template(content_list(messages), tokenize=False)
+            # text-only templates get a string (joined text parts), unless they render parts only
+            form = "parts" if self._probed[1] == "parts" else "string"
+            return self.tokenizer.apply_chat_template(
+                text_content_as(messages, form), tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as exc:  # a sandbox violation too: the template, not the messages, is at fault
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(f"the model's chat template failed ({type(exc).__name__}: {first})") from None
 
     def raw_prompt(self, text: str, images: Sequence[Any] = ()) -> ModelInputs:
         """A prompt without the chat template; a text-only model refuses images."""
@@ -110,11 +130,11 @@ class TextPreprocessor:
         if isinstance(prompt, list):
             text = self.render(cast(list[Message], prompt), add_generation_prompt)
             # the template already wrote BOS where the model wants it
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(check_text(text), add_special_tokens=False)["input_ids"]
             chat = True
         elif isinstance(prompt, str):
             text, chat = prompt, False
-            ids = self.tokenizer(text)["input_ids"]
+            ids = self.tokenizer(check_text(text))["input_ids"]
         else:
             raise InputError(f"a prompt must be a string, a list of messages or token ids, not {type(prompt).__name__}")
         if not ids:
@@ -273,7 +293,8 @@ class ImagePromptPreprocessor:
         try:
             text = render(rendered, add_generation_prompt=add_generation_prompt)
         except TemplateError as exc:
-            raise InputError(f"the chat template rejected the messages ({exc}); fix the message list") from None
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(f"the chat template rejected the messages ({type(exc).__name__}: {first})") from None
         return text, sources
 
     def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs:
@@ -326,7 +347,7 @@ class ImagePromptPreprocessor:
         expanded = [pieces[0]]
         for image, piece in zip(images, pieces[1:]):
             expanded += [self.expand_image(image), piece]
-        ids = list(self.tokenizer("".join(expanded), add_special_tokens=add_special_tokens)["input_ids"])
+        ids = list(self.tokenizer(check_text("".join(expanded)), add_special_tokens=add_special_tokens)["input_ids"])
         if not ids:
             raise InputError("the prompt is empty after tokenization; send at least one token")
         if self.image_token_id is not None and ids.count(self.image_token_id) != sum(i.num_tokens for i in images):

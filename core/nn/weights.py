@@ -133,6 +133,10 @@ class WeightLoader:
         if param is None:
             self.report.unexpected.append(checkpoint_name)
             return
+        if param.is_floating_point() and not tensor.is_floating_point():
+            # an int32 or bool tensor would be copied into float weights silently
+            self.report.mismatched.append(f"{checkpoint_name} (a {tensor.dtype} tensor for a {param.dtype} parameter)")
+            return
         loader = weight_loader_of(param)
         # a whole fused tensor (shard_id None) fills every shard of the parameter
         shards = [shard_id] if shard_id is not None else getattr(param, "shard_ids", [None])

@@ -35,7 +35,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
 from vlm import hookspecs
-from vlm.errors import PluginError
+from vlm.errors import PluginError, VlmError
 from vlm.registry import Registry
 
 if TYPE_CHECKING:
@@ -281,8 +281,21 @@ class PluginRegistry:
         return top[0].plugin, claims
 
     def call(self, plugin: str, hook: str, **kwargs: Any) -> Any:
-        """Call a first-result hook on one plugin (keyword arguments, so impls may take fewer)."""
-        result = self.hook_of(plugin, hook)(**kwargs)
+        """Call a first-result hook on one plugin (keyword arguments, so impls may take fewer).
+
+        A plugin's own :class:`VlmError` passes through; any other exception becomes one line
+        naming the plugin and the hook (the traceback stays on the exception's cause)."""
+        try:
+            result = self.hook_of(plugin, hook)(**kwargs)
+        except VlmError:
+            raise
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            why = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+            raise PluginError(
+                f"plugin {plugin!r} failed in its {hook} hook ({why}); report it to the plugin's authors, or "
+                "choose another plugin with --plugin"
+            ) from exc
         if result is None:
             raise PluginError(f"plugin {plugin!r} returned nothing from the {hook!r} hook")
         return result
