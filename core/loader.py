@@ -3,6 +3,7 @@
 safetensors first (single file or sharded through ``model.safetensors.index.json``), memory-mapped
 and read one tensor at a time; ``.bin`` files only through ``torch.load(weights_only=True)``, which
 never unpickles arbitrary objects. A progress bar appears for checkpoints that take a while.
+AWQ and GPTQ checkpoints are dequantized as they stream (:mod:`vlm.quantization.formats`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from vlm.errors import ConfigError, ModelNotFoundError, WeightsError
 from vlm.nn.linear import prepare_for_inference
 from vlm.plugin.manager import build_model
-from vlm.quantization import QuantConfig, assign_quant_config
+from vlm.quantization import QuantConfig, assign_quant_config, checkpoint_quantization, dequantized_weights
 
 if TYPE_CHECKING:
     from vlm.config import ModelConfig
@@ -235,6 +236,7 @@ def load_model(
     verify: Callable[[torch.nn.Module, LoadReport], None] | None = None,
     progress: bool = True,
     quantization: QuantConfig | None = None,
+    requantize: bool = True,
 ) -> LoadedModel:
     """Build the model with the plugin that serves it, stream the checkpoint into ``load_weights``
     and prepare it for inference (packed CPU weights): the one way the engine, ``vlmrun check``
@@ -249,14 +251,30 @@ def load_model(
     :param quantization: quantize the language model's linear layers so (:mod:`vlm.quantization`):
         they are told before loading (a layer that cannot be quantized so fails before any weight
         is read), load full precision and quantize themselves when prepared for inference.
+    :param requantize: for a pre-quantized checkpoint (AWQ, GPTQ: :mod:`vlm.quantization.formats`),
+        which is dequantized while it loads: without ``quantization``, quantize its layers again on
+        the fly with the matching scheme (default), or keep them dense in ``dtype`` (False).
+    :raises QuantizationError: the checkpoint is quantized in a way that is not read (before
+        anything is built).
     """
+    checkpoint_format = checkpoint_quantization(getattr(model_config, "hf_config", None))
+    fallback = None
+    if checkpoint_format is not None and quantization is None and requantize:
+        quantization, fallback = checkpoint_format.requantization()
+        logger.info(
+            "%s checkpoint: dequantized while loading and quantized again on the fly (requantize=False keeps it %s)",
+            checkpoint_format.describe(),
+            str(dtype).removeprefix("torch."),
+        )
     if model is None:
         model, plugin = build_model(model_config, dtype, device, plugin)
-    assign_quant_config(model, quantization)
+    assign_quant_config(model, quantization, fallback)
     meta = device.type == "meta"
     if weights is None:
         files = checkpoint_files(Path(model_config.path))
         weights = iter_checkpoint(files, meta=meta, progress=progress and os.isatty(2))
+    if checkpoint_format is not None:
+        weights = dequantized_weights(weights, checkpoint_format)
     report = cast("ModelProtocol", model).load_weights(weights)
     if strict and not report.ok:
         raise report.error(model_config.path)

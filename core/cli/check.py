@@ -17,11 +17,17 @@ def check_command(args: Namespace) -> int:
 
     from vlm.config import load_model_config
     from vlm.loader import checkpoint_files, load_model, load_tokenizer, resolve_model_path
+    from vlm.quantization import checkpoint_quantization
 
     model_dir = resolve_model_path(args.model, args.allow_download)
     config = load_model_config(model_dir)
     files = checkpoint_files(model_dir)
-    _, plugin, report = load_model(config, torch.float32, torch.device("meta"), args.plugin, strict=False)
+    model, plugin, report = load_model(config, torch.float32, torch.device("meta"), args.plugin, strict=False)
+    checkpoint_format = checkpoint_quantization(config.hf_config)
+    quantization = None
+    if checkpoint_format is not None:
+        layers = sum(getattr(m, "quant_config", None) is not None for m in model.modules())
+        quantization = f"{checkpoint_format.describe()}, {layers} linear layers quantized"
     problems = []
     try:
         tokenizer = load_tokenizer(model_dir)
@@ -35,6 +41,7 @@ def check_command(args: Namespace) -> int:
         "config": config.summary(),
         "tokenizer": tokenizer_summary,
         "checkpoint_files": [f.path.name for f in files],
+        "quantization": quantization,
         "tensors_loaded": report.loaded,
         "missing": report.missing,
         "unexpected": report.unexpected,
@@ -51,6 +58,8 @@ def check_command(args: Namespace) -> int:
             print(f"  {key}: {value}")
         print(f"tokenizer: {tokenizer_summary}")
         print(f"checkpoint: {', '.join(f.path.name for f in files)} ({report.loaded} tensors match)")
+        if quantization is not None:
+            print(f"quantization: {quantization}")
         for label, names in (
             ("missing", report.missing),
             ("unexpected", report.unexpected),

@@ -25,8 +25,11 @@ keeps it, whatever the engine setting.
 Schemes: :mod:`vlm.quantization.int8` (per output channel, symmetric) and
 :mod:`vlm.quantization.int4` (group-wise with zero points); each has ``quantize`` and a weight
 class whose ``matmul`` is torch's CPU kernel for the scheme, with a dequantize + ``F.linear``
-fallback for other devices and dtypes. Pre-quantized checkpoints (AWQ, GPTQ, compressed-tensors)
-are not read yet.
+fallback for other devices and dtypes.
+
+Pre-quantized checkpoints: :mod:`vlm.quantization.formats` reads AWQ (GEMM) and GPTQ checkpoints
+as dense weights while they load; ``load_model`` then quantizes them again with the matching
+scheme here (:meth:`CheckpointFormat.requantization`). compressed-tensors is not read yet.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from torch import nn
 from vlm.quantization import int4, int8
 from vlm.quantization.base import QuantizedWeight, cpu_kernel_dtype
 from vlm.quantization.config import GROUP_SIZES, SCHEMES, QuantConfig, QuantizationError, Scheme
+from vlm.quantization.formats import CheckpointFormat, checkpoint_quantization, dequantized_weights
 
 logger = logging.getLogger("vlm")
 
@@ -77,37 +81,58 @@ def quantized_prefix(model: nn.Module, config: QuantConfig) -> str:
     return LANGUAGE_MODEL + "."
 
 
-def assign_quant_config(model: nn.Module, config: QuantConfig | None) -> list[str]:
+def assign_quant_config(model: nn.Module, config: QuantConfig | None, fallback: QuantConfig | None = None) -> list[str]:
     """Give ``config`` to every linear layer of ``model`` that it quantizes (those of the language
     model, see the module docstring) and that was not built with a config of its own; they
     quantize themselves in ``prepare_for_inference``. Returns their names.
 
+    :param fallback: for the layers that cannot take ``config`` (a pre-quantized checkpoint's
+        int4 group that does not fit a layer falls back to int8); None: they are an error.
     :raises QuantizationError: a layer cannot be quantized so (one line, naming it and the fix).
     """
     if config is None:
         return []
     prefix = quantized_prefix(model, config)
-    names = []
+    names: list[str] = []
+    fell_back = 0
     for name, module in model.named_modules():
         # duck-typed like prepare_for_inference: this package sits below vlm.nn and imports none of it
         assign = getattr(module, "set_quant_config", None)
         if assign is None or not name.startswith(prefix) or getattr(module, "quant_config", None) is not None:
             continue
-        assign(config, name)
+        try:
+            assign(config, name)
+        except QuantizationError:
+            if fallback is None:
+                raise
+            assign(fallback, name)
+            fell_back += 1
         names.append(name)
-    logger.info("quantizing %d linear layers to %s", len(names), config.describe())
+    if fallback is not None and fell_back:
+        logger.info(
+            "quantizing %d linear layers to %s and %d that it does not fit to %s",
+            len(names) - fell_back,
+            config.describe(),
+            fell_back,
+            fallback.describe(),
+        )
+    else:
+        logger.info("quantizing %d linear layers to %s", len(names), config.describe())
     return names
 
 
 __all__ = [
     "GROUP_SIZES",
     "SCHEMES",
+    "CheckpointFormat",
     "QuantConfig",
     "QuantizationError",
     "QuantizedWeight",
     "Scheme",
     "assign_quant_config",
     "check_input_features",
+    "checkpoint_quantization",
     "cpu_kernel_dtype",
+    "dequantized_weights",
     "quantize",
 ]
