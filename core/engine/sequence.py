@@ -31,8 +31,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of the full, computed blocks
     status: Status = Status.WAITING
     finish_reason: str | None = None
-    stopped_by_string: bool = False
-    error: str | None = None  # why this request failed alone (finish_reason "error")  # text was cut at a stop string: nothing held back is emitted
+    stopped_by_string: bool = False  # text was cut at a stop string: nothing held back is emitted
+    error: str | None = None  # why this request failed alone (finish_reason "error")
     text: str = ""
     num_emitted_chars: int = 0
     logprobs: list[dict[int, float]] | None = None
