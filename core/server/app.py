@@ -179,7 +179,9 @@ class Server:
 def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     """The FastAPI app serving ``engine`` (started, model loaded) under ``settings``."""
     server = Server(engine, settings)
-    app = FastAPI(title="vlm", version=_version(), docs_url=None, redoc_url=None)
+    # with an API key, the schema is not served either: every route but /health needs the key
+    openapi_url = None if settings.api_key else "/openapi.json"
+    app = FastAPI(title="vlm", version=_version(), docs_url=None, redoc_url=None, openapi_url=openapi_url)
     app.state.server = server
     add_error_handlers(app, server.metrics)
 

@@ -34,9 +34,14 @@ from vlm.server.protocol import (
 _DONE = "data: [DONE]\n\n"
 
 
+#: line separators JSON may carry raw but that clients splitting events on any line break (as
+#: ``str.splitlines`` does) would cut a chunk at: escaped, the JSON means the same
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def sse(payload: BaseModel | dict) -> str:
     data = json.dumps(payload) if isinstance(payload, dict) else payload.model_dump_json()
-    return f"data: {data}\n\n"
+    return f"data: {data.translate(_LINE_BREAKS)}\n\n"
 
 
 @dataclass
