@@ -1,5 +1,6 @@
 """Fused ops for the model code: RMSNorm, gated activations, rotary embedding,
-and attention over the paged KV cache (cache write, decode, prefill).
+attention over the paged KV cache (cache write, decode, prefill), and GEMMs on
+int8 / int4 weight-only quantized weights.
 
 Each op dispatches on its input: CUDA tensors run the Triton kernel, anything
 else runs the torch reference in ``vlm.kernels.reference`` (attention: the
@@ -27,6 +28,7 @@ import os
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 from vlm.platform import KERNELS_ENV, kernel_backend
 
@@ -43,6 +45,8 @@ __all__ = [
     "write_kv_cache",
     "paged_decode_attention",
     "paged_prefill_attention",
+    "int8_weight_matmul",
+    "int4_weight_matmul",
 ]
 
 ENV_VAR = KERNELS_ENV
@@ -189,3 +193,33 @@ def paged_prefill_attention(
     return torch_attention.paged_prefill_attention(
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale
     )
+
+
+def int8_weight_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x [..., in] @ W.T (+ bias)`` in x's dtype for the int8 weight ``W = qweight * scales[:, None]``
+    (qweight int8 ``[out, in]``, scales ``[out]``; ``vlm.quantization.int8``). The Triton kernel
+    reads the codes; the torch path dequantizes W and calls ``F.linear``."""
+    if backend_for(x) == "triton":
+        return _triton_module("triton_quant_matmul", x).int8_weight_matmul(x, qweight, scales, bias)
+    return F.linear(x, (qweight.float() * scales.float()[:, None]).to(x.dtype), bias)
+
+
+def int4_weight_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x [..., in] @ W.T (+ bias)`` in x's dtype for the portable int4 layout of
+    ``vlm.quantization.int4``: qweight uint8 ``[out, in / 2]`` (feature 2j in the low nibble of
+    byte j), scales and zeros ``[out, in / group_size]``, ``W = (q - 8) * scale + zero``. The
+    Triton kernel reads the packed codes; the torch path dequantizes W and calls ``F.linear``."""
+    if backend_for(x) == "triton":
+        return _triton_module("triton_quant_matmul", x).int4_weight_matmul(x, qweight, scales, zeros, group_size, bias)
+    codes = torch.stack([qweight & 0x0F, qweight >> 4], dim=-1).view(qweight.shape[0], -1, group_size).float()
+    weight = (codes - 8) * scales.float()[..., None] + zeros.float()[..., None]
+    return F.linear(x, weight.view(qweight.shape[0], -1).to(x.dtype), bias)

@@ -132,7 +132,7 @@ fi
 
 # -- 3. Triton kernels, compiled, on CUDA tensors ---------------------------------------------------
 step kernels 150 env TRITON_INTERPRET=0 VLM_KERNELS=auto "$PY" -m pytest -q -p no:cacheprovider --durations=5 \
-  tests/test_kernels.py tests/test_kernels_attention.py
+  tests/test_kernels.py tests/test_kernels_attention.py tests/test_kernels_quant.py
 
 # -- 4. parity: vlm on cuda against transformers on cuda -------------------------------------------
 step parity 210 env VLM_TEST_DEVICE=cuda TRITON_INTERPRET=0 "$PY" -m pytest -q -p no:cacheprovider --durations=5 \

@@ -10,8 +10,9 @@ so ``q = round((w - min) / scale)`` and every weight is off by at most ``scale /
 Two layouts:
 
 - :class:`Int4Weight`, the portable one: codes two per byte (the even input feature in the low
-  nibble), scales and zeros ``[out, in / group_size]``. Its GEMM dequantizes and calls ``F.linear``
-  (any device; CUDA until there is a Triton kernel).
+  nibble), scales and zeros ``[out, in / group_size]``. Its GEMM is ``vlm.kernels``'
+  ``int4_weight_matmul`` where that takes the Triton path (CUDA tensors), which reads the packed
+  codes; elsewhere it dequantizes and calls ``F.linear``.
 - :class:`Int4CpuWeight`, torch's CPU kernel's: ``_convert_weight_to_int4pack_for_cpu`` packs the
   codes (``[out, in / 2]`` bytes, interleaved for the CPU's vector width) and
   ``_weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)`` reads the scales and zeros
@@ -25,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vlm import kernels
 from vlm.quantization.base import QuantizedWeight, has_op
 from vlm.quantization.config import QuantizationError
 
@@ -54,6 +56,8 @@ class Int4Weight(QuantizedWeight):
         return _unpack(self.qweight)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if kernels.backend_for(x) == "triton":
+            return kernels.int4_weight_matmul(x, self.qweight, self.scales, self.zeros, self.group_size, bias)
         return self.dense_matmul(x, bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

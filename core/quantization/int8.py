@@ -3,14 +3,16 @@
 ``w[n, k] ≈ q[n, k] * scale[n]`` with ``q`` in [-127, 127] and ``scale[n] = max_k |w[n, k]| / 127``,
 so every weight is off by at most ``scale[n] / 2``. On CPU the GEMM is torch's
 ``_weight_int8pack_mm(x, q, scale)``, which reads the int8 weight as it is stored (no repacking),
-in the dtype of the scales (:func:`vlm.quantization.base.cpu_kernel_dtype`); elsewhere the weight
-is dequantized and multiplied with ``F.linear``.
+in the dtype of the scales (:func:`vlm.quantization.base.cpu_kernel_dtype`). Where ``vlm.kernels``
+takes the Triton path (CUDA tensors) the GEMM is its ``int8_weight_matmul``, which also reads the
+codes as stored; elsewhere the weight is dequantized and multiplied with ``F.linear``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from vlm import kernels
 from vlm.quantization.base import QuantizedWeight, has_op
 
 _OP = "_weight_int8pack_mm"
@@ -28,6 +30,8 @@ class Int8Weight(QuantizedWeight):
         self.out_features, self.in_features = qweight.shape
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if kernels.backend_for(x) == "triton":
+            return kernels.int8_weight_matmul(x, self.qweight, self.scales, bias)
         compute = self.scales.dtype
         if not (
             x.device.type == "cpu" and compute in _OP_DTYPES and self.in_features % _OP_IN_MULTIPLE == 0 and has_op(_OP)
