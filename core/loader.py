@@ -251,7 +251,7 @@ def load_model(
     :param quantization: quantize the language model's linear layers so (:mod:`vlm.quantization`):
         they are told before loading (a layer that cannot be quantized so fails before any weight
         is read), load full precision and quantize themselves when prepared for inference.
-    :param requantize: for a pre-quantized checkpoint (AWQ, GPTQ: :mod:`vlm.quantization.formats`),
+    :param requantize: for a pre-quantized checkpoint (AWQ, GPTQ, compressed-tensors: :mod:`vlm.quantization.formats`),
         which is dequantized while it loads: without ``quantization``, quantize its layers again on
         the fly with the matching scheme (default), or keep them dense in ``dtype`` (False).
     :raises QuantizationError: the checkpoint is quantized in a way that is not read (before

@@ -305,7 +305,6 @@ def test_nested_text_config_and_none():
     [
         ({"quant_method": "fp8"}, "quant_method 'fp8'"),
         ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method 'bitsandbytes'"),
-        ({"quant_method": "compressed-tensors"}, "quant_method 'compressed-tensors'"),
         ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "AWQ 4-bit in the 'gemv' layout"),
         ({"quant_method": "awq", "bits": 4, "backend": "llm-awq"}, "AWQ 4-bit in the 'llm-awq' layout"),
         ({"quant_method": "gptq", "bits": 3}, "GPTQ 3-bit"),
@@ -317,7 +316,7 @@ def test_unsupported_quantization_is_a_one_line_error(config, named):
         checkpoint_quantization(_Config(config))
     message = str(info.value)
     assert "\n" not in message and named in message, message
-    assert "supported: awq (4-bit, GEMM) and gptq (4- or 8-bit)" in message, message
+    assert "supported: awq (4-bit, GEMM), gptq (4- or 8-bit) and compressed-tensors" in message, message
 
 
 # -- tiny checkpoints, end to end -------------------------------------------------------------

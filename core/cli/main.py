@@ -7,6 +7,7 @@ vlmrun demo                             the bundled demo model answers questions
 vlmrun plugins [--json]                 installed plugins (does not import torch)
 vlmrun which --model DIR                which plugin serves a model, and who else claimed it
 vlmrun check --model DIR                validate config and weights without running
+vlmrun quantize --model DIR --scheme w4a16 -o OUT   write a quantized (compressed-tensors) copy
 vlmrun install / uninstall PACKAGE      pip, in the interpreter that runs vlmrun
 """
 
@@ -20,7 +21,7 @@ import sys
 from vlm import __version__
 from vlm.errors import VlmError
 
-COMMANDS = ("run", "serve", "bench", "demo", "plugins", "which", "check", "install", "uninstall")
+COMMANDS = ("run", "serve", "bench", "demo", "plugins", "which", "check", "quantize", "install", "uninstall")
 
 
 def _add_plugin_options(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_options(check)
     check.add_argument("--json", action="store_true", help="machine-readable report")
 
+    quantize = sub.add_parser("quantize", help="write a quantized copy of a model (compressed-tensors W4A16 / W8A16)")
+    _add_model_options(quantize)
+    _add_plugin_options(quantize)
+    from vlm.cli.quantize import add_quantize_arguments
+
+    add_quantize_arguments(quantize)
+
     for name, verb in (("install", "install"), ("uninstall", "remove")):
         pip = sub.add_parser(name, help=f"{verb} plugins with pip in vlmrun's own environment")
         pip.add_argument("packages", nargs=argparse.REMAINDER, help="e.g. vlm-plugin-internvl, or -e ./my-plugin")
@@ -150,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             from vlm.cli.check import check_command
 
             return check_command(args)
+        if args.command == "quantize":
+            from vlm.cli.quantize import quantize_command
+
+            return quantize_command(args)
         if args.command == "serve":
             from vlm.cli.serve import serve_command
 

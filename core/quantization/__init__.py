@@ -27,9 +27,10 @@ Schemes: :mod:`vlm.quantization.int8` (per output channel, symmetric) and
 class whose ``matmul`` is torch's CPU kernel for the scheme, with a dequantize + ``F.linear``
 fallback for other devices and dtypes.
 
-Pre-quantized checkpoints: :mod:`vlm.quantization.formats` reads AWQ (GEMM) and GPTQ checkpoints
-as dense weights while they load; ``load_model`` then quantizes them again with the matching
-scheme here (:meth:`CheckpointFormat.requantization`). compressed-tensors is not read yet.
+Pre-quantized checkpoints: :mod:`vlm.quantization.formats` reads AWQ (GEMM), GPTQ and
+compressed-tensors (:mod:`vlm.quantization.compressed`, also what ``vlmrun quantize`` writes)
+checkpoints as dense weights while they load; ``load_model`` then quantizes them again with the
+matching scheme here (:meth:`CheckpointFormat.requantization`).
 """
 
 from __future__ import annotations

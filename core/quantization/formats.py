@@ -1,4 +1,4 @@
-"""Pre-quantized checkpoints (AWQ, GPTQ), read as dense weights while they load.
+"""Pre-quantized checkpoints (AWQ, GPTQ, compressed-tensors), read as dense weights while they load.
 
 A checkpoint quantized by AutoAWQ / AutoGPTQ / GPTQModel (or saved through transformers) says so
 in its config's ``quantization_config``, and stores each quantized linear layer ``{prefix}`` as
@@ -28,6 +28,9 @@ holds ``32 / bits`` codes, the first in its lowest bits, and ``w = (q - zero) * 
 The dense weight is computed in float32, where ``(q - zero) * scale`` of an fp16 or bf16 scale
 is exact; loading casts it once to the model's dtype. Anything else (another method, AWQ's GEMV
 or Marlin layouts, GPTQ with 2 or 3 bits) is a one-line :class:`QuantizationError`, never a guess.
+
+compressed-tensors (``pack-quantized`` W4A16 / W8A16, also what ``vlmrun quantize`` writes) is
+read through its own library: :mod:`vlm.quantization.compressed`.
 """
 
 from __future__ import annotations
@@ -39,17 +42,17 @@ from typing import Any, Literal
 import torch
 
 from vlm.errors import WeightsError
+from vlm.quantization import compressed
 from vlm.quantization.config import GROUP_SIZES, QuantConfig, QuantizationError
 
-Method = Literal["awq", "gptq"]
+Method = Literal["awq", "gptq", "compressed-tensors"]
 
 #: output feature held by each nibble of an AWQ GEMM word, lowest nibble first
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 #: the nibble holding each output feature of an AWQ GEMM word (the inverse of AWQ_PACK_ORDER)
 AWQ_UNPACK_ORDER = tuple(AWQ_PACK_ORDER.index(feature) for feature in range(8))
 
-SUPPORTED = "awq (4-bit, GEMM) and gptq (4- or 8-bit)"
-_PLANNED = "compressed-tensors is planned"
+SUPPORTED = "awq (4-bit, GEMM), gptq (4- or 8-bit) and compressed-tensors (pack-quantized W4A16 / W8A16)"
 _GPTQ_BITS = (4, 8)
 _GPTQ_CHECKPOINT_FORMATS = {"gptq": 1, "gptq_v2": 0}  # -> what is added to each stored zero point
 
@@ -72,10 +75,21 @@ class CheckpointFormat:
     @property
     def parts(self) -> tuple[str, ...]:
         """The tensors each quantized layer stores (GPTQ's ``g_idx`` may be absent, see the module docstring)."""
+        if self.method == "compressed-tensors":
+            return self._compressed_scheme().parts
         return ("qweight", "qzeros", "scales", "g_idx") if self.method == "gptq" else ("qweight", "qzeros", "scales")
+
+    @property
+    def required_parts(self) -> tuple[str, ...]:
+        return tuple(part for part in self.parts if part != "g_idx")
+
+    def _compressed_scheme(self) -> compressed.WeightScheme:
+        return compressed.WeightScheme(self.bits, self.group_size, self.sym)
 
     def describe(self) -> str:
         """E.g. ``AWQ 4-bit (GEMM), group 128`` or ``GPTQ 8-bit, group 32, desc_act``."""
+        if self.method == "compressed-tensors":
+            return self._compressed_scheme().describe()
         layout = " (GEMM)" if self.method == "awq" else ""
         group = "per row" if self.group_size == -1 else f"group {self.group_size}"
         act_order = ", desc_act" if self.desc_act else ""
@@ -92,6 +106,8 @@ class CheckpointFormat:
     def dequantize(self, prefix: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The dense float32 ``[out, in]`` weight of the layer stored as ``tensors`` (its parts)."""
         g_idx = tensors.get("g_idx")
+        if self.method == "compressed-tensors":
+            return compressed.dequantize(self._compressed_scheme(), prefix, tensors)
         if self.method == "awq":
             return dequantize_awq(tensors["qweight"], tensors["qzeros"], tensors["scales"], prefix=prefix)
         if g_idx is None and self.desc_act:
@@ -144,9 +160,12 @@ def checkpoint_quantization(hf_config: Any) -> CheckpointFormat | None:
         return _awq_format(config)
     if method == "gptq":
         return _gptq_format(config)
+    if method == compressed.METHOD:
+        scheme = compressed.read_scheme(config)
+        return CheckpointFormat("compressed-tensors", scheme.bits, scheme.group_size, sym=scheme.symmetric)
     named = f"quant_method {method!r}" if method else "a quantization_config without quant_method"
     raise QuantizationError(
-        f"the checkpoint is quantized with {named}, which vlm does not read; supported: {SUPPORTED} ({_PLANNED})"
+        f"the checkpoint is quantized with {named}, which vlm does not read; supported: {SUPPORTED}"
     )
 
 
@@ -158,12 +177,12 @@ def _awq_format(config: dict[str, Any]) -> CheckpointFormat:
     if version != "gemm" or bits != 4:
         raise QuantizationError(
             f"the checkpoint is AWQ {bits}-bit in the {version!r} layout, which vlm does not read; "
-            f"supported: {SUPPORTED} ({_PLANNED})"
+            f"supported: {SUPPORTED}"
         )
     if not config.get("zero_point", True):
         raise QuantizationError(
             f"the checkpoint is AWQ without zero points (zero_point: false), which vlm does not read; "
-            f"supported: {SUPPORTED} ({_PLANNED})"
+            f"supported: {SUPPORTED}"
         )
     group_size = int(config.get("group_size", config.get("q_group_size", 128)))
     return CheckpointFormat("awq", bits, group_size)
@@ -175,7 +194,7 @@ def _gptq_format(config: dict[str, Any]) -> CheckpointFormat:
     if bits not in _GPTQ_BITS or checkpoint_format not in _GPTQ_CHECKPOINT_FORMATS:
         raise QuantizationError(
             f"the checkpoint is GPTQ {bits}-bit in the {checkpoint_format!r} checkpoint format, which vlm "
-            f"does not read; supported: {SUPPORTED} ({_PLANNED})"
+            f"does not read; supported: {SUPPORTED}"
         )
     return CheckpointFormat(
         "gptq",
@@ -305,7 +324,7 @@ def dequantized_weights(
     :raises WeightsError: a layer whose parts are not all there, or do not fit together.
     """
     parts = checkpoint.parts
-    required = ("qweight", "qzeros", "scales")
+    required = checkpoint.required_parts
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in weights:
         prefix, _, part = name.rpartition(".")
@@ -317,7 +336,7 @@ def dequantized_weights(
         if len(layer) == len(parts):
             yield f"{prefix}.weight", checkpoint.dequantize(prefix, pending.pop(prefix))
     for prefix, layer in pending.items():
-        if "qweight" not in layer:  # not a quantized layer: tensors that merely share a part's name
+        if parts[0] not in layer:  # not a quantized layer: tensors that merely share a part's name
             for part, tensor in layer.items():
                 yield f"{prefix}.{part}", tensor
             continue
