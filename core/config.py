@@ -11,19 +11,23 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from vlm.errors import ConfigError
+from vlm.errors import ConfigError, reason
 
 
-def one_line(exc: ValidationError, what: str, fields: Iterable[str] = ()) -> str:
+def one_line(
+    exc: ValidationError, what: str, fields: Iterable[str] = (), flags: Mapping[str, str] | None = None
+) -> str:
     """A pydantic error as one line: ``<what> 'field': message (got value)``.
 
     :param fields: the model's field names, to suggest the intended one for a misspelled field.
+    :param flags: field -> the command-line flag that sets it, named after the field.
     """
     parts = []
     for err in exc.errors():
@@ -39,7 +43,8 @@ def one_line(exc: ValidationError, what: str, fields: Iterable[str] = ()) -> str
             close = difflib.get_close_matches(str(err["loc"][-1]), list(fields), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
         # a check across fields has no location; its message names the fields involved
-        parts.append(f"{what} {field!r}: {message}{got_text}{hint}" if field else message)
+        flag = f" ({flags[field]})" if flags and field in flags else ""
+        parts.append(f"{what} {field!r}{flag}: {message}{got_text}{hint}" if field else message)
     return "; ".join(parts)
 
 
@@ -50,18 +55,20 @@ class Settings(BaseModel):
     # a ClassVar, not a pydantic private attribute: private attributes do not exist yet on an
     # instance whose validation failed, which is exactly when the error message needs this
     _what: ClassVar[str] = "setting"
+    #: field -> the command-line flag that sets it (named in errors)
+    _flags: ClassVar[dict[str, str]] = {}
 
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigError(one_line(exc, type(self)._what, type(self).model_fields)) from None
+            raise ConfigError(one_line(exc, type(self)._what, type(self).model_fields, type(self)._flags)) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
         try:
             super().__setattr__(name, value)
         except ValidationError as exc:
-            raise ConfigError(one_line(exc, type(self)._what, type(self).model_fields)) from None
+            raise ConfigError(one_line(exc, type(self)._what, type(self).model_fields, type(self)._flags)) from None
 
 
 class RawConfig:
@@ -183,14 +190,12 @@ def load_hf_config(model_dir: Path, raw: dict[str, Any]) -> Any:
                 try:
                     setattr(config, name, AutoConfig.for_model(**nested))
                 except Exception as exc:
-                    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise ConfigError(f"{model_dir / 'config.json'}: {name}: {message}") from None
+                    raise ConfigError(f"{model_dir / 'config.json'}: {name}: {reason(exc)}") from None
         return config
     try:
         return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as exc:  # transformers validates some fields itself
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{model_dir / 'config.json'}: {message}") from None
+        raise ConfigError(f"{model_dir / 'config.json'}: {reason(exc)}") from None
 
 
 def text_config_of(hf_config: Any) -> Any:
@@ -356,3 +361,24 @@ class EngineConfig(Settings):
         128, description="int4: input features per scale and zero point"
     )
     quantize_vision: bool = Field(False, description="quantize the vision tower and projector too")
+
+    _flags: ClassVar[dict[str, str]] = {
+        "max_model_len": "--max-model-len",
+        "max_num_seqs": "--max-num-seqs",
+        "max_num_batched_tokens": "--max-num-batched-tokens",
+        "kv_cache_gib": "--kv-cache-gib",
+        "num_threads": "--threads",
+        "tensor_parallel_size": "--tp",
+        "quantization": "--quantize",
+        "quantization_group_size": "--quantization-group-size",
+        "device": "--device",
+        "dtype": "--dtype",
+        "seed": "--seed",
+    }
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|(cuda|xpu)(:\d+)?|mps", value):
+            raise ValueError("is not a device vlm runs on; use auto, cpu, cuda or cuda:N")
+        return value

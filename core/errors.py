@@ -1,6 +1,15 @@
 """Errors the user can act on. Each message is one line naming the cause and the fix."""
 
 
+def reason(exc: BaseException, limit: int = 300) -> str:
+    """``exc``'s message as one line (every line of it, whitespace collapsed; at most ``limit``
+    characters), or its type's name when it has none: for wrapping a library's error."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class VlmError(Exception):
     """Base class: the CLI prints ``error: <message>`` and exits 1 instead of a traceback."""
 

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 
-from vlm.errors import ConfigError, ModelNotFoundError, WeightsError
+from vlm.errors import ConfigError, ModelNotFoundError, WeightsError, reason
 from vlm.nn.linear import prepare_for_inference
-from vlm.plugin.manager import build_model
+from vlm.plugin.manager import build_model, check_model
 from vlm.quantization import QuantConfig, assign_quant_config, checkpoint_quantization, dequantized_weights
 
 if TYPE_CHECKING:
@@ -195,14 +195,16 @@ def load_tokenizer(model_dir: Path) -> Any:
     """The model directory's tokenizer (never with remote code), or a one-line ConfigError."""
     from transformers import AutoTokenizer
 
+    needs = "the model directory needs tokenizer files (tokenizer.json, or tokenizer_config.json with its vocabulary)"
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(
-            f"no usable tokenizer in {model_dir} ({first_line}); the model directory needs tokenizer files "
-            "(tokenizer.json or tokenizer_config.json + vocab)"
-        ) from None
+        raise ConfigError(f"no usable tokenizer in {model_dir} ({reason(exc)}); {needs}") from None
+    # without any tokenizer file transformers builds an empty tokenizer of the config's class, which
+    # turns every prompt into nothing
+    if len(tokenizer) < 2:
+        raise ConfigError(f"no tokenizer in {model_dir} (it has {len(tokenizer)} token(s)); {needs}")
+    return tokenizer
 
 
 def read_generation_config(model_dir: Path) -> dict[str, Any]:
@@ -268,6 +270,7 @@ def load_model(
         )
     if model is None:
         model, plugin = build_model(model_config, dtype, device, plugin)
+        check_model(model, plugin)
     assign_quant_config(model, quantization, fallback)
     meta = device.type == "meta"
     if weights is None:

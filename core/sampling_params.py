@@ -48,6 +48,13 @@ class SamplingParams(Settings):
     def _no_empty_stop(cls, value: list[str]) -> list[str]:
         if any(s == "" for s in value):
             raise ValueError("stop strings must not be empty")
+        for stop in value:
+            try:
+                stop.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"stop string {stop!r} is not valid Unicode (a lone surrogate); it could never match"
+                ) from None
         return value
 
     @field_validator("stop_token_ids")

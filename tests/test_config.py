@@ -258,7 +258,9 @@ def test_engine_config_bad_value_names_field(kwargs, field):
         EngineConfig(model="some/dir", **kwargs)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(f"engine setting '{field}':")
+    assert message.startswith(f"engine setting '{field}'")
+    flag = EngineConfig._flags.get(field)
+    assert f"engine setting '{field}'{f' ({flag})' if flag else ''}:" in message
     assert repr(next(iter(kwargs.values()))) in message
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vlm import kernels
+from vlm.errors import ConfigError
 
 
 def _rope_parameters(hf_config: Any | None) -> dict:
@@ -29,9 +30,14 @@ def _inv_freq(rotary_dim: int, base: float, hf_config: Any | None) -> tuple[torc
     params = _rope_parameters(hf_config)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in (None, "default", "mrope"):
-        if rope_type == "dynamic":
-            raise NotImplementedError("dynamic NTK rope scaling is not supported; remove rope_scaling or use yarn")
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if rope_type == "dynamic" or rope_type not in ROPE_INIT_FUNCTIONS:
+            known = ", ".join(sorted({"default", "mrope", *ROPE_INIT_FUNCTIONS} - {"dynamic"}))
+            raise ConfigError(
+                f"config.json rope_scaling type {rope_type!r} is not supported (supported: {known}); "
+                "fix or remove rope_scaling"
+            )
 
         inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
         return inv_freq.float(), float(attention_scaling)

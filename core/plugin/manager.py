@@ -21,6 +21,7 @@ This module must not import torch: ``vlmrun plugins`` lists plugins without it.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 import threading
@@ -35,8 +36,10 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
 from vlm import hookspecs
-from vlm.errors import PluginError, VlmError
+from vlm.errors import PluginError, VlmError, reason
 from vlm.registry import Registry
+
+logger = logging.getLogger("vlm")
 
 if TYPE_CHECKING:
     import torch
@@ -235,7 +238,8 @@ class PluginRegistry:
         try:
             return self.hook_of(info.name, hook)(**kwargs)
         except Exception as exc:
-            info.error = f"{hook} hook raised {type(exc).__name__}: {exc}"
+            info.error = f"{hook} hook raised {type(exc).__name__}: {reason(exc)}"
+            logger.warning("plugin %r is skipped: its %s", info.name, info.error)
             return []
 
     def candidates(self, hf_config: Any) -> list[Candidate]:
@@ -405,15 +409,28 @@ def build_model(
     return model, name
 
 
+def check_model(model: Any, plugin: str) -> None:
+    """What build_model returned must be a module with ``load_weights`` (the contract), or a one-line error."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "load_weights", None)):
+        raise PluginError(
+            f"plugin {plugin!r} returned {type(model).__name__} from build_model, not a torch.nn.Module with "
+            "load_weights(weights); report it to the plugin's authors, or choose another plugin with --plugin"
+        )
+
+
 def build_language_model(
     text_config: Any, model_config: ModelConfig, dtype: torch.dtype, device: torch.device
 ) -> torch.nn.Module:
     """The language model for a VLM's nested text config, from whichever plugin claims it."""
     registry = get_registry()
     name = choose_plugin(text_config)
-    return registry.call(
+    model = registry.call(
         name, "build_model", hf_config=text_config, model_config=model_config, dtype=dtype, device=device
     )
+    check_model(model, name)
+    return model
 
 
 def build_preprocessor(model_config: ModelConfig, tokenizer: Any, plugin: str) -> Any:
