@@ -12,6 +12,20 @@ the preprocessor's job, because models differ in how they do it (transformers co
 transparency onto white). Like ``transformers.image_utils.load_image``, encoded images (paths,
 URLs, bytes) are turned upright according to their EXIF orientation; a PIL image is used as is.
 
+Limits, each a one-line :class:`ImageLimitError` (an :class:`~vlm.errors.InputError` whose
+``limit`` says which one was hit, so that a server can name the setting that raises it):
+
+- ``max_pixels`` (default :data:`MAX_PIXELS`): width x height, read from the file's header before
+  anything is decoded (decompression bombs: a small PNG may decode to gigabytes);
+- ``remote_timeout`` (default :data:`REMOTE_TIMEOUT_S`): the whole download of a remote image,
+  connecting included, not each read (a server sending a byte at a time cannot hold it longer);
+- ``max_remote_bytes`` (default :data:`MAX_REMOTE_BYTES`): the size of a remote image.
+
+:func:`open_image` does everything but decoding the pixels: it returns an :class:`OpenedImage`
+whose size is known, so a caller can refuse or schedule a batch of images by their pixel count
+(:func:`check_pixel_budget`) before paying for any of them; :meth:`OpenedImage.decode` finishes.
+``load_image(...)`` is ``open_image(...).decode()``.
+
 :func:`image_content_key` hashes an image's pixels (for caches keyed by image content).
 """
 
@@ -19,13 +33,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
+import http.client
 import io
 import re
+import socket
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +59,18 @@ if TYPE_CHECKING:
 MAX_PIXELS = 64_000_000
 #: Remote images (``allow_remote=True``) larger than this are refused while downloading.
 MAX_REMOTE_BYTES = 32 * 1024 * 1024
-#: Seconds to wait for a remote image server.
+#: Seconds a remote image's whole download may take (connecting, headers and body together).
 REMOTE_TIMEOUT_S = 10.0
+
+
+class ImageLimitError(InputError):
+    """An image over one of the limits; ``limit`` names it: ``"pixels"`` (one image),
+    ``"request_pixels"`` (:func:`check_pixel_budget`), ``"remote_bytes"`` or ``"remote_timeout"``."""
+
+    def __init__(self, message: str, limit: str):
+        super().__init__(message)
+        self.limit = limit
+
 
 _REENCODE = "re-save or re-download it"
 _BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
@@ -50,7 +81,9 @@ def load_image(
     *,
     allowed_dir: str | Path | None = None,
     allow_remote: bool = False,
-    max_pixels: int = MAX_PIXELS,
+    max_pixels: int | None = None,
+    remote_timeout: float | None = None,
+    max_remote_bytes: int | None = None,
 ) -> Image.Image:
     """Load and fully decode one image.
 
@@ -60,26 +93,90 @@ def load_image(
         a server sets it so that requests cannot read arbitrary files.
     :param allow_remote: fetch ``http(s)://`` URLs (refused by default: a server would otherwise
         fetch any URL a client names).
-    :param max_pixels: refuse images with more pixels than this (decompression bombs).
+    :param max_pixels: refuse images with more pixels than this (decompression bombs), checked
+        before decoding; default :data:`MAX_PIXELS`.
+    :param remote_timeout: seconds the whole download of a remote image may take; default
+        :data:`REMOTE_TIMEOUT_S`.
+    :param max_remote_bytes: refuse remote images larger than this; default :data:`MAX_REMOTE_BYTES`.
     :return: the decoded image, in its own mode.
-    :raises InputError: one line naming the image, the cause and the fix.
+    :raises InputError: one line naming the image, the cause and the fix (an
+        :class:`ImageLimitError` for a limit).
     """
+    return open_image(
+        source,
+        allowed_dir=allowed_dir,
+        allow_remote=allow_remote,
+        max_pixels=max_pixels,
+        remote_timeout=remote_timeout,
+        max_remote_bytes=max_remote_bytes,
+    ).decode()
+
+
+@dataclass
+class OpenedImage:
+    """An image whose header was read (its size is known) but whose pixels are not decoded yet."""
+
+    name: str  #: how messages name the image (its path or URL, shortened)
+    image: Image.Image | None  #: opened lazily; ``None`` once closed
+    encoded: bool = True  #: read from encoded bytes (False: a PIL image the caller passed, used as is)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self._image().size
+
+    @property
+    def pixels(self) -> int:
+        width, height = self.size
+        return width * height
+
+    def decode(self) -> Image.Image:
+        """Decode the pixels (an encoded image is turned upright by its EXIF orientation)."""
+        from PIL import ImageOps
+
+        image = self._image()
+        try:
+            image.load()  # a truncated file fails here
+        except Exception as exc:
+            raise _decode_error(self.name, exc) from None
+        if self.encoded and image.getexif().get(0x0112, 1) != 1:
+            image = ImageOps.exif_transpose(image)  # as transformers' load_image does
+        return image
+
+    def close(self) -> None:
+        """Drop the image (its decoded pixels go once nobody else holds them)."""
+        self.image = None
+
+    def _image(self) -> Image.Image:
+        if self.image is None:
+            raise ValueError(f"image {self.name} was closed")
+        return self.image
+
+
+def open_image(
+    source: Any,
+    *,
+    allowed_dir: str | Path | None = None,
+    allow_remote: bool = False,
+    max_pixels: int | None = None,
+    remote_timeout: float | None = None,
+    max_remote_bytes: int | None = None,
+) -> OpenedImage:
+    """Read (or download) one image and its header, not its pixels; the parameters are
+    :func:`load_image`'s. The size limit ``max_pixels`` is checked here, so a decompression
+    bomb costs no memory."""
     from PIL import Image
 
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     if isinstance(source, Image.Image):
         name = f"<PIL.Image {source.mode} {source.width}x{source.height}>"
         _check_size(source.size, name, max_pixels)
-        try:
-            source.load()  # a lazily opened file may still be truncated
-        except Exception as exc:
-            raise _decode_error(name, exc) from None
-        return source
+        return OpenedImage(name, source, encoded=False)
 
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _decode(bytes(source), f"({len(source)} bytes)", max_pixels)
+        return _open(bytes(source), f"({len(source)} bytes)", max_pixels)
     if isinstance(source, Path):
         name = _quote(str(source))
-        return _decode(_read_file(source, name, allowed_dir), name, max_pixels)
+        return _open(_read_file(source, name, allowed_dir), name, max_pixels)
     if not isinstance(source, str):
         raise InputError(
             f"cannot load an image from a {type(source).__name__}; pass a file path, a file://, "
@@ -89,25 +186,43 @@ def load_image(
     name = _quote(source)
     scheme = source.split(":", 1)[0].lower() if ":" in source[:12] else ""
     if scheme == "data":
-        return _decode(_decode_data_url(source, name), name, max_pixels)
+        return _open(_decode_data_url(source, name), name, max_pixels)
     if scheme in ("http", "https"):
         if not allow_remote:
             raise InputError(
                 f"image {name}: remote image URLs are disabled; download the image and send it as "
                 "a file or a data: URL, or enable remote images (allow_remote)"
             )
-        return _decode(_fetch(source, name), name, max_pixels)
+        timeout = REMOTE_TIMEOUT_S if remote_timeout is None else remote_timeout
+        limit = MAX_REMOTE_BYTES if max_remote_bytes is None else max_remote_bytes
+        return _open(_fetch(source, name, timeout, limit), name, max_pixels)
     if scheme == "file":
         parsed = urllib.parse.urlparse(source)
         if parsed.netloc not in ("", "localhost"):
             raise InputError(f"image {name}: file:// URLs must name a local file (file:///path/to/image.png)")
         path = urllib.request.url2pathname(parsed.path)
-        return _decode(_read_file(Path(path), name, allowed_dir), name, max_pixels)
+        return _open(_read_file(Path(path), name, allowed_dir), name, max_pixels)
     if scheme and len(scheme) > 1 and scheme.isalpha() and source[len(scheme) :].startswith("://"):
         raise InputError(
             f"image {name}: unsupported URL scheme {scheme!r}; use a file path, file://, data: or http(s)://"
         )
-    return _decode(_read_file(Path(source), name, allowed_dir), name, max_pixels)
+    return _open(_read_file(Path(source), name, allowed_dir), name, max_pixels)
+
+
+def check_pixel_budget(images: Sequence[OpenedImage], max_pixels: int) -> int:
+    """The total pixel count of ``images``; an :class:`ImageLimitError` (``"request_pixels"``) when
+    it is above ``max_pixels``. Only headers are read: call it before decoding any of them."""
+    total = sum(image.pixels for image in images)
+    if total > max_pixels:
+        sizes = " + ".join(f"{w}x{h}" for w, h in (image.size for image in images[:6]))
+        if len(images) > 6:
+            sizes += f" + {len(images) - 6} more"
+        raise ImageLimitError(
+            f"the {len(images)} images of this request have {total:,} pixels in all ({sizes}), more than "
+            f"the limit of {max_pixels:,} per request; send fewer or smaller images",
+            "request_pixels",
+        )
+    return total
 
 
 def image_content_key(image: Image.Image) -> str:
@@ -165,26 +280,150 @@ def _decode_data_url(url: str, name: str) -> bytes:
         raise InputError(f"image {name}: the data URL is not valid base64 ({exc}); re-encode the image") from None
 
 
-def _fetch(url: str, name: str) -> bytes:
+def _fetch(url: str, name: str, timeout: float, max_bytes: int) -> bytes:
+    """The body at ``url``: at most ``max_bytes``, all of it within ``timeout`` seconds."""
+    timed_out = ImageLimitError(
+        f"image {name}: the download took longer than {timeout:g} s; download the image and send it as a "
+        "data: URL, or host it on a faster server",
+        "remote_timeout",
+    )
+    too_large = ImageLimitError(
+        f"image {name}: larger than {_bytes_text(max_bytes)}; download it, downscale it and send it as a file "
+        "or a data: URL",
+        "remote_bytes",
+    )
     request = urllib.request.Request(url, headers={"User-Agent": "vlm"})
+    chunks: list[bytes] = []
+    with _Deadline(timeout) as deadline:
+        opener = urllib.request.build_opener(_DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline))
+        try:
+            with opener.open(request, timeout=deadline.remaining()) as response:
+                length = (response.headers.get("Content-Length") or "").strip()
+                if length.isdigit() and int(length) > max_bytes:
+                    raise too_large
+                size = 0
+                while not deadline.over():
+                    chunk = response.read1(64 * 1024)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise too_large
+                    chunks.append(chunk)
+        except ImageLimitError:
+            raise
+        except urllib.error.HTTPError as exc:
+            if deadline.over():
+                raise timed_out from None
+            raise InputError(f"image {name}: the server answered HTTP {exc.code} {exc.reason}; check the URL") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+            if deadline.over():
+                raise timed_out from None
+            reason = getattr(exc, "reason", None) or exc or type(exc).__name__
+            raise InputError(f"image {name}: could not fetch it ({reason}); check the URL and the network") from None
+        if deadline.over():  # the watchdog cut the connection: what came is not the whole image
+            raise timed_out
+    return b"".join(chunks)
+
+
+def _bytes_text(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size:,} bytes"
+
+
+class _Deadline:
+    """A download's deadline: connections opened under it get at most the time left, and a
+    watchdog shuts their sockets down when it passes, which ends any read blocked on them
+    (a socket timeout alone bounds each read, not the download)."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+
+    def remaining(self) -> float:
+        return max(self.end - time.monotonic(), 0.001)
+
+    def over(self) -> bool:
+        return self.expired or time.monotonic() >= self.end
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shutdown(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
     try:
-        with urllib.request.urlopen(request, timeout=REMOTE_TIMEOUT_S) as response:  # noqa: S310 (scheme checked)
-            data = response.read(MAX_REMOTE_BYTES + 1)
-    except urllib.error.HTTPError as exc:
-        raise InputError(f"image {name}: the server answered HTTP {exc.code} {exc.reason}; check the URL") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise InputError(f"image {name}: could not fetch it ({reason}); check the URL and the network") from None
-    if len(data) > MAX_REMOTE_BYTES:
-        raise InputError(
-            f"image {name}: larger than {MAX_REMOTE_BYTES // 2**20} MiB; download it, downscale it "
-            "and send it as a file"
-        )
-    return data
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
-def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def _watched_connection(base: type[http.client.HTTPConnection]) -> Any:
+    """``base`` whose sockets connect within, and are watched by, a :class:`_Deadline`."""
+
+    class Watched(base):  # type: ignore[valid-type, misc]
+        def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+
+            def create_connection(address: Any, timeout: Any = None, source_address: Any = None) -> socket.socket:
+                if deadline.over():
+                    raise TimeoutError("the deadline passed")
+                sock = socket.create_connection(address, deadline.remaining(), source_address)
+                deadline.watch(sock)
+                return sock
+
+            self._create_connection = create_connection
+
+    return Watched
+
+
+_WatchedHTTPConnection = _watched_connection(http.client.HTTPConnection)
+_WatchedHTTPSConnection = _watched_connection(http.client.HTTPSConnection)
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(functools.partial(_WatchedHTTPConnection, deadline=self.deadline), req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        connection = functools.partial(_WatchedHTTPSConnection, deadline=self.deadline)
+        return self.do_open(connection, req, context=self._context)  # type: ignore[attr-defined]
+
+
+def _open(data: bytes, name: str, max_pixels: int) -> OpenedImage:
+    """Read ``data``'s header (format and size), not its pixels."""
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise InputError(f"image {name}: is empty (0 bytes); {_REENCODE}")
@@ -194,7 +433,7 @@ def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image: Image.Image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise InputError(f"image {name}: too many pixels ({exc}); downscale the image first") from None
+        raise ImageLimitError(f"image {name}: too many pixels ({exc}); downscale the image first", "pixels") from None
     except UnidentifiedImageError:
         raise InputError(
             f"image {name}: not an image in a format Pillow can read; send a PNG, JPEG, WebP, GIF or BMP"
@@ -202,13 +441,7 @@ def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
     except Exception as exc:
         raise _decode_error(name, exc) from None
     _check_size(image.size, name, max_pixels)
-    try:
-        image.load()
-    except Exception as exc:
-        raise _decode_error(name, exc) from None
-    if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation, as transformers' load_image applies it
-        image = ImageOps.exif_transpose(image)
-    return image
+    return OpenedImage(name, image)
 
 
 def _check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:
@@ -216,9 +449,10 @@ def _check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise InputError(f"image {name}: has zero size ({width}x{height}); send a non-empty image")
     if width * height > max_pixels:
-        raise InputError(
+        raise ImageLimitError(
             f"image {name}: {width}x{height} is {width * height:,} pixels, more than the limit of "
-            f"{max_pixels:,}; downscale it first"
+            f"{max_pixels:,}; downscale it first",
+            "pixels",
         )
 
 
@@ -229,4 +463,14 @@ def _decode_error(name: str, exc: Exception) -> InputError:
     return InputError(f"image {name}: the image data is corrupt ({type(exc).__name__}: {message}); {_REENCODE}")
 
 
-__all__ = ["MAX_PIXELS", "MAX_REMOTE_BYTES", "REMOTE_TIMEOUT_S", "image_content_key", "load_image"]
+__all__ = [
+    "MAX_PIXELS",
+    "MAX_REMOTE_BYTES",
+    "REMOTE_TIMEOUT_S",
+    "ImageLimitError",
+    "OpenedImage",
+    "check_pixel_budget",
+    "image_content_key",
+    "load_image",
+    "open_image",
+]

@@ -171,13 +171,18 @@ def find_chat_template(model_path: str | Path, tokenizer: Any) -> str | None:
 
 
 def to_rgb(image: Any) -> Any:
-    """RGB, compositing transparency onto white (transformers' image-processor rule)."""
+    """RGB, compositing transparency onto white (transformers' image-processor rule).
+
+    An RGB image without transparency is returned as it is, not copied (a 64 MP picture is
+    256 MB decoded): callers make new images from it, they do not draw on it."""
     from PIL import Image
 
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode == "RGB":
+        return image
     return image.convert("RGB")
 
 

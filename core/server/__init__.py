@@ -5,7 +5,8 @@
   and streams outputs to asyncio handlers.
 - :mod:`vlm.server.protocol`: pydantic request / response models of the OpenAI API.
 - :mod:`vlm.server.errors`: OpenAI error bodies, and how refusals and failures become them.
-- :mod:`vlm.server.prompts`: chat messages (images under the media policy) or a prompt -> ``ModelInputs``.
+- :mod:`vlm.server.prompts`: chat messages (images under the media policy and limits: download
+  deadline and size, pixels per request and in flight) or a prompt -> ``ModelInputs``.
 - :mod:`vlm.server.sampling`: a request's sampling fields -> ``SamplingParams``.
 - :mod:`vlm.server.logprobs`: logprobs in chat and completions format, with token texts and bytes.
 - :mod:`vlm.server.streaming`: streamed responses as server-sent events.

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -29,7 +29,7 @@ from vlm.server.disconnect import ClientGone, collect_or_abort, streaming_respon
 from vlm.server.errors import RequestError, add_error_handlers, error_body, server_error
 from vlm.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from vlm.server.metrics import RequestMetrics, ServerMetrics
-from vlm.server.prompts import PromptBuilder
+from vlm.server.prompts import MediaLimits, PromptBuilder
 from vlm.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -58,6 +58,8 @@ class ServerSettings:
     api_key: str | None = None
     allowed_media_dir: str | None = None
     allow_remote_media: bool = False
+    #: remote-media deadline and size, pixel budgets per request and in flight
+    media_limits: MediaLimits = field(default_factory=MediaLimits)
 
 
 @dataclass
@@ -81,10 +83,19 @@ class Server:
         self.metrics = ServerMetrics(engine)
         self.token_texts = TokenTexts(engine.tokenizer)
         self.prompts = PromptBuilder(
-            engine, settings.served_model_name, settings.allowed_media_dir, settings.allow_remote_media
+            engine,
+            settings.served_model_name,
+            settings.allowed_media_dir,
+            settings.allow_remote_media,
+            settings.media_limits,
         )
+        self.metrics.watch_pixel_budget(self.prompts.pixels)
         self.defaults = engine.default_sampling_values()
         self.created = now()
+
+    def close(self) -> None:
+        """The server is stopping: requests still waiting to start are refused (503)."""
+        self.prompts.close()
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.settings.served_model_name:
@@ -99,7 +110,7 @@ class Server:
     async def submit(
         self,
         body: ChatCompletionRequest | CompletionRequest,
-        build_inputs: Callable[[Any], Any],
+        build_inputs: Callable[[Any], Awaitable[Any]],
         prompt: Any,
         prompt_field: str,
         id_prefix: str,
@@ -108,7 +119,10 @@ class Server:
         arrival = time.monotonic()
         body.check()
         self.check_model(body.model)
-        inputs = await self.engine.run_in_pool(build_inputs, prompt)
+        try:
+            inputs = await build_inputs(prompt)
+        except EngineStoppedError as exc:
+            raise server_error(exc) from None
         prompt_len = len(inputs.token_ids)
         params = sampling_params(body, prompt_len, prompt_field, self.engine.max_model_len, self.defaults)
         request_id = new_id(id_prefix)
@@ -223,7 +237,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        submitted = await server.submit(body, server.prompts.chat, body.messages, "messages", "chatcmpl")
+        submitted = await server.submit(body, server.prompts.chat_inputs, body.messages, "messages", "chatcmpl")
         num_logprobs = body.num_logprobs
         if body.stream:
             options = body.stream_options
@@ -251,7 +265,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        submitted = await server.submit(body, server.prompts.completion, body.prompt, "prompt", "cmpl")
+        submitted = await server.submit(body, server.prompts.completion_inputs, body.prompt, "prompt", "cmpl")
         num_logprobs = body.logprobs
         if body.stream:
             options = body.stream_options

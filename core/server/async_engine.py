@@ -7,9 +7,12 @@ blocks on the inbox, so an idle server burns no CPU. Each request gets a :class:
 whose ``asyncio.Queue`` the engine thread feeds with ``loop.call_soon_threadsafe`` (one call per
 event loop per step, however many requests it carries).
 
-Preprocessing (chat template, tokenization, image decoding and tiling) runs in a small thread
-pool (:meth:`AsyncEngine.run_in_pool`) before a request is submitted, so a big image never
-stalls the decoding of the requests already running.
+Preprocessing runs in thread pools (:meth:`AsyncEngine.run_in_pool`) before a request is
+submitted, so a big image never stalls the decoding of the requests already running. There are
+three, so that one kind of work never waits behind another: ``text`` (chat template and
+tokenization of prompts without images), ``media`` (reading and downloading images: waiting on
+the network, many threads) and ``preprocess`` (decoding images and making their pixels:
+CPU-bound, few threads).
 
 If ``step()`` raises, the thread survives: every in-flight request is failed with
 :class:`EngineStepError` and aborted (its KV blocks are freed), and new requests are served.
@@ -28,7 +31,8 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError as FutureCancelledError
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,10 +170,12 @@ class AsyncEngine:
 
     :param engine: an ``EngineConfig`` (the engine is built in the engine thread) or a callable
         that returns a built engine (tests).
-    :param preprocess_workers: threads for :meth:`run_in_pool`.
+    :param preprocess_workers: threads of the ``preprocess`` pool (image decoding, pixels).
+    :param text_workers: threads of the ``text`` pool (prompts without images).
+    :param media_workers: threads of the ``media`` pool (reading and downloading images).
     """
 
-    def __init__(self, engine: Any, preprocess_workers: int = 4):
+    def __init__(self, engine: Any, preprocess_workers: int = 4, text_workers: int = 2, media_workers: int = 16):
         self._factory = engine if callable(engine) else (lambda: _build_engine(engine))
         self.engine: Any = None  # set once started; only the engine thread may call into it
         self._inbox: queue.Queue = queue.Queue()
@@ -178,7 +184,11 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
-        self._pool = ThreadPoolExecutor(max_workers=preprocess_workers, thread_name_prefix="vlm-preprocess")
+        self._pools = {
+            "preprocess": ThreadPoolExecutor(max_workers=preprocess_workers, thread_name_prefix="vlm-preprocess"),
+            "text": ThreadPoolExecutor(max_workers=text_workers, thread_name_prefix="vlm-text"),
+            "media": ThreadPoolExecutor(max_workers=media_workers, thread_name_prefix="vlm-media"),
+        }
         self._counter = itertools.count()
         self._token_times: collections.deque[tuple[float, int]] = collections.deque()
         self.stats = EngineStats()
@@ -208,7 +218,8 @@ class AsyncEngine:
         close = getattr(self.engine, "close", None)
         if close is not None:
             close()  # tensor-parallel workers, if any
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def is_running(self) -> bool:
@@ -235,9 +246,40 @@ class AsyncEngine:
         """Turn a prompt into ``ModelInputs`` (the plugin's preprocessor; thread-safe, no engine state)."""
         return self.engine.preprocess(prompt)
 
-    async def run_in_pool(self, func: Callable, *args: Any) -> Any:
-        """Run blocking preprocessing work off the event loop and off the engine thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
+    async def run_in_pool(
+        self, func: Callable, *args: Any, pool: str = "preprocess", on_done: Callable[[], None] | None = None
+    ) -> Any:
+        """Run blocking preprocessing work off the event loop and off the engine thread.
+
+        :param pool: ``"preprocess"``, ``"text"`` or ``"media"`` (see the module's docstring).
+        :param on_done: called on this event loop once ``func`` has returned or raised in its
+            thread (or was cancelled before it started), even if the caller stopped waiting: for
+            resources the work holds, such as memory budgets.
+        :raises EngineStoppedError: the engine was shut down (the work may have been dropped).
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            future: Future = self._pools[pool].submit(func, *args)
+        except RuntimeError:  # the pool was shut down
+            if on_done is not None:
+                on_done()
+            raise EngineStoppedError(self.dead_reason or "the server is shutting down") from None
+        if on_done is not None:
+            callback = on_done
+
+            def done(_: Future) -> None:
+                try:
+                    loop.call_soon_threadsafe(callback)
+                except RuntimeError:  # the loop is closed
+                    pass
+
+            future.add_done_callback(done)
+        try:
+            return await asyncio.wrap_future(future)
+        except (asyncio.CancelledError, FutureCancelledError):
+            if future.cancelled() and self._stopping:  # dropped by shutdown(), not by our caller
+                raise EngineStoppedError(self.dead_reason or "the server is shutting down") from None
+            raise
 
     # -- requests (any thread / event loop) ----------------------------------------------------
 

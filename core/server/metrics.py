@@ -15,6 +15,8 @@ vlm_kv_cache_blocks_used                   gauge      KV-cache blocks held by se
 vlm_kv_cache_blocks_total                  gauge      KV-cache blocks in the pool
 vlm_kv_cache_usage_ratio                   gauge      used / total
 vlm_generation_tokens_per_second           gauge      generated tokens/s over the last 10 s
+vlm_image_pixels_in_flight                 gauge      image pixels being decoded / preprocessed
+vlm_image_requests_waiting                 gauge      requests waiting for room in those pixels
 vlm_prompt_tokens_total                    counter    prompt tokens admitted
 vlm_generation_tokens_total                counter    tokens generated
 vlm_num_preemptions_total                  counter    sequences preempted for lack of blocks
@@ -109,6 +111,23 @@ class _EngineCollector:
             yield CounterMetricFamily(name, doc, value=value)
 
 
+class _PixelBudgetCollector:
+    def __init__(self, budget: Any):
+        self.budget = budget
+
+    def collect(self):
+        yield GaugeMetricFamily(
+            "vlm_image_pixels_in_flight",
+            "Image pixels being decoded and preprocessed (at most --max-inflight-pixels).",
+            value=self.budget.in_use,
+        )
+        yield GaugeMetricFamily(
+            "vlm_image_requests_waiting",
+            "Requests waiting for room in --max-inflight-pixels.",
+            value=self.budget.num_waiting,
+        )
+
+
 class ServerMetrics:
     def __init__(self, engine: Any):
         self.registry = CollectorRegistry()
@@ -128,6 +147,10 @@ class ServerMetrics:
             buckets=_E2E_BUCKETS,
             registry=self.registry,
         )
+
+    def watch_pixel_budget(self, budget: Any) -> None:
+        """Export ``budget``'s (a :class:`vlm.server.prompts.PixelBudget`) pixels in flight and waiters."""
+        self.registry.register(_PixelBudgetCollector(budget))
 
     def count(self, outcome: str) -> None:
         self.requests.labels(outcome).inc()

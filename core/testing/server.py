@@ -53,7 +53,9 @@ class ServerProcess:
         raise RuntimeError(f"server never became healthy; its log:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        """The end of the server's log (also once it has stopped)."""
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-5000:]
 
     def metrics(self) -> dict[str, float]:
