@@ -10,6 +10,13 @@ time at every row count (benchmarks/gemm_dtypes.py); activations go in and come 
 model's dtype (cast to the weight's and back), and oneDNN accumulates in fp32.
 
 Whether a weight is packed is :func:`vlm.platform.packed_gemm_enabled` (``VLM_CPU_PACKED_GEMM``).
+
+oneDNN (through ideep) creates and caches a primitive, JIT code included, for every input shape
+it meets, up to 1,024 per process. A server meets every row count from 1 to a full prefill step
+(batches shrink and grow as requests come and go), so its memory grew by ~2 MiB a round of 64
+requests for as long as it ran (benchmarks/soak.py: 526 -> 646 MiB over 40 rounds; flat without
+packing). Rows are therefore padded up to a few bucket sizes (:func:`row_bucket`): exact up to 16,
+multiples of 16 up to 128, of 64 above, so a layer meets about 30 shapes at most.
 """
 
 from __future__ import annotations
@@ -49,6 +56,14 @@ def _warn_once(message: str) -> None:
         logging.getLogger("vlm").warning(message)
 
 
+def row_bucket(rows: int) -> int:
+    """The row count a packed GEMM of ``rows`` rows runs at (see the module docstring)."""
+    if rows <= 16:
+        return rows
+    step = 16 if rows <= 128 else 64
+    return -(-rows // step) * step
+
+
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None
 ) -> torch.Tensor:
@@ -56,8 +71,13 @@ def linear(
     if packed is None:
         return F.linear(x, weight, bias)
     shape, dtype = x.shape, x.dtype
-    rows = x.reshape(-1, shape[-1]).to(packed.dtype).contiguous()  # oneDNN takes the weight's dtype
+    rows = x.reshape(-1, shape[-1]).to(packed.dtype)  # oneDNN takes the weight's dtype
+    count = rows.shape[0]
+    bucket = row_bucket(count)
+    rows = F.pad(rows, (0, 0, 0, bucket - count)) if bucket != count else rows.contiguous()
     if bias is not None and bias.dtype != packed.dtype:
         bias = bias.to(packed.dtype)
     out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+    if bucket != count:
+        out = out[:count]
     return out.view(*shape[:-1], out.shape[-1]).to(dtype)
