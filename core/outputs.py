@@ -28,3 +28,6 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    #: with ``SamplingParams(prompt_logprobs=k)``: ``None`` for the first prompt token, then per
+    #: prompt token ``{token_id: logprob}`` holding its own log-prob and the top k (as vLLM's)
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, ClassVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from vlm.config import Settings
 
@@ -12,8 +13,84 @@ from vlm.config import Settings
 GREEDY_BELOW = 1e-5
 
 
+class StructuredOutputsParams(Settings):
+    """Constrain a request's output (vLLM's ``StructuredOutputsParams``): give exactly one of
+
+    - ``json``: a JSON schema (a dict, or its JSON text); the output is JSON that validates against it;
+    - ``json_object``: ``True`` for any JSON object (OpenAI's ``response_format={"type": "json_object"}``);
+    - ``regex``: the output matches this regular expression as a whole;
+    - ``choice``: the output is exactly one of these strings;
+    - ``grammar``: a context-free grammar, in xgrammar's EBNF (GBNF-style, ``root ::= ...``) or
+      Lark syntax (``start: ...``).
+
+    ``disable_any_whitespace`` makes JSON compact (one space after ``:`` and ``,``, no newlines)
+    instead of letting the model choose its whitespace (at most
+    :data:`vlm.engine.structured.JSON_MAX_WHITESPACE` characters between two JSON elements).
+
+    Example: ``SamplingParams(structured_outputs=StructuredOutputsParams(json=schema))``, or the
+    same as a dict, ``SamplingParams(structured_outputs={"json": schema})``. A schema or pattern
+    the grammar library cannot compile is a one-line :class:`vlm.errors.InputError` when the
+    request is added. The model may still stop early (``max_tokens``, a stop string): only output
+    that finishes with ``finish_reason == "stop"`` is guaranteed to be complete.
+    """
+
+    _what = "structured output parameter"
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=True, validate_by_name=True, validate_by_alias=True
+    )
+    #: the kinds of constraint, as the fields (aliases) that give them
+    KINDS: ClassVar[tuple[str, ...]] = ("json", "json_object", "regex", "choice", "grammar")
+
+    # ``json`` is an alias: a field of that name would shadow ``BaseModel.json``
+    json_schema: dict[str, Any] | None = Field(None, alias="json", description="a JSON schema")
+    json_object: bool = False
+    regex: str | None = Field(None, min_length=1)
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, min_length=1)
+    disable_any_whitespace: bool = False
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema_object(cls, value: Any) -> Any:
+        if isinstance(value, (str, bytes)):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"is not valid JSON ({exc})") from None
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"a JSON schema must be a JSON object, not {type(value).__name__}")
+        return value
+
+    @field_validator("choice")
+    @classmethod
+    def _choices_not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(c == "" for c in value):
+            raise ValueError("choices must not be empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputsParams:
+        given = [kind for kind in self.KINDS if self.constraint(kind) not in (None, False)]
+        if len(given) != 1:
+            got = f"got {' and '.join(given)}" if given else "got none"
+            raise ValueError(f"structured outputs need exactly one of {', '.join(self.KINDS)} ({got})")
+        return self
+
+    def constraint(self, kind: str) -> Any:
+        return self.json_schema if kind == "json" else getattr(self, kind)
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: one of :attr:`KINDS`."""
+        return next(kind for kind in self.KINDS if self.constraint(kind) not in (None, False))
+
+
 class SamplingParams(Settings):
-    """How to pick tokens for one request; a bad value is a one-line error naming the field."""
+    """How to pick tokens for one request; a bad value is a one-line error naming the field.
+
+    ``structured_outputs`` (a :class:`StructuredOutputsParams`, or a dict of its fields)
+    constrains the output to a JSON schema, any JSON object, a regex, a choice or a grammar.
+    """
 
     _what = "sampling parameter"
 
@@ -34,7 +111,13 @@ class SamplingParams(Settings):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = Field(None, ge=0, le=20, description="top log-probs per token")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=20, description="log-prob and top log-probs of each prompt token after the first"
+    )
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = Field(
+        None, description="constrain the output: a JSON schema, JSON, a regex, a choice or a grammar"
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

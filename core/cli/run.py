@@ -27,6 +27,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", help="system message for chat templates")
     parser.add_argument("--no-chat-template", action="store_true", help="send --prompt as raw text")
     parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per answer instead of the text: text, token_ids, finish_reason, "
+        "usage, timings (ttft_s, total_s, tokens_per_s) and the model path",
+    )
+    parser.add_argument(
         "--draw-boxes",
         metavar="OUT.png",
         help="with --prompt and --image: save the first image with the boxes of the answer drawn",
@@ -40,6 +46,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--repetition-penalty", type=float)
     sampling.add_argument("--seed", type=int)
     sampling.add_argument("--stop", action="append", help="stop string (repeatable)")
+    sampling.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="answer with JSON that validates against the JSON schema in FILE (structured outputs)",
+    )
     add_engine_arguments(parser)
 
 
@@ -51,7 +62,24 @@ def sampling_params_from_args(args: argparse.Namespace, defaults: dict[str, Any]
         value = getattr(args, field)
         if value is not None:
             values[field] = value
+    if getattr(args, "json_schema", None):
+        values["structured_outputs"] = {"json": _read_json_schema(args.json_schema)}
     return SamplingParams(**values)
+
+
+def _read_json_schema(path: str) -> Any:
+    """The JSON schema in ``path`` (``--json-schema``); a missing or invalid file is a one-line error."""
+    import json
+
+    from vlm.errors import ConfigError
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except OSError as exc:
+        raise ConfigError(f"--json-schema {path}: cannot read it ({exc.strerror or exc})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--json-schema {path}: not valid JSON ({exc})") from None
 
 
 def _write(text: str) -> None:
@@ -68,6 +96,8 @@ def run_command(args: argparse.Namespace) -> int:
         raise SystemExit("error: --draw-boxes needs --prompt and --image (the boxes are drawn on the first image)")
     llm = LLM(args.model, **engine_settings(args))
     params = sampling_params_from_args(args, llm.engine.default_sampling_values())
+    if params.structured_outputs is not None:  # --json-schema: one it cannot compile fails before any chat
+        llm.engine.structured.compile(params.structured_outputs)
     # VLM preprocessors may take the template from the processor's files (chat_template.json)
     has_template = bool(
         getattr(getattr(llm.engine, "preprocessor", None), "chat_template", None)
@@ -84,6 +114,9 @@ def run_command(args: argparse.Namespace) -> int:
             prompt = _system(args) + [user_message(text, [_checked_image(path) for path in args.image])]
         elif has_template:
             prompt = _system(args) + [{"role": "user", "content": text}]
+        if args.json:
+            _answer_json(llm, prompt, params, args)
+            return 0
         if args.draw_boxes:
             return _answer_and_draw(llm, prompt, params, args)
         for piece in llm.stream(prompt, params):
@@ -93,25 +126,72 @@ def run_command(args: argparse.Namespace) -> int:
     return chat_loop(llm, params, args, has_template)
 
 
+def _answer_json(llm, prompt: Any, params, args: argparse.Namespace) -> Any:
+    """Generate one answer and print it as one JSON object on a line of its own (``--json``);
+    returns the final output. A request that fails is a :class:`VlmError` (one line on stderr).
+
+    ``tokens_per_s`` is generated tokens over ``total_s``; both times count from before the
+    prompt (and its pictures) is preprocessed."""
+    import json
+    import time
+
+    from vlm.errors import VlmError
+
+    started = time.perf_counter()
+    inputs = llm.engine.preprocess(prompt)
+    final, first_token_at = None, None
+    for output in llm.engine.stream(inputs, params):
+        if first_token_at is None and output.outputs[0].token_ids:
+            first_token_at = time.perf_counter()
+        final = output
+    total = time.perf_counter() - started
+    assert final is not None  # the stream ends with the finished output
+    answer = final.outputs[0]
+    if answer.finish_reason == "error":
+        raise VlmError(answer.error or "generation failed")
+    completion_tokens = len(answer.token_ids)
+    record: dict[str, Any] = {
+        "model": str(llm.engine.model_dir),
+        "text": answer.text,
+        "token_ids": list(answer.token_ids),
+        "finish_reason": answer.finish_reason,
+        "usage": {"prompt_tokens": len(final.prompt_token_ids), "completion_tokens": completion_tokens},
+        "timings": {
+            "ttft_s": round((first_token_at if first_token_at is not None else started + total) - started, 6),
+            "total_s": round(total, 6),
+            "tokens_per_s": round(completion_tokens / total, 3) if total > 0 else None,
+        },
+    }
+    if args.draw_boxes:
+        record["boxes"] = [{"label": b.label, "box": list(b.box), "space": b.space} for b in answer.boxes]
+        _save_boxes(inputs, answer.boxes, args)
+    _write(json.dumps(record) + "\n")
+    return final
+
+
 def _answer_and_draw(llm, prompt: Any, params, args: argparse.Namespace) -> int:
     """Stream the answer, then save the first image with the answer's grounding boxes drawn."""
-    from vlm.grounding import draw_boxes
-    from vlm.inputs.images import load_image
-
     inputs = llm.engine.preprocess(prompt)
     final = None
     for output in llm.engine.stream(inputs, params):
         _write(output.outputs[0].delta)
         final = output
     _write("\n")
-    boxes = final.outputs[0].boxes if final is not None else []
+    _save_boxes(inputs, final.outputs[0].boxes if final is not None else [], args)
+    return 0
+
+
+def _save_boxes(inputs: Any, boxes: list[Any], args: argparse.Namespace) -> None:
+    """Save the first image with ``boxes`` drawn (``--draw-boxes``); the boxes are listed on stderr."""
+    from vlm.grounding import draw_boxes
+    from vlm.inputs.images import load_image
+
     first = inputs.images[0] if inputs.images else None
     model_image_size = first.extra.get("resized_size") if first is not None else None
     draw_boxes(load_image(args.image[0]), boxes, model_image_size).save(args.draw_boxes)
     for box in boxes:
         print(f"box: {box.label or '(no label)'} {box.box} ({box.space})", file=sys.stderr)
     print(f"saved {args.draw_boxes} with {len(boxes)} box(es)", file=sys.stderr)
-    return 0
 
 
 def user_message(text: str, images: list[Any]) -> dict[str, Any]:
@@ -181,14 +261,19 @@ def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
         turn = history + [user_message(line, pending_images)]
         reply = []
         try:
-            for piece in llm.stream(turn if has_template or pending_images else line, params):
-                reply.append(piece)
-                _write(piece)
+            if args.json:  # one JSON object per answer, nothing else on stdout
+                answer = _answer_json(llm, turn if has_template or pending_images else line, params, args)
+                reply = [answer.outputs[0].text]
+            else:
+                for piece in llm.stream(turn if has_template or pending_images else line, params):
+                    reply.append(piece)
+                    _write(piece)
         except VlmError as exc:
-            if reply:
+            if reply and not args.json:
                 _write("\n")
             print(f"error: {exc}", file=sys.stderr)
             continue
-        _write("\n")
+        if not args.json:
+            _write("\n")
         pending_images = []
         history = turn + [{"role": "assistant", "content": "".join(reply)}]

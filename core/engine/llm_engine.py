@@ -29,6 +29,7 @@ from vlm.engine.output_processor import OutputProcessor
 from vlm.engine.sampler import sample
 from vlm.engine.scheduler import Scheduler
 from vlm.engine.sequence import Sequence
+from vlm.engine.structured import StructuredOutputs
 from vlm.errors import InputError
 from vlm.inputs import ModelInputs, Prompt
 from vlm.loader import load_model, load_tokenizer, read_generation_config, resolve_model_path
@@ -135,6 +136,8 @@ class LLMEngine:
         )
         self.eos_token_ids = eos_token_ids(self.generation_config, self.tokenizer, self.model_config.hf_config)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        # structured outputs: compiles constraints against the vocabulary (xgrammar loads on first use)
+        self.structured = StructuredOutputs(self.tokenizer, text.vocab_size, self.eos_token_ids)
         self._sequences: dict[str, Sequence] = {}
         self._counter = itertools.count()
         logger.info(
@@ -178,6 +181,8 @@ class LLMEngine:
         if request_id in self._sequences:
             raise InputError(f"request id {request_id!r} is already in use")
         seq = self.inputs.sequence(request_id, inputs, params, seed=self.config.seed + len(self._sequences))
+        if params.structured_outputs is not None:  # raises StructuredOutputError (an InputError)
+            seq.grammar = self.structured.matcher(params.structured_outputs, params.stop_token_ids)
         self._sequences[request_id] = seq
         self.scheduler.add(seq)
         if self._tp is not None:

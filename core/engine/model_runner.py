@@ -17,11 +17,24 @@ from vlm.nn.forward_batch import ForwardBatch, ImageSpan
 from vlm.platform import vision_batches
 
 
+class PromptRows(NamedTuple):
+    """Rows of a step whose logits give prompt log-probs: each row's logits predict the next prompt token."""
+
+    rows: list[int]  # flat rows of the step's hidden states
+    targets: list[int]  # the prompt token each row predicts
+    spans: list[tuple[Sequence, int]]  # (sequence, how many of the rows are its), in row order
+
+
 class StepResult(NamedTuple):
     input_ids: torch.Tensor  # [T] the flat batch's token ids
     hidden_states: torch.Tensor  # [T, hidden], one row per token
     logits_rows: torch.Tensor  # rows of hidden_states whose next token is sampled
     sampled: list[Sequence]  # the sequences of those rows, in order
+    prompt_rows: PromptRows | None = None  # rows whose logits give prompt log-probs (SamplingParams.prompt_logprobs)
+
+
+#: prompt positions turned into log-probs at once (bounds the [rows, vocab] fp32 temporaries)
+PROMPT_LOGPROBS_CHUNK = 256
 
 
 class ModelRunner:
@@ -43,8 +56,9 @@ class ModelRunner:
 
     def prepare(
         self, step: ScheduledStep
-    ) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch, torch.Tensor, list[Sequence]]:
-        """Flat token ids, positions, the batch metadata, which rows to take logits of, and their sequences."""
+    ) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch, torch.Tensor, list[Sequence], PromptRows | None]:
+        """Flat token ids, positions, the batch metadata, which rows to sample from and their
+        sequences, and the rows whose logits give prompt log-probs (``None`` when no prompt wants them)."""
         token_ids: list[int] = []
         positions: list[int] = []
         query_lens: list[int] = []
@@ -67,8 +81,11 @@ class ModelRunner:
             sampled.append(seq)
         images: list[ImageSpan] = []
         self._embed_images([seq for seq, _ in step.prefills if seq.inputs.images and seq.image_embeds is None])
+        prompt_rows = PromptRows([], [], [])
         for seq, count in step.prefills:
             start = seq.num_computed
+            if seq.needs_prompt_logprobs:
+                self._add_prompt_rows(prompt_rows, seq, start, count, flat_offset=len(token_ids))
             if seq.image_embeds is not None:
                 span = self._image_span(seq, start, count, flat_offset=len(token_ids))
                 if span is not None:
@@ -117,7 +134,26 @@ class ModelRunner:
                 position_ids[:, offset : offset + prompt_positions.shape[1]] = prompt_positions
         position_ids = position_ids.to(self.device)
         logits_rows = torch.tensor(logits_index, dtype=torch.long, device=self.device)
-        return input_ids, position_ids, batch, logits_rows, sampled
+        return input_ids, position_ids, batch, logits_rows, sampled, (prompt_rows if prompt_rows.rows else None)
+
+    @staticmethod
+    def _add_prompt_rows(prompt_rows: PromptRows, seq: Sequence, start: int, count: int, flat_offset: int) -> None:
+        """The rows of this chunk ``[start, start + count)`` whose logits predict prompt tokens that
+        have no log-prob yet (after a preemption, the recomputed ones already have theirs)."""
+        assert seq.prompt_logprobs is not None
+        prompt = seq.inputs.token_ids
+        done = len(seq.prompt_logprobs)  # tokens [0, done) have an entry: position done - 1 predicts the next
+        if start > done - 1:
+            raise RuntimeError(
+                f"request {seq.request_id}: prompt positions {done - 1}..{start - 1} were not computed, so their "
+                "prompt log-probs are missing (a prefix-cache hit for a request that wants prompt_logprobs)"
+            )
+        first, last = done - 1, min(start + count, len(prompt) - 1)
+        if first >= last:
+            return
+        prompt_rows.rows.extend(range(flat_offset + first - start, flat_offset + last - start))
+        prompt_rows.targets.extend(prompt[first + 1 : last + 1])
+        prompt_rows.spans.append((seq, last - first))
 
     def _embed_images(self, seqs: list[Sequence]) -> None:
         """Give each sequence its image embeddings: from the cache, else one batched encode."""
@@ -166,7 +202,7 @@ class ModelRunner:
             (the conformance kit checks that a model honours them); by default the core embeds the
             tokens itself only when it has image features to write over placeholders.
         """
-        input_ids, positions, batch, logits_rows, sampled = self.prepare(step)
+        input_ids, positions, batch, logits_rows, sampled, prompt_rows = self.prepare(step)
         if inputs_embeds is None and batch.images:
             # the core writes image features over the placeholder tokens, for every VLM plugin
             inputs_embeds = self.model.embed_tokens(input_ids)
@@ -177,12 +213,50 @@ class ModelRunner:
             seq.num_computed += count
         for seq in step.decodes:
             seq.num_computed += 1
-        return StepResult(input_ids, hidden_states, logits_rows, sampled)
+        return StepResult(input_ids, hidden_states, logits_rows, sampled, prompt_rows)
 
     @torch.inference_mode()
     def execute(self, step: ScheduledStep) -> tuple[torch.Tensor | None, list[Sequence]]:
-        """Run the step; the logits of every sequence that samples a token now, and those sequences."""
+        """Run the step; the logits of every sequence that samples a token now, and those sequences.
+
+        Sequences that want prompt log-probs get those of this step's prompt chunk appended to
+        ``seq.prompt_logprobs`` (their logits come from the same ``compute_logits`` call, so
+        tensor-parallel ranks meet in the same collectives).
+        """
         result = self.forward(step)
-        if not result.sampled:
-            return None, result.sampled
-        return self.model.compute_logits(result.hidden_states[result.logits_rows]), result.sampled
+        prompt = result.prompt_rows
+        num_sampled = len(result.sampled)
+        if prompt is None:
+            if not num_sampled:
+                return None, result.sampled
+            return self.model.compute_logits(result.hidden_states[result.logits_rows]), result.sampled
+        rows = torch.cat([result.logits_rows, torch.tensor(prompt.rows, dtype=torch.long, device=self.device)])
+        logits = self.model.compute_logits(result.hidden_states[rows])
+        self._record_prompt_logprobs(logits[num_sampled:], prompt)
+        return (logits[:num_sampled] if num_sampled else None), result.sampled
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor, prompt: PromptRows) -> None:
+        """Append each row's ``{target: logprob, top-k...}`` to its sequence's ``prompt_logprobs``."""
+        targets = torch.tensor(prompt.targets, dtype=torch.long, device=logits.device)
+        owners = [seq for seq, count in prompt.spans for _ in range(count)]
+        max_k = max(seq.params.prompt_logprobs or 0 for seq, _ in prompt.spans)
+        entries: list[dict[int, float]] = []
+        for begin in range(0, logits.shape[0], PROMPT_LOGPROBS_CHUNK):
+            end = begin + PROMPT_LOGPROBS_CHUNK
+            logprobs = logits[begin:end].float().log_softmax(-1)
+            chosen = logprobs.gather(1, targets[begin:end, None]).squeeze(1).tolist()
+            top_ids: list[list[int]] = [[] for _ in chosen]
+            top_values: list[list[float]] = [[] for _ in chosen]
+            if max_k:
+                top = torch.topk(logprobs, max_k, dim=-1)
+                top_ids, top_values = top.indices.tolist(), top.values.tolist()
+            for i, value in enumerate(chosen):
+                k = owners[begin + i].params.prompt_logprobs or 0
+                entry = {prompt.targets[begin + i]: value}
+                entry.update(zip(top_ids[i][:k], top_values[i][:k]))
+                entries.append(entry)
+        index = 0
+        for seq, count in prompt.spans:
+            assert seq.prompt_logprobs is not None
+            seq.prompt_logprobs.extend(entries[index : index + count])
+            index += count

@@ -27,15 +27,32 @@ class OutputProcessor:
         previous_len = len(seq.text)
         seq.text += seq.detokenizer.add(token)
         n = len(seq.output_token_ids)
+        if seq.grammar is not None and not self._advance_grammar(seq, token):
+            return
         if n >= params.min_tokens:
             if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
                 seq.finish_reason = "stop"
             elif params.stop:
                 self._check_stop_strings(seq, previous_len)
+        if seq.finish_reason is None and seq.grammar is not None and seq.grammar.terminated:
+            seq.finish_reason = "stop"  # the grammar has ended: nothing may follow
         if seq.finish_reason is None and (n >= params.max_tokens or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"
         if seq.finish_reason is not None and not seq.stopped_by_string:
             seq.text += seq.detokenizer.flush()
+
+    def _advance_grammar(self, seq: Sequence, token: int) -> bool:
+        """Advance the sequence's grammar by ``token``; a token it refuses fails the request alone."""
+        assert seq.grammar is not None
+        if seq.grammar.accept(token):
+            return True
+        seq.finish_reason = "error"
+        seq.error = (
+            f"structured outputs: token {token} does not fit the request's {seq.grammar.description} "
+            "(the model gave no allowed token a finite score)"
+        )
+        seq.text += seq.detokenizer.flush()
+        return False
 
     def _check_stop_strings(self, seq: Sequence, previous_len: int) -> None:
         longest = max(len(s) for s in seq.params.stop)
@@ -73,6 +90,7 @@ class OutputProcessor:
                 )
             ],
             finished=finished,
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None,
         )
 
     def _grounded_boxes(self, seq: Sequence) -> list[GroundedBox]:

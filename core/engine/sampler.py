@@ -3,6 +3,10 @@
 Order of processing follows transformers' ``generate``: repetition penalty, then temperature,
 top-k, top-p, min-p. Greedy rows without penalties take one batched argmax. Each sequence samples
 from its own ``torch.Generator``, so a seed gives the same tokens however requests are batched.
+
+Rows with structured outputs first have every token their grammar forbids set to ``-inf``
+(:mod:`vlm.engine.structured`), in the same batch as free rows. Log-probs are the model's own,
+taken before any processing (the grammar's mask included), as the temperature's are.
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ def sample(
     logprobs: list[dict[int, float] | None] = [None] * len(seqs)
     wants_logprobs = [s.params.logprobs is not None for s in seqs]
     raw_logprobs = logits.log_softmax(-1) if any(wants_logprobs) else None
+    # (getattr: callers may pass stand-ins for sequences that predate structured outputs)
+    grammars = {i: g for i, g in enumerate(getattr(s, "grammar", None) for s in seqs) if g is not None}
+    if grammars:
+        from vlm.engine.structured import apply_token_masks
+
+        failed.update(apply_token_masks(logits, grammars))
 
     simple = all(
         s.params.greedy and s.params.repetition_penalty == 1.0 and len(s.output_token_ids) >= s.params.min_tokens
@@ -56,9 +66,14 @@ def sample(
     )
     if simple:
         tokens = logits.argmax(-1).tolist()
+        for i in failed:
+            tokens[i] = -1
     else:
         tokens = []
         for i, seq in enumerate(seqs):
+            if i in failed:
+                tokens.append(-1)
+                continue
             try:
                 tokens.append(_sample_row(logits[i], seq, eos_token_ids))
             except (SamplingError, RuntimeError) as exc:
@@ -81,7 +96,10 @@ def _sample_row(logits: torch.Tensor, seq: Sequence, eos_token_ids: set[int]) ->
     row = logits.clone()
     if len(seq.output_token_ids) < p.min_tokens:
         banned = [t for t in (*eos_token_ids, *p.stop_token_ids) if 0 <= t < row.shape[0]]
+        scores = row[banned]
         row[banned] = float("-inf")
+        if getattr(seq, "grammar", None) is not None and not bool(torch.isfinite(row).any()):
+            row[banned] = scores  # the grammar allows nothing but its end: it ends here, min_tokens or not
     if p.repetition_penalty != 1.0:
         _apply_repetition_penalty(row, seq, p.repetition_penalty)
     if p.greedy:

@@ -99,7 +99,9 @@ class Scheduler:
             if seq.status is Status.WAITING and len(self.running) >= self.max_num_seqs:
                 break
             starting = seq.status is Status.WAITING
-            if starting and self.enable_prefix_caching:
+            # the prefix cache keeps k/v, not logits: a request that wants prompt log-probs computes
+            # every prompt position (its blocks are still registered for others to reuse)
+            if starting and self.enable_prefix_caching and not seq.needs_prompt_logprobs:
                 self._take_cached_prefix(seq)
             remaining = seq.num_tokens - seq.num_computed
             room = (len(seq.blocks) + self.allocator.num_free) * self.block_size - seq.num_computed
@@ -152,3 +154,4 @@ class Scheduler:
             self.waiting.remove(seq)
         self._release(seq)
         seq.status = Status.FINISHED
+        seq.grammar = None  # its matcher goes now, not when the last reference to the sequence does

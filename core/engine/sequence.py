@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from vlm.engine.detokenizer import IncrementalDetokenizer
 from vlm.inputs import ModelInputs
 from vlm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from vlm.engine.structured import GrammarState
 
 
 class Status(enum.Enum):
@@ -36,9 +40,24 @@ class Sequence:
     text: str = ""
     num_emitted_chars: int = 0
     logprobs: list[dict[int, float]] | None = None
+    # with params.prompt_logprobs: None for the first prompt token, then {token_id: logprob} per
+    # prompt token as its chunk of the prompt is computed (the token's own and the top k)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     # VLMs: prompt positions of the image placeholder tokens, and the features that replace them
     placeholder_positions: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
+    # structured outputs: the grammar's state after the output tokens (dropped when finished)
+    grammar: GrammarState | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt tokens still lack their log-probs: their positions must be computed, not taken
+        from the prefix cache (whose blocks hold k/v, not logits)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.inputs.token_ids)
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -13,6 +13,7 @@ then answer whole or streamed (:mod:`~vlm.server.streaming`), aborting if the cl
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import Awaitable, Callable
@@ -45,7 +46,7 @@ from vlm.server.protocol import (
     new_id,
     now,
 )
-from vlm.server.sampling import sampling_params
+from vlm.server.sampling import sampling_params, structured_outputs_field
 from vlm.server.streaming import ChatEvents, CompletionEvents, EventStream
 
 
@@ -119,13 +120,57 @@ class Server:
         arrival = time.monotonic()
         body.check()
         self.check_model(body.model)
+        inputs, params = await self.prepare(body, build_inputs, prompt, prompt_field)
+        return await self.add(body, inputs, params, prompt_field, new_id(id_prefix), arrival)
+
+    async def prepare(
+        self,
+        body: ChatCompletionRequest | CompletionRequest,
+        build_inputs: Callable[[Any], Awaitable[Any]],
+        prompt: Any,
+        prompt_field: str,
+        update: dict[str, Any] | None = None,
+    ) -> tuple[Any, Any]:
+        """``prompt``'s inputs and ``body``'s sampling parameters for them (``update``: fields set on top)."""
         try:
             inputs = await build_inputs(prompt)
         except EngineStoppedError as exc:
             raise server_error(exc) from None
-        prompt_len = len(inputs.token_ids)
-        params = sampling_params(body, prompt_len, prompt_field, self.engine.max_model_len, self.defaults)
-        request_id = new_id(id_prefix)
+        except RequestError as exc:
+            if exc.param == "prompt":  # one prompt of a batch
+                exc.param = prompt_field
+            raise
+        params = sampling_params(body, len(inputs.token_ids), prompt_field, self.engine.max_model_len, self.defaults)
+        if update:
+            params = params.model_copy(update=update)
+        if params.structured_outputs is not None:
+            await self.compile_constraint(body, params.structured_outputs)
+        return inputs, params
+
+    async def compile_constraint(self, body: ChatCompletionRequest | CompletionRequest, constraint: Any) -> None:
+        """Compile ``body``'s structured-output constraint in a worker thread, so that neither the
+        event loop nor the engine thread waits for it (the engine then finds it in the cache); one
+        the library cannot compile is a 400 naming the field that sent it."""
+        from vlm.engine.structured import StructuredOutputError
+
+        try:
+            await self.engine.run_in_pool(self.engine.engine.structured.compile, constraint, pool="text")
+        except StructuredOutputError as exc:
+            field = structured_outputs_field(body)
+            raise RequestError(f"{field}: {exc}", field) from None
+        except EngineStoppedError as exc:
+            raise server_error(exc) from None
+
+    async def add(
+        self,
+        body: ChatCompletionRequest | CompletionRequest,
+        inputs: Any,
+        params: Any,
+        prompt_field: str,
+        request_id: str,
+        arrival: float,
+    ) -> Submitted:
+        """Hand prepared inputs to the engine (``body.n`` sequences)."""
         try:
             stream = await self.engine.add_request(
                 inputs, params, n=body.n, request_id=request_id, arrival_time=arrival
@@ -140,7 +185,7 @@ class Server:
             request_id,
             now(),
             self.settings.served_model_name,
-            prompt_len,
+            len(inputs.token_ids),
         )
 
     def stream(
@@ -163,31 +208,101 @@ class Server:
     async def respond(
         self,
         request: Request,
-        submitted: Submitted,
+        submitted: Submitted | list[Submitted],
         response_type: type[BaseModel],
         choice: Callable[[int, Any], BaseModel],
+        completion_tokens: Callable[[Any], int] | None = None,
     ) -> Response:
-        """The whole response, once every choice finished; ``choice(index, final_output)`` builds one choice."""
-        metrics = submitted.metrics
-        try:
-            finals = await collect_or_abort(self.engine, request, submitted.stream, metrics)
-        except ClientGone:
-            return Response(status_code=499)
-        except Exception as exc:  # EngineStepError, EngineStoppedError, RequestAbortedError, anything unexpected
-            metrics.set_outcome("failed")
-            error = server_error(exc)
-            return JSONResponse(error.body(), status_code=error.status)
-        metrics.set_outcome("completed")
-        outputs = [finals[index] for index in range(submitted.stream.n)]
-        completion_tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
+        """The whole response, once every choice finished; ``choice(index, final_output)`` builds one choice.
+
+        :param submitted: the request, or a batch of them (one per prompt) answered together: the
+            choices of the ``i``-th have indices ``i * n ...``; the response has the first one's id.
+        :param completion_tokens: how many tokens a final output counts in the usage (default: all
+            it generated).
+        """
+        batch = submitted if isinstance(submitted, list) else [submitted]
+        outputs: list[Any] = []
+        for position, part in enumerate(batch):
+            metrics = part.metrics
+            try:
+                finals = await collect_or_abort(self.engine, request, part.stream, metrics)
+            except ClientGone:
+                self._abort_rest(batch[position + 1 :], "aborted")
+                return Response(status_code=499)
+            except Exception as exc:  # EngineStepError, EngineStoppedError, RequestAbortedError, anything unexpected
+                metrics.set_outcome("failed")
+                self._abort_rest(batch[position + 1 :], "failed")
+                error = server_error(exc)
+                return JSONResponse(error.body(), status_code=error.status)
+            metrics.set_outcome("completed")
+            outputs.extend(finals[index] for index in range(part.stream.n))
+        count = completion_tokens or _generated_tokens
+        first = batch[0]
         response = response_type(
-            id=submitted.request_id,
-            created=submitted.created,
-            model=submitted.model,
+            id=first.request_id,
+            created=first.created,
+            model=first.model,
             choices=[choice(index, output) for index, output in enumerate(outputs)],
-            usage=Usage.of(submitted.prompt_len, completion_tokens),
+            usage=Usage.of(sum(part.prompt_len for part in batch), sum(count(output) for output in outputs)),
         )
         return Response(response.model_dump_json(), media_type="application/json")
+
+    def _abort_rest(self, batch: list[Submitted], outcome: str) -> None:
+        for part in batch:
+            self.engine.abort(part.stream.request_id)
+            part.metrics.set_outcome(outcome)
+
+    async def submit_completions(self, body: CompletionRequest) -> list[Submitted]:
+        """A completions request's prompts, each its own engine request (the same id, ``-i`` for
+        the ``i``-th of a batch), once every prompt was built: a bad one refuses the whole batch.
+
+        ``max_tokens=0`` (echo only) runs as vLLM runs it: one token is generated and left out.
+        ``echo`` with ``logprobs`` asks the engine for the prompt's log-probs too.
+        """
+        arrival = time.monotonic()
+        body.check()
+        self.check_model(body.model)
+        prompts = body.prompts
+        fields = ["prompt"] if len(prompts) == 1 else [f"prompt[{i}]" for i in range(len(prompts))]
+        engine_body = body.model_copy(update={"max_tokens": 1}) if body.max_tokens == 0 else body
+        update = {"prompt_logprobs": body.logprobs} if body.echo and body.logprobs is not None else None
+        prepared = await asyncio.gather(
+            *(
+                self.prepare(engine_body, self.prompts.completion_inputs, prompt, field, update)
+                for prompt, field in zip(prompts, fields)
+            )
+        )
+        request_id = new_id("cmpl")
+        submitted: list[Submitted] = []
+        try:
+            for i, ((inputs, params), field) in enumerate(zip(prepared, fields)):
+                part_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+                submitted.append(await self.add(engine_body, inputs, params, field, part_id, arrival))
+        except BaseException:
+            self._abort_rest(submitted, "failed")
+            raise
+        return submitted
+
+    def completion_choice(self, body: CompletionRequest, index: int, final: Any) -> CompletionChoice:
+        """One choice of a whole completions response; with ``echo``, the prompt comes first."""
+        output = final.outputs[0]
+        text, token_ids = output.text, list(output.token_ids)
+        logprobs: list[dict[int, float] | None] | None = output.logprobs
+        if body.max_tokens == 0:  # echo only: the token generated to get here is not part of it
+            text, token_ids, logprobs = "", [], []
+        num_logprobs = body.logprobs
+        if body.echo:
+            prompt_text = final.prompt
+            if prompt_text is None:
+                prompt_text = self.engine.tokenizer.decode(final.prompt_token_ids)
+            text = prompt_text + text
+            if num_logprobs is not None:
+                token_ids = list(final.prompt_token_ids) + token_ids
+                logprobs = list(final.prompt_logprobs or []) + list(logprobs or [])
+        choice_logprobs = None
+        if num_logprobs is not None and logprobs is not None:
+            choice_logprobs = completion_logprobs(self.token_texts, token_ids, logprobs, num_logprobs, 0)
+        return CompletionChoice(index=index, text=text, logprobs=choice_logprobs, finish_reason=finish_reason(final))
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
@@ -265,27 +380,26 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        submitted = await server.submit(body, server.prompts.completion_inputs, body.prompt, "prompt", "cmpl")
-        num_logprobs = body.logprobs
-        if body.stream:
+        submitted = await server.submit_completions(body)
+        if body.stream:  # one prompt, no echo (check() refuses the rest)
             options = body.stream_options
             return server.stream(
-                submitted, CompletionEvents, num_logprobs, include_usage=bool(options and options.include_usage)
+                submitted[0], CompletionEvents, body.logprobs, include_usage=bool(options and options.include_usage)
             )
-
-        def choice(index: int, final: Any) -> CompletionChoice:
-            output = final.outputs[0]
-            logprobs = None
-            if num_logprobs is not None and output.logprobs is not None:
-                logprobs = completion_logprobs(server.token_texts, output.token_ids, output.logprobs, num_logprobs, 0)
-            return CompletionChoice(
-                index=index, text=output.text, logprobs=logprobs, finish_reason=finish_reason(final)
-            )
-
-        return await server.respond(request, submitted, CompletionResponse, choice)
+        return await server.respond(
+            request,
+            submitted,
+            CompletionResponse,
+            lambda index, final: server.completion_choice(body, index, final),
+            completion_tokens=(lambda final: 0) if body.max_tokens == 0 else None,
+        )
 
     app.include_router(v1)
     return app
+
+
+def _generated_tokens(final: Any) -> int:
+    return len(final.outputs[0].token_ids)
 
 
 def _version() -> str:

@@ -2,14 +2,15 @@
 
 Chat completions report each token with its UTF-8 bytes and its top alternatives
 (:func:`chat_logprobs`); legacy completions report parallel lists with text offsets
-(:func:`completion_logprobs`). A token's text is its own bytes decoded, not the vocabulary's
-spelling: byte-level BPE (GPT-2) vocabularies spell bytes as printable characters, sentencepiece
-ones spell a space as ``▁`` and raw bytes as ``<0xNN>``.
+(:func:`completion_logprobs`), with ``echo`` the prompt's tokens first. A token's text is its
+own bytes decoded, not the vocabulary's spelling: byte-level BPE (GPT-2) vocabularies spell bytes
+as printable characters, sentencepiece ones spell a space as ``▁`` and raw bytes as ``<0xNN>``.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from vlm.server.protocol import ChoiceLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
@@ -83,15 +84,27 @@ def chat_logprobs(
 
 
 def completion_logprobs(
-    texts: TokenTexts, token_ids: list[int], logprobs: list[dict[int, float]], num: int, offset: int
+    texts: TokenTexts,
+    token_ids: Sequence[int],
+    logprobs: Sequence[dict[int, float] | None],
+    num: int,
+    offset: int,
 ) -> CompletionLogprobs:
-    """The legacy completions format; ``offset`` is where the first token's text starts in the choice's text."""
+    """The legacy completions format; ``offset`` is where the first token's text starts in the choice's text.
+
+    A ``None`` entry (an echoed prompt's first token, which nothing predicts) is reported as OpenAI
+    does: ``null`` in ``token_logprobs`` and ``top_logprobs``.
+    """
     result = CompletionLogprobs()
     for token_id, entry in zip(token_ids, logprobs):
         text = texts(token_id)[0]
         result.tokens.append(text)
-        result.token_logprobs.append(_chosen(entry, token_id))
-        result.top_logprobs.append({texts(t)[0]: v for t, v in _top(entry, num)})
+        if entry is None:
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+        else:
+            result.token_logprobs.append(_chosen(entry, token_id))
+            result.top_logprobs.append({texts(t)[0]: v for t, v in _top(entry, num)})
         result.text_offset.append(offset)
         offset += len(text)
     return result

@@ -66,8 +66,39 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(_Lenient):
+    """``response_format.json_schema``: OpenAI's structured outputs."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: Optional[str] = None
+    # ``schema`` is an alias: a field of that name would shadow ``BaseModel.schema``
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema", description="the JSON schema")
+    strict: Optional[bool] = Field(None, description="the output always follows the schema here")
+
+
 class ResponseFormat(_Lenient):
-    type: Literal["text"] = Field(description="only plain text output is supported")
+    """``text``, ``json_object`` (any JSON object) or ``json_schema`` (JSON valid against a schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("type 'json_schema' needs json_schema: {'name': ..., 'schema': {...}}")
+        return self
+
+
+class StructuredOutputs(_Request):
+    """vLLM's ``structured_outputs`` extra field: exactly one of ``json``, ``json_object``,
+    ``regex``, ``choice``, ``grammar`` (see :class:`vlm.sampling_params.StructuredOutputsParams`)."""
+
+    json_: Optional[Union[dict[str, Any], str]] = Field(None, alias="json", description="a JSON schema")
+    json_object: Optional[bool] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = Field(None, description="EBNF (root ::= ...) or Lark (start: ...)")
+    disable_any_whitespace: bool = False
 
 
 class _SamplingFields(_Request):
@@ -93,6 +124,13 @@ class _SamplingFields(_Request):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs, as vLLM takes them: ``structured_outputs`` (vLLM >= 0.12) or the
+    # ``guided_*`` fields older clients send
+    structured_outputs: Optional[StructuredOutputs] = None
+    guided_json: Optional[Union[dict[str, Any], str]] = Field(None, description="a JSON schema")
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -157,30 +195,34 @@ class ChatCompletionRequest(_SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+#: prompts one completions request may batch
+MAX_PROMPTS = 256
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[int], list[str]]
-    max_tokens: Optional[int] = Field(16, ge=1, description="OpenAI's default for completions is 16")
+    prompt: Union[str, list[int], list[str], list[list[int]]] = Field(
+        description="a string, token ids, or a batch of either (one choice per prompt, index = prompt * n + i)"
+    )
+    max_tokens: Optional[int] = Field(
+        16, ge=0, description="OpenAI's default for completions is 16; 0 with echo=true: only the prompt, scored"
+    )
     logprobs: Optional[int] = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = Field(False, description="the prompt before the completion (with logprobs: the prompt's too)")
     suffix: Optional[str] = None
     best_of: Optional[int] = None
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and isinstance(value[0], str):
-            if len(value) != 1:
-                raise ValueError("send one prompt per request (batches of prompts are not supported)")
-            value = value[0]
+    def _prompts(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
+            if len(value) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request, not {len(value)}; split the batch")
+            if not all(value):
+                raise ValueError("the prompts must not be empty")
+            if len(value) == 1:
+                value = value[0]
         if not value:
             raise ValueError("the prompt must not be empty")
-        return value
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported by this server")
         return value
 
     @field_validator("suffix")
@@ -194,6 +236,26 @@ class CompletionRequest(_SamplingFields):
         super().check()
         if self.best_of is not None and self.best_of != self.n:
             raise RequestError("best_of is not supported by this server; leave it out or equal to n", "best_of")
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError(
+                "max_tokens=0 generates nothing; it is only for echo=true (the prompt and, with logprobs, its "
+                "log-probs); ask for at least 1 token",
+                "max_tokens",
+            )
+        if self.stream and self.echo:
+            raise RequestError("echo is not supported with stream=true; send stream=false", "echo")
+        if self.stream and len(self.prompts) > 1:
+            raise RequestError(
+                "stream=true takes one prompt; send a batch of prompts with stream=false, or one request each",
+                "prompt",
+            )
+
+    @property
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The request's prompts: each a string or token ids."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
+            return list(self.prompt)
+        return [self.prompt]  # type: ignore[list-item]
 
     @property
     def requested_max_tokens(self) -> Optional[int]:

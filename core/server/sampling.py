@@ -3,6 +3,10 @@
 Fields the request leaves out take the model's defaults (its ``generation_config.json``). When
 ``SamplingParams`` refuses a value, the error names the API field the client sent, which is not
 always the ``SamplingParams`` field (``top_logprobs``, ``max_completion_tokens``).
+
+Structured outputs come from one of ``response_format`` (OpenAI: ``json_object``, ``json_schema``),
+``structured_outputs`` (vLLM) or ``guided_json`` / ``guided_regex`` / ``guided_choice`` /
+``guided_grammar`` (older vLLM); :func:`structured_outputs_field` names the one a request used.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ def sampling_params(
             values[name] = value
     values["max_tokens"] = max_tokens
     values["logprobs"] = body.num_logprobs
+    values["structured_outputs"] = structured_outputs(body)
     if values.get("min_tokens", 0) > max_tokens:
         raise RequestError(f"min_tokens ({values['min_tokens']}) exceeds max_tokens ({max_tokens})", "min_tokens")
     try:
@@ -85,3 +90,59 @@ def _api_field_error(exc: ConfigError, body: ChatCompletionRequest | CompletionR
         field = "max_completion_tokens"
     message = str(exc).replace("sampling parameter ", "")
     return RequestError(message, field)
+
+
+# vLLM's ``guided_*`` fields and the constraint each gives
+_GUIDED_FIELDS = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+
+
+def _constraints(body: ChatCompletionRequest | CompletionRequest) -> list[tuple[str, dict[str, Any]]]:
+    """Every structured-output constraint in ``body``: (API field, ``StructuredOutputsParams`` fields)."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    response_format = getattr(body, "response_format", None)
+    if response_format is not None and response_format.type == "json_object":
+        found.append(("response_format", {"json_object": True}))
+    elif response_format is not None and response_format.type == "json_schema":
+        found.append(("response_format", {"json": response_format.json_schema.schema_}))
+    if body.structured_outputs is not None:
+        found.append(("structured_outputs", body.structured_outputs.model_dump(by_alias=True, exclude_none=True)))
+    for name, kind in _GUIDED_FIELDS.items():
+        value = getattr(body, name)
+        if value is not None:
+            found.append((name, {kind: value}))
+    return found
+
+
+def structured_outputs_field(body: ChatCompletionRequest | CompletionRequest) -> str | None:
+    """The API field that constrains ``body``'s output, if any."""
+    found = _constraints(body)
+    return found[0][0] if found else None
+
+
+def structured_outputs(body: ChatCompletionRequest | CompletionRequest) -> Any:
+    """``body``'s :class:`~vlm.sampling_params.StructuredOutputsParams`, or None; a bad or
+    ambiguous one is a :class:`RequestError` naming the API field."""
+    from vlm.sampling_params import StructuredOutputsParams
+
+    found = _constraints(body)
+    if not found:
+        return None
+    if len(found) > 1:
+        names = " and ".join(name for name, _ in found)
+        raise RequestError(f"{names} each constrain the output; send only one of them", found[1][0])
+    field, values = found[0]
+    try:
+        return StructuredOutputsParams(**values)
+    except ConfigError as exc:
+        message = str(exc)
+        match = re.match(r"structured output parameter '(\w+)': (.*)", message)
+        if match and field == "structured_outputs":  # name the nested field: structured_outputs.regex
+            field, message = f"{field}.{match.group(1)}", match.group(2)
+        elif match:  # guided_json, response_format: the field is the constraint
+            message = match.group(2)
+        raise RequestError(f"{field}: {message}", field) from None
