@@ -66,21 +66,6 @@ PLUGINS = {
 }
 
 
-def _load_media_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("corpus_media", CORPUS / "media.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory) -> Path:
-    return _load_media_module().write_media(tmp_path_factory.mktemp("cli-corpus") / "media")
-
-
 @pytest.fixture(scope="module")
 def plugins(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli-corpus-plugins")

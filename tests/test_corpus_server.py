@@ -28,21 +28,6 @@ CORPUS = Path(__file__).parent / "corpus"
 CASES = [json.loads(line) for line in (CORPUS / "server_requests.jsonl").read_text().splitlines() if line.strip()]
 
 
-def _load_media_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("corpus_media", CORPUS / "media.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory) -> Path:
-    return _load_media_module().write_media(tmp_path_factory.mktemp("corpus") / "media")
-
-
 @pytest.fixture(scope="module")
 def qwen2_vl(tmp_path_factory) -> str:
     from vlm_plugin_qwen2vl.testing import write_tiny_qwen2_vl
