@@ -13,13 +13,17 @@ On the Qwen2-0.5B-shaped random checkpoint of ``benchmarks/decode.py`` (its ``ch
 
 Every engine gets the same prompt token ids and ignores EOS (vlm ``ignore_eos``, transformers
 ``min_new_tokens``, llama.cpp never looks) and runs alone, each row in a process of its own (so
-the previous engine is gone, and a crash costs one row). Decode tok/s
-is summed over the batch: ``batch * (new_tokens - 1) / (total time - TTFT)``, TTFT timed by a
-separate one-token run, as in decode.py. The table ends with vlm / llama.cpp ratios at the same
-precision (fp32 / F32, bf16 / F16, int8 / Q8_0, int4 / Q4_0).
+the previous engine is gone, and a crash costs one row). Decode tok/s is summed over the batch:
+``batch * (new_tokens - 1) / (total time - TTFT)``, TTFT timed by a separate one-token run, as in
+decode.py. The table ends with vlm / llama.cpp ratios at the same precision (fp32 / F32,
+bf16 / F16, int8 / Q8_0, int4 / Q4_0). The full default run takes about 18 minutes on 2 cores
+(2026-12-01); ``--only`` and ``--batch`` shorten it. Run it on an idle machine: with another
+process on one of the 2 cores, vlm bf16 fell from 7.9 to 1.7 tok/s at batch 1 and llama.cpp
+(a barrier per op) to a fraction of a token per second.
 
 Benchmark-only dependencies (never the product's): a natively built llama-cpp-python and
-llama.cpp's converter. The recipe that worked here (about 15 minutes on 2 cores)::
+llama.cpp's converter. The recipe that worked here (the build: about 15 minutes on 2 idle
+cores, 40 on a busy machine)::
 
     pip download --no-deps --no-binary :all: llama-cpp-python -d /work/peers-build
     cd /work/peers-build && tar xzf llama_cpp_python-*.tar.gz
@@ -38,7 +42,8 @@ add ``-mno-amx-int8`` to ``CMAKE_C_FLAGS`` / ``CMAKE_CXX_FLAGS`` for a build wit
 The GGUF files are written once by the ``convert_hf_to_gguf.py`` vendored in that sdist
 (``<sdist>/vendor/llama.cpp``: ``--llama-cpp-dir``, or ``$LLAMA_CPP_DIR``, or found under
 /work/peers-build), with ``get_vocab_base_pre`` patched here to answer "qwen2" (the toy byte
-tokenizer's hash is in no list), then quantized with ``llama_cpp.llama_model_quantize``.
+tokenizer's hash is in no list) and one merge added to the toy tokenizer's none (llama.cpp refuses
+a BPE vocabulary without merges), then quantized with ``llama_cpp.llama_model_quantize``.
 
     python benchmarks/peers.py                                   # everything, batch 1 8 16
     python benchmarks/peers.py --only vlm-int4 llama-Q4_0 --batch 1 --json peers.json
