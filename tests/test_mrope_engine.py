@@ -132,8 +132,8 @@ def test_malformed_positions_are_refused(mrope_model):
     llm = load(mrope_model)
     with pytest.raises(InputError, match=r"expected \[3, 4\]"):
         llm.engine.add_request(ModelInputs(token_ids=[1, 2, 3, 4], positions=torch.zeros(3, 3, dtype=torch.long)))
-    plain = LLM(mrope_model)
-    with pytest.raises(InputError, match="does not take them"):
+    plain = LLM(mrope_model)  # position_dims 1: explicit positions are [T]
+    with pytest.raises(InputError, match=r"expected \[2\].*position_dims is 1"):
         plain.engine.add_request(ModelInputs(token_ids=[1, 2], positions=torch.zeros(3, 2, dtype=torch.long)))
     assert llm.engine.kv_cache.allocator.num_used == 0
 
@@ -146,3 +146,41 @@ def test_prompt_ending_in_an_image_whose_last_token_is_a_one_token_step(mrope_mo
     inputs = ModelInputs(token_ids=list(range(40, 73)), positions=positions, position_delta=delta)
     chunked = load(mrope_model, max_num_batched_tokens=16)
     assert chunked.generate([inputs], greedy())[0].outputs[0].token_ids == reference(mrope_model, inputs, NEW_TOKENS)[0]
+
+
+@pytest.fixture(scope="module")
+def llama_model(tmp_path_factory):
+    return str(write_tiny_text_model(tmp_path_factory.mktemp("llama") / "llama", "llama", seed=5))
+
+
+def shared_positions(prompt_len: int, image_at: int, image_len: int) -> tuple[torch.Tensor, int]:
+    """1-D positions like CogVLM's: an image's inner tokens share one position, its first and last do not."""
+    steps = torch.ones(prompt_len, dtype=torch.long)
+    steps[0] = 0
+    steps[image_at + 1 : image_at + image_len - 1] = 0
+    steps[image_at + 1] = 1  # the first inner token follows the image's first token
+    positions = steps.cumsum(0)
+    return positions, int(positions.max()) + 1 - prompt_len
+
+
+def test_one_d_explicit_positions_match_transformers(llama_model):
+    """``[T]`` positions for a 1-D rope model: the prompt at its own positions, generated tokens at
+    ``i + position_delta``, equal to transformers given the same ``position_ids``; chunked too."""
+    from transformers import AutoModelForCausalLM
+
+    positions, delta = shared_positions(30, 5, 12)
+    assert delta < 0  # the shared positions shift what follows: a wrong position changes the output
+    inputs = ModelInputs(token_ids=list(range(40, 70)), positions=positions, position_delta=delta)
+    model = AutoModelForCausalLM.from_pretrained(llama_model, dtype=torch.float32).eval()
+    ids, pos, want = list(inputs.token_ids), positions, []
+    with torch.inference_mode():
+        for _ in range(NEW_TOKENS):
+            step = model(input_ids=torch.tensor([ids]), position_ids=pos[None]).logits[0, -1]
+            want.append(step)
+            ids.append(int(step.argmax()))
+            pos = torch.cat([pos, torch.tensor([len(ids) - 1 + delta])])
+    ((tokens, logits),) = generate_with_logits(LLM(llama_model), [inputs], greedy())
+    assert tokens == ids[len(inputs.token_ids) :]
+    torch.testing.assert_close(logits, torch.stack(want), atol=1e-4, rtol=0)
+    chunked = LLM(llama_model, max_num_batched_tokens=8)
+    assert chunked.generate([inputs], greedy())[0].outputs[0].token_ids == tokens

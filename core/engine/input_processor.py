@@ -37,19 +37,18 @@ def placeholder_positions(inputs: ModelInputs) -> torch.Tensor | None:
 
 
 def check_positions(inputs: ModelInputs, position_dims: int) -> None:
-    """Explicit (M-RoPE) positions only for models that take them, one column per prompt token."""
+    """Explicit positions, one column per prompt token: ``[3, T]`` for multimodal rope (Qwen2-VL),
+    ``[T]`` for 1-D rope whose image tokens share positions (CogVLM)."""
     positions = getattr(inputs, "positions", None)
     if positions is None:
         return
-    if position_dims != 3:
-        raise InputError(
-            "the preprocessor returned explicit positions but the model does not take them (position_dims != 3)"
-        )
-    if not isinstance(positions, torch.Tensor) or tuple(positions.shape) != (3, len(inputs.token_ids)):
+    expected = (3, len(inputs.token_ids)) if position_dims == 3 else (len(inputs.token_ids),)
+    if not isinstance(positions, torch.Tensor) or tuple(positions.shape) != expected:
         shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+        layout = "one temporal/height/width column" if position_dims == 3 else "one position"
         raise InputError(
-            f"the preprocessor's positions are {shape}, expected [3, {len(inputs.token_ids)}] "
-            "(one temporal/height/width column per prompt token); the plugin must fix its preprocessor"
+            f"the preprocessor's positions are {shape}, expected {list(expected)} ({layout} per prompt token, "
+            f"the model's position_dims is {position_dims}); the plugin must fix its preprocessor"
         )
 
 

@@ -65,13 +65,13 @@ class ModelRunner:
         context_lens: list[int] = []
         logits_index: list[int] = []
         sampled: list[Sequence] = []
-        explicit_positions: list[tuple[int, torch.Tensor]] = []  # (flat offset, [3, n] prompt positions)
+        explicit_positions: list[tuple[int, torch.Tensor]] = []  # (flat offset, [3, n] or [n] prompt positions)
         for seq in step.decodes:
             index = seq.num_computed
             token_ids.extend(seq.token_ids(index, index + 1))
             if seq.inputs.positions is not None and index < len(seq.inputs.token_ids):
                 # a prompt's last token can arrive as a one-token step (after preemption and a prefix hit)
-                explicit_positions.append((len(token_ids) - 1, seq.inputs.positions[:, index : index + 1]))
+                explicit_positions.append((len(token_ids) - 1, seq.inputs.positions[..., index : index + 1]))
                 positions.append(index)
             else:
                 positions.append(index + seq.inputs.position_delta)
@@ -92,7 +92,7 @@ class ModelRunner:
                     images.append(span)
             if seq.inputs.positions is not None and start < len(seq.inputs.token_ids):
                 end = min(start + count, len(seq.inputs.token_ids))
-                explicit_positions.append((len(token_ids), seq.inputs.positions[:, start:end]))
+                explicit_positions.append((len(token_ids), seq.inputs.positions[..., start:end]))
             token_ids.extend(seq.token_ids(start, start + count))
             prompt_len, delta = len(seq.inputs.token_ids), seq.inputs.position_delta
             positions.extend(i if i < prompt_len else i + delta for i in range(start, start + count))
@@ -125,13 +125,14 @@ class ModelRunner:
             context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32, device=self.device),
             prefill_query_start=prefill_query_start.to(self.device),
             images=images,
+            image_token_mask=self._image_token_mask(images, len(token_ids)),
         )
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         position_ids = torch.tensor(positions, dtype=torch.long)
         if self.position_dims == 3:
             position_ids = position_ids.expand(3, -1).clone()
-            for offset, prompt_positions in explicit_positions:
-                position_ids[:, offset : offset + prompt_positions.shape[1]] = prompt_positions
+        for offset, prompt_positions in explicit_positions:
+            position_ids[..., offset : offset + prompt_positions.shape[-1]] = prompt_positions
         position_ids = position_ids.to(self.device)
         logits_rows = torch.tensor(logits_index, dtype=torch.long, device=self.device)
         return input_ids, position_ids, batch, logits_rows, sampled, (prompt_rows if prompt_rows.rows else None)
@@ -182,6 +183,15 @@ class ModelRunner:
                 self.image_cache.put(image.key, embeds)
         for seq in seqs:
             seq.image_embeds = torch.cat([cast(torch.Tensor, found[image.key]) for image in seq.inputs.images])
+
+    def _image_token_mask(self, images: list[ImageSpan], num_tokens: int) -> torch.Tensor | None:
+        """``[T]`` bool, True at the flat rows that are image tokens; ``None`` when the step has none."""
+        if not images:
+            return None
+        mask = torch.zeros(num_tokens, dtype=torch.bool, device=self.device)
+        for span in images:
+            mask[span.token_index] = True
+        return mask
 
     def _image_span(self, seq: Sequence, start: int, count: int, flat_offset: int) -> ImageSpan | None:
         """The image rows that land in this chunk ``[start, start + count)`` of the prompt."""

@@ -52,10 +52,11 @@ class ModelInputs:
 
     :param token_ids: prompt token ids, image placeholders already expanded.
     :param images: one :class:`ImageInput` per image, in prompt order (VLMs only).
-    :param positions: M-RoPE positions, a ``[3, T]`` integer tensor (temporal, height, width per
-        prompt token), for models with ``position_dims = 3``; ``None`` means ``0..T-1``.
+    :param positions: explicit positions, one per prompt token: a ``[3, T]`` integer tensor
+        (temporal, height, width) for M-RoPE models (``position_dims = 3``), or ``[T]`` for 1-D rope
+        models whose image tokens share positions (CogVLM); ``None`` means ``0..T-1``.
     :param position_delta: with explicit positions, the offset of generated tokens: the token at
-        sequence index ``i >= T`` sits at position ``i + position_delta`` in all three rows
+        sequence index ``i >= T`` sits at position ``i + position_delta`` (in all rows)
         (transformers' ``rope_deltas``: ``positions.max() + 1 - T``).
     :param image_token_id: the placeholder token that image embeddings replace, in order:
         ``token_ids.count(image_token_id) == sum(image.num_tokens for image in images)``.

@@ -36,6 +36,9 @@ class ForwardBatch:
     context_lens_tensor: torch.Tensor  # [S] int32, as context_lens
     prefill_query_start: torch.Tensor  # [P + 1] int32: prefill queries' offsets, relative to the first
     images: list[ImageSpan] = field(default_factory=list)
+    #: ``[T]`` bool, True at image tokens (``None``: the step has no image tokens). Models that
+    #: route tokens by type (CogVLM's visual experts) read it; text-only steps skip the routing.
+    image_token_mask: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
