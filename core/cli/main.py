@@ -8,6 +8,7 @@ vlmrun plugins [--json]                 installed plugins (does not import torch
 vlmrun which --model DIR                which plugin serves a model, and who else claimed it
 vlmrun check --model DIR                validate config and weights without running
 vlmrun quantize --model DIR --scheme w4a16 -o OUT   write a quantized (compressed-tensors) copy
+vlmrun export --model DIR --part vision --format onnx -o OUT   export a model part (ONNX)
 vlmrun install / uninstall PACKAGE      pip, in the interpreter that runs vlmrun
 """
 
@@ -21,7 +22,7 @@ import sys
 from vlm import __version__
 from vlm.errors import VlmError
 
-COMMANDS = ("run", "serve", "bench", "demo", "plugins", "which", "check", "quantize", "install", "uninstall")
+COMMANDS = ("run", "serve", "bench", "demo", "plugins", "which", "check", "quantize", "export", "install", "uninstall")
 
 
 def _add_plugin_options(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument(
         "--components", action="store_true", help="list every component registry entry (towers, projectors, ...)"
     )
+    plugins.add_argument("--rewriters", action="store_true", help="list every rewriter: target, backend, owner")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     _add_plugin_options(plugins)
 
@@ -96,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     from vlm.cli.quantize import add_quantize_arguments
 
     add_quantize_arguments(quantize)
+
+    export = sub.add_parser("export", help="export a part of a model (the vision tower) to ONNX")
+    _add_model_options(export)
+    _add_plugin_options(export)
+    from vlm.cli.export import add_export_arguments
+
+    add_export_arguments(export)
 
     for name, verb in (("install", "install"), ("uninstall", "remove")):
         pip = sub.add_parser(name, help=f"{verb} plugins with pip in vlmrun's own environment")
@@ -162,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             from vlm.cli.quantize import quantize_command
 
             return quantize_command(args)
+        if args.command == "export":
+            from vlm.cli.export import export_command
+
+            return export_command(args)
         if args.command == "serve":
             from vlm.cli.serve import serve_command
 
