@@ -48,7 +48,8 @@ if TYPE_CHECKING:  # imported for annotations only: this module must not import 
     import torch
 
     from vlm.config import ModelConfig
-    from vlm.inputs import Preprocessor
+    from vlm.grounding import GroundedBox
+    from vlm.inputs import ModelInputs, Preprocessor
 
 #: Version of this contract. Bump the major version when a spec changes incompatibly.
 #:
@@ -57,7 +58,10 @@ if TYPE_CHECKING:  # imported for annotations only: this module must not import 
 #:   activations) and config builders (``vlm.plugin.ConfigBuilder`` in ``CONFIG_BUILDERS``), which
 #:   read a config.json in a plugin's own naming before the core validates it. No hook changed:
 #:   plugins written for 1.0 (``>=1.0,<2``) keep working.
-API_VERSION = "1.1"
+#: - 1.2: the optional ``parse_grounding`` hook: a plugin parses the boxes its model writes in an
+#:   answer (grounding left the core). No other hook changed: plugins written for 1.0 and 1.1 keep
+#:   working, and a family without the hook gives no boxes.
+API_VERSION = "1.2"
 
 #: The name of the module attribute where a plugin declares the versions it supports.
 API_VERSION_ATTRIBUTE = "vlm_api_version"
@@ -168,4 +172,45 @@ def build_model(hf_config: Any, model_config: ModelConfig, dtype: torch.dtype, d
         def build_model(hf_config, dtype, device):
             from .model import LlamaForCausalLM
             return LlamaForCausalLM(hf_config, dtype=dtype, device=device)
+    """
+
+
+@hookspec(firstresult=True)
+def parse_grounding(
+    text: str, image_sizes: list[tuple[int, int]], hf_config: Any, model_inputs: ModelInputs
+) -> list[GroundedBox] | None:
+    """The boxes a model wrote in an answer, in its own format (contract 1.2, optional).
+
+    Called only on the plugin serving the model (not on the plugin of a VLM's language model),
+    once per request that finishes without an error. Each family writes boxes its own way (CogVLM
+    ``[[x0,y0,x1,y1]]`` in 0..999, InternVL ``<ref>..</ref><box>[[..]]</box>`` in 0..1000,
+    Qwen2-VL ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``), so the plugin that knows its model
+    parses them. The result is ``CompletionOutput.boxes`` (the Python API, ``vlmrun
+    --draw-boxes``); a family without this hook gives no boxes. ``vlm.plugin.from_normalized`` and
+    ``vlm.plugin.from_resized`` turn the usual coordinate conventions into pixels.
+
+    :param text: the generated text, decoded with special tokens kept (box markers are often
+        special tokens, which the answer's ``text`` drops).
+    :param image_sizes: ``(width, height)`` of the request's original pictures, in prompt order
+        (empty for a text-only request), as the plugin's preprocessor recorded them in
+        ``ImageInput.extra["image_size"]`` (a plugin implementing this hook records it).
+    :param hf_config: as in :func:`match` (e.g. to tell two formats of one family apart).
+    :param model_inputs: the request's :class:`vlm.inputs.ModelInputs` as the plugin's
+        preprocessor made them; its images' ``extra`` holds what the preprocessor recorded (e.g.
+        ``"resized_size"``, for a model that answers in pixels of its resized picture).
+    :return: :class:`vlm.grounding.GroundedBox` es in pixels of the original picture
+        (``space="pixels"``) that the boxes are about, the request's last picture (the one a
+        grounding question is asked about), in the order they appear; ``[]`` when there are none
+        (or no picture to place them on), ``None`` when the family has no grounding format.
+
+    Example::
+
+        @hookimpl
+        def parse_grounding(text, image_sizes):
+            from vlm.plugin import from_normalized
+
+            if not image_sizes:  # a text-only request: nothing to place boxes on
+                return []
+            # my_boxes(text): [(label, (x1, y1, x2, y2)), ...] as the model wrote them, in 0..1000
+            return [from_normalized(label, box, image_sizes[-1]) for label, box in my_boxes(text)]
     """

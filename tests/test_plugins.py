@@ -150,7 +150,7 @@ def test_misspelled_hookimpl_is_refused_with_its_name(install):
     assert "'mach'" in info.error and "misspelled" in info.error
     # the message lists the real hooks, and only those
     listed = info.error.split("the hooks are: ")[1]
-    assert listed == "architectures, build_model, build_preprocessor, match"
+    assert listed == "architectures, build_model, build_preprocessor, match, parse_grounding"
     assert "misspelled" not in names(registry.loaded())
     assert registry.pm.get_plugin("misspelled") is None  # not half-registered
     assert all(impl.plugin_name != "misspelled" for impl in registry.pm.hook.architectures.get_hookimpls())

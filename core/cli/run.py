@@ -1,6 +1,10 @@
 """``vlmrun --model DIR``: one-shot generation with ``--prompt``, otherwise an interactive chat.
 
 Generated text goes to stdout and nothing else does; logs and the chat prompt go to stderr.
+Pictures are paths, ``file://`` or ``data:`` URLs, and with ``--allow-remote-media`` also
+``http(s)://`` URLs. ``--draw-boxes OUT.png`` saves the picture with the answer's grounding boxes
+drawn (the plugin's ``parse_grounding`` hook finds them): once in one-shot mode, per answer in a
+chat (``OUT-1.png``, ``OUT-2.png``, ...), the file name printed on stderr each time.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from typing import Any
 
 from vlm.cli.engine_args import add_engine_arguments, engine_settings
 
-CHAT_HELP = "commands: /image PATH attaches a picture to your next message, /clear starts over, /exit (or Ctrl-D) quits"
+CHAT_HELP = "commands: /image PATH (or URL, with --allow-remote-media) attaches a picture to your next message, /clear starts over, /exit (or Ctrl-D) quits"
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +39,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--draw-boxes",
         metavar="OUT.png",
-        help="with --prompt and --image: save the first image with the boxes of the answer drawn",
+        help="save the picture the answer is about (the last one given) with the answer's grounding boxes "
+        "drawn; with --prompt it needs --image; in a chat, each answer is saved as OUT-1.png, OUT-2.png, ...",
+    )
+    parser.add_argument(
+        "--allow-remote-media",
+        action="store_true",
+        help="let --image and /image fetch http(s):// URLs (refused by default)",
     )
     sampling = parser.add_argument_group("sampling (defaults: the model's generation_config.json, else greedy)")
     sampling.add_argument("--max-tokens", type=int, default=256)
@@ -92,8 +102,12 @@ def run_command(args: argparse.Namespace) -> int:
 
     # validate flags before the (slow) model load
     sampling_params_from_args(args, {})
-    if args.draw_boxes and (args.prompt is None or not args.image):
-        raise SystemExit("error: --draw-boxes needs --prompt and --image (the boxes are drawn on the first image)")
+    if args.draw_boxes:
+        if args.prompt is not None and not args.image:
+            raise SystemExit("error: --draw-boxes with --prompt needs --image (the boxes are drawn on that picture)")
+        _check_picture_name(args.draw_boxes)
+    for path in args.image:
+        _check_media_policy(path, args)
     llm = LLM(args.model, **engine_settings(args))
     params = sampling_params_from_args(args, llm.engine.default_sampling_values())
     if params.structured_outputs is not None:  # --json-schema: one it cannot compile fails before any chat
@@ -106,19 +120,21 @@ def run_command(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
         prompt: Any = text
+        images = [_checked_image(path, args) for path in args.image]
         if args.no_chat_template:
             # base checkpoints: the family's raw image form, then the text, no chat turn
-            images = [_checked_image(path) for path in args.image or []]
             prompt = llm.engine.preprocessor.raw_prompt(text, images)
-        elif args.image:
-            prompt = _system(args) + [user_message(text, [_checked_image(path) for path in args.image])]
+        elif images:
+            prompt = _system(args) + [user_message(text, images)]
         elif has_template:
             prompt = _system(args) + [{"role": "user", "content": text}]
+        drawing = _Drawing(args.draw_boxes, images[-1] if images else None) if args.draw_boxes else None
         if args.json:
-            _answer_json(llm, prompt, params, args)
+            _answer_json(llm, prompt, params, args, drawing)
             return 0
-        if args.draw_boxes:
-            return _answer_and_draw(llm, prompt, params, args)
+        if drawing is not None:
+            _save_boxes(drawing, _stream_answer(llm, prompt, params).boxes)
+            return 0
         for piece in llm.stream(prompt, params):
             _write(piece)
         _write("\n")
@@ -126,9 +142,10 @@ def run_command(args: argparse.Namespace) -> int:
     return chat_loop(llm, params, args, has_template)
 
 
-def _answer_json(llm, prompt: Any, params, args: argparse.Namespace) -> Any:
+def _answer_json(llm, prompt: Any, params, args: argparse.Namespace, drawing: _Drawing | None = None) -> Any:
     """Generate one answer and print it as one JSON object on a line of its own (``--json``);
     returns the final output. A request that fails is a :class:`VlmError` (one line on stderr).
+    With ``drawing`` (``--draw-boxes``), the record lists the boxes and the picture is saved.
 
     ``tokens_per_s`` is generated tokens over ``total_s``; both times count from before the
     prompt (and its pictures) is preprocessed."""
@@ -162,36 +179,84 @@ def _answer_json(llm, prompt: Any, params, args: argparse.Namespace) -> Any:
             "tokens_per_s": round(completion_tokens / total, 3) if total > 0 else None,
         },
     }
-    if args.draw_boxes:
+    if drawing is not None:
         record["boxes"] = [{"label": b.label, "box": list(b.box), "space": b.space} for b in answer.boxes]
-        _save_boxes(inputs, answer.boxes, args)
+        _save_boxes(drawing, answer.boxes)
     _write(json.dumps(record) + "\n")
     return final
 
 
-def _answer_and_draw(llm, prompt: Any, params, args: argparse.Namespace) -> int:
-    """Stream the answer, then save the first image with the answer's grounding boxes drawn."""
-    inputs = llm.engine.preprocess(prompt)
+def _stream_answer(llm, prompt: Any, params) -> Any:
+    """Stream one answer to stdout (a newline after it) and return its final ``CompletionOutput``
+    (with the grounding boxes); a failed request is a :class:`VlmError`."""
+    from vlm.errors import VlmError
+
     final = None
-    for output in llm.engine.stream(inputs, params):
-        _write(output.outputs[0].delta)
-        final = output
-    _write("\n")
-    _save_boxes(inputs, final.outputs[0].boxes if final is not None else [], args)
-    return 0
+    try:
+        for output in llm.engine.stream(prompt, params):
+            _write(output.outputs[0].delta)
+            final = output.outputs[0]
+    finally:
+        if final is not None:  # ends the line, also when the stream fails half way
+            _write("\n")
+    assert final is not None  # the stream ends with the finished output
+    if final.finish_reason == "error":
+        raise VlmError(final.error or "generation failed")
+    return final
 
 
-def _save_boxes(inputs: Any, boxes: list[Any], args: argparse.Namespace) -> None:
-    """Save the first image with ``boxes`` drawn (``--draw-boxes``); the boxes are listed on stderr."""
+class _Drawing:
+    """Where ``--draw-boxes`` saves the answer's boxes, and on which picture.
+
+    One-shot: ``path`` itself. A chat numbers its answers: the n-th is saved as ``STEM-n.SUFFIX``
+    next to ``path`` (``out.png`` -> ``out-1.png``, ``out-2.png``, ...), so no turn overwrites another
+    (CogVLM's own chat demo overwrites one file each turn)."""
+
+    def __init__(self, path: str, picture: Any | None, numbered: bool = False):
+        self.path = path
+        self.picture = picture  # the picture the next answer is about: the latest one given
+        self.numbered = numbered
+        self.answers = 0
+
+    def next_path(self) -> str:
+        """The file for the next answer (counted even when it has no picture to draw on)."""
+        from pathlib import Path
+
+        self.answers += 1
+        if not self.numbered:
+            return self.path
+        path = Path(self.path)
+        return str(path.with_name(f"{path.stem}-{self.answers}{path.suffix}"))
+
+
+def _save_boxes(drawing: _Drawing, boxes: list[Any]) -> None:
+    """Save the picture with ``boxes`` (pixels of that picture) drawn; the boxes and the file name
+    are printed on stderr. An answer without a picture (a text-only chat so far) saves nothing."""
+    from vlm.errors import VlmError
     from vlm.grounding import draw_boxes
-    from vlm.inputs.images import load_image
 
-    first = inputs.images[0] if inputs.images else None
-    model_image_size = first.extra.get("resized_size") if first is not None else None
-    draw_boxes(load_image(args.image[0]), boxes, model_image_size).save(args.draw_boxes)
+    path = drawing.next_path()
+    if drawing.picture is None:
+        print("(no picture in this conversation yet: no boxes to draw)", file=sys.stderr)
+        return
+    try:
+        draw_boxes(drawing.picture, boxes).save(path)
+    except OSError as exc:
+        raise VlmError(f"--draw-boxes: cannot save {path} ({exc.strerror or exc}); check the directory") from None
     for box in boxes:
-        print(f"box: {box.label or '(no label)'} {box.box} ({box.space})", file=sys.stderr)
-    print(f"saved {args.draw_boxes} with {len(boxes)} box(es)", file=sys.stderr)
+        coords = ", ".join(f"{v:g}" for v in box.box)
+        print(f"box: {box.label or '(no label)'} ({coords})", file=sys.stderr)
+    print(f"saved {path} with {len(boxes)} box(es)", file=sys.stderr)
+
+
+def _check_picture_name(path: str) -> None:
+    """``--draw-boxes`` must name a file PIL can write, by its extension (checked before the model loads)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    if Path(path).suffix.lower() not in Image.registered_extensions():
+        raise SystemExit(f"error: --draw-boxes {path}: name a picture file, e.g. boxes.png or boxes.jpg")
 
 
 def user_message(text: str, images: list[Any]) -> dict[str, Any]:
@@ -204,11 +269,26 @@ def user_message(text: str, images: list[Any]) -> dict[str, Any]:
     }
 
 
-def _checked_image(path: str) -> Any:
-    """Load a picture now, so a bad one is reported before the model runs (raises InputError)."""
+def _check_media_policy(path: str, args: argparse.Namespace) -> None:
+    """A remote picture needs ``--allow-remote-media`` (raises InputError, one line, naming the flag)."""
+    from vlm.errors import InputError
+    from vlm.inputs.images import is_remote_url
+
+    if is_remote_url(path) and not args.allow_remote_media:
+        shown = path if len(path) <= 60 else path[:40] + "..." + path[-17:]
+        raise InputError(
+            f"image {shown!r}: remote image URLs are not fetched unless you pass --allow-remote-media; "
+            "pass it, or download the picture and give its path"
+        )
+
+
+def _checked_image(path: str, args: argparse.Namespace) -> Any:
+    """Load (or, with ``--allow-remote-media``, fetch) a picture now, so a bad one is reported
+    before the model runs (raises InputError)."""
     from vlm.inputs.images import load_image
 
-    return load_image(path)
+    _check_media_policy(path, args)
+    return load_image(path, allow_remote=args.allow_remote_media)
 
 
 def _system(args: argparse.Namespace) -> list[dict[str, str]]:
@@ -226,7 +306,10 @@ def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
     history: list[dict[str, Any]] = _system(args)
     pending_images: list[Any] = []
     for path in args.image:
-        pending_images.append(_checked_image(path))
+        pending_images.append(_checked_image(path, args))
+    # --draw-boxes: each answer's boxes on the conversation's latest picture, OUT-1.png, OUT-2.png, ...
+    drawing = _Drawing(args.draw_boxes, None, numbered=True) if args.draw_boxes else None
+    conversation_picture: Any | None = None  # the latest picture sent in this conversation
     while True:
         if interactive:
             print(">>> ", end="", file=sys.stderr, flush=True)
@@ -241,6 +324,7 @@ def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
         if line == "/clear":
             history = _system(args)
             pending_images = []
+            conversation_picture = None
             print("(history cleared)", file=sys.stderr)
             continue
         if line == "/image" or line.startswith("/image "):
@@ -249,7 +333,7 @@ def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
                 print("usage: /image PATH", file=sys.stderr)
                 continue
             try:
-                pending_images.append(_checked_image(path))
+                pending_images.append(_checked_image(path, args))
             except InputError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 continue
@@ -259,21 +343,34 @@ def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
             print(f"unknown command {line.split()[0]}; {CHAT_HELP}", file=sys.stderr)
             continue
         turn = history + [user_message(line, pending_images)]
+        prompt = turn if has_template or pending_images else line
+        picture = pending_images[-1] if pending_images else conversation_picture
+        if drawing is not None:
+            drawing.picture = picture
         reply = []
+        boxes: list[Any] | None = None  # to draw, once the turn is in the history
         try:
             if args.json:  # one JSON object per answer, nothing else on stdout
-                answer = _answer_json(llm, turn if has_template or pending_images else line, params, args)
+                answer = _answer_json(llm, prompt, params, args, drawing)
                 reply = [answer.outputs[0].text]
+            elif drawing is not None:
+                final = _stream_answer(llm, prompt, params)
+                reply, boxes = [final.text], final.boxes
             else:
-                for piece in llm.stream(turn if has_template or pending_images else line, params):
+                for piece in llm.stream(prompt, params):
                     reply.append(piece)
                     _write(piece)
+                _write("\n")
         except VlmError as exc:
-            if reply and not args.json:
+            if reply and not args.json and drawing is None:
                 _write("\n")
             print(f"error: {exc}", file=sys.stderr)
             continue
-        if not args.json:
-            _write("\n")
         pending_images = []
+        conversation_picture = picture
         history = turn + [{"role": "assistant", "content": "".join(reply)}]
+        if drawing is not None and boxes is not None:
+            try:
+                _save_boxes(drawing, boxes)
+            except VlmError as exc:  # the answer stands; only its picture is lost
+                print(f"error: {exc}", file=sys.stderr)

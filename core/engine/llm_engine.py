@@ -34,7 +34,7 @@ from vlm.errors import InputError
 from vlm.inputs import ModelInputs, Prompt
 from vlm.loader import load_model, load_tokenizer, read_generation_config, resolve_model_path
 from vlm.outputs import RequestOutput
-from vlm.plugin.manager import build_preprocessor
+from vlm.plugin.manager import build_preprocessor, grounding_parser
 from vlm.quantization import QuantConfig
 from vlm.sampling_params import SamplingParams
 
@@ -135,7 +135,12 @@ class LLMEngine:
             position_dims=getattr(self.model, "position_dims", 1),
         )
         self.eos_token_ids = eos_token_ids(self.generation_config, self.tokenizer, self.model_config.hf_config)
-        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.outputs = OutputProcessor(
+            self.tokenizer,
+            self.eos_token_ids,
+            self.max_model_len,
+            parse_grounding=grounding_parser(self.plugin, self.model_config.hf_config),
+        )
         # structured outputs: compiles constraints against the vocabulary (xgrammar loads on first use)
         self.structured = StructuredOutputs(self.tokenizer, text.vocab_size, self.eos_token_ids)
         self._sequences: dict[str, Sequence] = {}

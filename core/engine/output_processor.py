@@ -1,22 +1,39 @@
 """Output processing: each sampled token is appended, detokenized, checked against the stop
 conditions, and turned into the :class:`RequestOutput` the caller sees (with grounding boxes once
-a request finishes)."""
+a request finishes, from the plugin's ``parse_grounding`` hook)."""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
 from vlm.engine.sequence import Sequence
-from vlm.grounding import BOX_START, GroundedBox, parse_boxes
+from vlm.errors import VlmError
+from vlm.grounding import GroundedBox
 from vlm.outputs import CompletionOutput, RequestOutput
+
+if TYPE_CHECKING:
+    from vlm.plugin.manager import GroundingParser
+
+logger = logging.getLogger("vlm")
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any, eos_token_ids: set[int], max_model_len: int):
+    """:param parse_grounding: the chosen plugin's grounding parser
+    (:func:`vlm.plugin.manager.grounding_parser`); ``None``: the family writes no boxes."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        eos_token_ids: set[int],
+        max_model_len: int,
+        parse_grounding: GroundingParser | None = None,
+    ):
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
-        self._box_start_id: int | None = None  # looked up on the first finished request
+        self.parse_grounding = parse_grounding
+        self._warned_sizes = False
 
     def append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> None:
         """Add a sampled token; sets ``seq.finish_reason`` when the sequence is done."""
@@ -94,9 +111,24 @@ class OutputProcessor:
         )
 
     def _grounded_boxes(self, seq: Sequence) -> list[GroundedBox]:
-        if self._box_start_id is None:
-            self._box_start_id = self.tokenizer.get_vocab().get(BOX_START, -1)
-        if self._box_start_id in seq.output_token_ids:
-            # the box markers are special tokens, dropped from ``text``: parse with them kept
-            return parse_boxes(self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=False))
-        return parse_boxes(seq.text) if "bbox_2d" in seq.text else []
+        """The boxes in a finished answer, in pixels of the original picture; a grounding parser
+        that fails costs the boxes (and a warning), never the answer."""
+        if self.parse_grounding is None:
+            return []
+        images = seq.inputs.images
+        sizes = [image.extra.get("image_size") for image in images]
+        if any(size is None for size in sizes):
+            if not self._warned_sizes:
+                self._warned_sizes = True
+                logger.warning(
+                    "grounding boxes are not parsed: the plugin's preprocessor does not record "
+                    "ImageInput.extra['image_size'] (the original picture's width and height)"
+                )
+            return []
+        # box markers are often special tokens, which ``text`` drops: parse with them kept
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=False)
+        try:
+            return self.parse_grounding(text, [(int(w), int(h)) for w, h in sizes], seq.inputs)
+        except VlmError as exc:
+            logger.warning("request %s: no grounding boxes: %s", seq.request_id, exc)
+            return []

@@ -26,7 +26,9 @@ whose size is known, so a caller can refuse or schedule a batch of images by the
 (:func:`check_pixel_budget`) before paying for any of them; :meth:`OpenedImage.decode` finishes.
 ``load_image(...)`` is ``open_image(...).decode()``.
 
-:func:`image_content_key` hashes an image's pixels (for caches keyed by image content).
+:func:`image_content_key` hashes an image's pixels (for caches keyed by image content);
+:func:`is_remote_url` tells a remote image from a local one, for callers (the CLI, the server)
+that refuse remote media unless a flag allows it.
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ def open_image(
     scheme = source.split(":", 1)[0].lower() if ":" in source[:12] else ""
     if scheme == "data":
         return _open(_decode_data_url(source, name), name, max_pixels)
-    if scheme in ("http", "https"):
+    if is_remote_url(source):
         if not allow_remote:
             raise InputError(
                 f"image {name}: remote image URLs are disabled; download the image and send it as "
@@ -207,6 +209,12 @@ def open_image(
             f"image {name}: unsupported URL scheme {scheme!r}; use a file path, file://, data: or http(s)://"
         )
     return _open(_read_file(Path(source), name, allowed_dir), name, max_pixels)
+
+
+def is_remote_url(source: Any) -> bool:
+    """Whether ``source`` names a remote image (an ``http:`` or ``https:`` URL), which is fetched
+    only when the caller allows remote media."""
+    return isinstance(source, str) and ":" in source[:12] and source.split(":", 1)[0].lower() in ("http", "https")
 
 
 def check_pixel_budget(images: Sequence[OpenedImage], max_pixels: int) -> int:
@@ -471,6 +479,7 @@ __all__ = [
     "OpenedImage",
     "check_pixel_budget",
     "image_content_key",
+    "is_remote_url",
     "load_image",
     "open_image",
 ]

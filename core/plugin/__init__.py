@@ -14,6 +14,7 @@ for ``vlmrun plugins``.
 
 from vlm.config import ConfigBuilder, ModelConfig, RawConfig, build_model_config, composite_text_config, text_config_of
 from vlm.errors import ConfigError, InputError, PluginError, VlmError, WeightsError
+from vlm.grounding import GroundedBox, from_normalized, from_resized
 from vlm.hookspecs import API_VERSION, Claim, claim_by_architecture, hookimpl
 from vlm.inputs import (
     ImageInput,
@@ -56,6 +57,7 @@ __all__ = [
     "build_model_config",
     "Claim",
     "ConfigError",
+    "GroundedBox",
     "ImageInput",
     "ImagePromptPreprocessor",
     "InputError",
@@ -74,6 +76,8 @@ __all__ = [
     "claim_by_architecture",
     "composite_text_config",
     "find_chat_template",
+    "from_normalized",
+    "from_resized",
     "hookimpl",
     "iter_image_parts",
     "load_image",

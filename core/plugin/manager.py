@@ -42,9 +42,16 @@ from vlm.registry import Registry
 logger = logging.getLogger("vlm")
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
     from vlm.config import ModelConfig
+    from vlm.grounding import GroundedBox
+    from vlm.inputs import ModelInputs
+
+    #: what :func:`grounding_parser` returns: ``parse(text, image_sizes, model_inputs) -> boxes``
+    GroundingParser = Callable[[str, list[tuple[int, int]], ModelInputs], list[GroundedBox]]
 
 ENTRY_POINT_GROUP = "vlm.models"
 PLUGIN_FILES_ENV = "VLM_PLUGIN_FILES"
@@ -442,3 +449,41 @@ def build_preprocessor(model_config: ModelConfig, tokenizer: Any, plugin: str) -
         model_path=model_config.path,
         tokenizer=tokenizer,
     )
+
+
+def grounding_parser(plugin: str, hf_config: Any) -> GroundingParser | None:
+    """The chosen ``plugin``'s ``parse_grounding`` hook for the model of ``hf_config``, as
+    ``parse(text, image_sizes, model_inputs) -> list[GroundedBox]``; ``None`` when the plugin has
+    no such hook (its family writes no boxes). Only that plugin is asked.
+
+    The parser raises a one-line :class:`PluginError` naming the plugin when the hook fails or
+    returns something other than a list of ``GroundedBox``."""
+    from vlm.grounding import GroundedBox
+
+    registry = get_registry()
+    module = registry.pm.get_plugin(plugin)
+    if module is None or "parse_grounding" not in {c.name for c in registry.pm.get_hookcallers(module) or []}:
+        return None
+    hook = registry.hook_of(plugin, "parse_grounding")
+
+    def parse(text: str, image_sizes: list[tuple[int, int]], model_inputs: ModelInputs) -> list[GroundedBox]:
+        try:
+            boxes = hook(text=text, image_sizes=image_sizes, hf_config=hf_config, model_inputs=model_inputs)
+        except VlmError:
+            raise
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            why = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+            raise PluginError(
+                f"plugin {plugin!r} failed in its parse_grounding hook ({why}); report it to the plugin's authors"
+            ) from exc
+        if boxes is None:
+            return []
+        if not isinstance(boxes, list) or not all(isinstance(box, GroundedBox) for box in boxes):
+            raise PluginError(
+                f"plugin {plugin!r} returned {_short(boxes, 80)} from parse_grounding, not a list of "
+                "vlm.plugin.GroundedBox; report it to the plugin's authors"
+            )
+        return boxes
+
+    return parse

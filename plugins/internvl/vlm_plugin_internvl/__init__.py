@@ -1,6 +1,7 @@
 """vlm plugin for InternVL (2, 2.5, 3): both the Hugging Face and the original OpenGVLab layouts.
 
-The vision tower and projector live here; the language model (Qwen2, Llama, InternLM2) comes
+The vision tower, the projector and the parser of the boxes InternVL writes
+(:mod:`vlm_plugin_internvl.grounding`) live here; the language model (Qwen2, Llama, InternLM2) comes
 from whichever plugin claims the nested text config. torch is imported only inside the hooks.
 """
 
@@ -9,7 +10,8 @@ from __future__ import annotations
 from vlm.plugin import VISION_TOWERS, Registry, claim_by_architecture, hookimpl
 
 __version__ = "0.1.0"
-vlm_api_version = ">=1.1,<2"  # builds its components through vlm.registry (contract 1.1)
+# builds its components through vlm.registry (contract 1.1), parses its boxes (parse_grounding, 1.2)
+vlm_api_version = ">=1.2,<2"
 
 ARCHITECTURES = {
     "InternVLForConditionalGeneration": "internvl",  # Hugging Face layout
@@ -45,3 +47,10 @@ def build_model(hf_config, model_config, dtype, device):
     from vlm_plugin_internvl.model import InternVLChatModel
 
     return InternVLChatModel(hf_config, model_config, dtype=dtype, device=device)
+
+
+@hookimpl
+def parse_grounding(text, image_sizes):
+    from vlm_plugin_internvl.grounding import parse_grounding
+
+    return parse_grounding(text, image_sizes)

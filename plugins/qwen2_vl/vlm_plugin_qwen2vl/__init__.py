@@ -1,9 +1,10 @@
 """vlm plugin for Qwen2-VL and Qwen2.5-VL (Hugging Face layout).
 
-The vision tower (dynamic resolution, 2-D rotary, window attention for 2.5) and the patch merger
-live here; the language model is Qwen2 from whichever plugin serves ``Qwen2ForCausalLM``
-(vlm-plugin-llama), reached through the nested text config (see :mod:`vlm_plugin_qwen2vl.text`).
-torch is imported only inside the hooks.
+The vision tower (dynamic resolution, 2-D rotary, window attention for 2.5), the patch merger and
+the parser of the boxes the models write (:mod:`vlm_plugin_qwen2vl.grounding`) live here; the
+language model is Qwen2 from whichever plugin serves ``Qwen2ForCausalLM`` (vlm-plugin-llama),
+reached through the nested text config (see :mod:`vlm_plugin_qwen2vl.text`). torch is imported
+only inside the hooks.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 from vlm.plugin import VISION_TOWERS, Registry, claim_by_architecture, hookimpl
 
 __version__ = "0.1.0"
-vlm_api_version = ">=1.1,<2"  # builds its components through vlm.registry (contract 1.1)
+# builds its components through vlm.registry (contract 1.1), parses its boxes (parse_grounding, 1.2)
+vlm_api_version = ">=1.2,<2"
 
 ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
@@ -46,3 +48,10 @@ def build_model(hf_config, model_config, dtype, device):
     from vlm_plugin_qwen2vl.model import Qwen2VLForConditionalGeneration
 
     return Qwen2VLForConditionalGeneration(hf_config, model_config, dtype=dtype, device=device)
+
+
+@hookimpl
+def parse_grounding(text, image_sizes, hf_config, model_inputs):
+    from vlm_plugin_qwen2vl.grounding import parse_grounding
+
+    return parse_grounding(text, image_sizes, hf_config, model_inputs)
