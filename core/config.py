@@ -157,8 +157,15 @@ class ModelConfig(BaseModel):
         return self.model_dump(exclude={"hf_config"})
 
 
+#: where a SwissArmyTransformer (SAT) checkpoint keeps its config (``model_class``, ``num_layers``, ...);
+#: read when there is no config.json, for a plugin's config builder to translate
+SAT_CONFIG_FILE = "model_config.json"
+
+
 def read_config_json(model_dir: Path) -> dict[str, Any]:
     config_file = model_dir / "config.json"
+    if not config_file.is_file() and (model_dir / SAT_CONFIG_FILE).is_file():
+        config_file = model_dir / SAT_CONFIG_FILE
     if not config_file.is_file():
         raise ConfigError(f"no config.json in {model_dir}; a model directory in Hugging Face layout needs one")
     try:
@@ -167,7 +174,7 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{config_file} is not valid JSON ({exc}); fix or re-download it") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_file} must hold a JSON object, not a {type(raw).__name__}; fix or re-download it")
-    if not raw.get("model_type") and not raw.get("architectures"):
+    if not raw.get("model_type") and not raw.get("architectures") and not raw.get("model_class"):
         raise ConfigError(
             f"{config_file} has neither 'model_type' nor 'architectures'; add the one your checkpoint was saved with"
         )
@@ -361,6 +368,16 @@ class EngineConfig(Settings):
         128, description="int4: input features per scale and zero point"
     )
     quantize_vision: bool = Field(False, description="quantize the vision tower and projector too")
+    min_pixels: PositiveInt | None = Field(
+        None,
+        description="image budget: pictures smaller than this (width x height) are enlarged, for families with a "
+        "pixel budget (Qwen2-VL); default: the model's preprocessor_config.json",
+    )
+    max_pixels: PositiveInt | None = Field(
+        None,
+        description="image budget: pictures larger than this are shrunk, so an image costs at most about "
+        "max_pixels / 784 tokens on Qwen2-VL; default: the model's preprocessor_config.json",
+    )
 
     _flags: ClassVar[dict[str, str]] = {
         "max_model_len": "--max-model-len",
@@ -374,7 +391,17 @@ class EngineConfig(Settings):
         "device": "--device",
         "dtype": "--dtype",
         "seed": "--seed",
+        "min_pixels": "--min-pixels",
+        "max_pixels": "--max-pixels",
     }
+
+    @model_validator(mode="after")
+    def _pixel_budget_in_order(self) -> EngineConfig:
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(
+                f"--min-pixels ({self.min_pixels}) exceeds --max-pixels ({self.max_pixels}); lower or raise one"
+            )
+        return self
 
     @field_validator("device")
     @classmethod

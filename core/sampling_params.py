@@ -105,6 +105,12 @@ class SamplingParams(Settings):
     repetition_penalty: float = Field(
         1.0, ge=0.01, le=10.0, description="CTRL-style penalty on tokens seen in prompt or output"
     )
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="OpenAI's: subtracted from the logit of every token the output already has"
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="OpenAI's: subtracted once per time a token appears in the output so far"
+    )
     seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="per-request seed (64 bits); reproducible")
     stop: list[str] = Field(default_factory=list, description="strings that end generation")
     stop_token_ids: list[int] = Field(default_factory=list, description="token ids that end it")
@@ -156,3 +162,8 @@ class SamplingParams(Settings):
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        """Any of the repetition, presence and frequency penalties is on."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

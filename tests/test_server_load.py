@@ -202,7 +202,7 @@ def _malformed(conversations, with_images: bool) -> list[tuple[object, str | Non
         ({**ok, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
         ({**ok, "stream_options": {"include_usage": True}}, "stream_options"),
         ({**ok, "repetition_penalty": 0}, "repetition_penalty"),
-        ({**ok, "presence_penalty": 1.0}, "presence_penalty"),
+        ({**ok, "presence_penalty": 2.5}, "presence_penalty"),
         ({**ok, "min_p": 1.5}, "min_p"),
     ]
     assert len(cases) == 20

@@ -186,3 +186,62 @@ def test_bad_constraints_are_400_naming_the_field_and_the_server_goes_on(server,
     assert (text, reason) in (("still", "stop"), ("here", "stop"))
     assert server.wait_idle()["vlm_kv_cache_blocks_used"] == 0
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_on_completions(client, stream):
+    """``/v1/completions`` takes chat's ``response_format`` (json_schema and json_object)."""
+    schema = assorted_schemas(3, seed=11)[2]
+    response_format = {"type": "json_schema", "json_schema": {"name": "item", "schema": schema}}
+    for temperature in (0.0, 1.0):
+        text, reason = _completion(
+            client,
+            stream,
+            max_tokens=MAX_TOKENS,
+            temperature=temperature,
+            seed=4,
+            extra_body={"response_format": response_format},
+        )
+        assert reason == "stop", text
+        check_json(text, schema)
+    text, reason = _completion(
+        client, stream, max_tokens=MAX_TOKENS, temperature=0, extra_body={"response_format": {"type": "json_object"}}
+    )
+    assert reason == "stop" and isinstance(json.loads(text), dict)
+
+
+def test_completions_response_format_refusals(client):
+    for extra, param, fragment in [
+        ({"response_format": {"type": "json_schema"}}, "response_format", "needs json_schema"),
+        (
+            {"response_format": {"type": "json_object"}, "guided_choice": ["a"]},
+            "guided_choice",
+            "response_format and guided_choice each constrain the output",
+        ),
+    ]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="tiny", prompt="JSON:", max_tokens=8, extra_body=extra)
+        error = info.value.body
+        assert error["param"] == param and fragment in error["message"] and "\n" not in error["message"], error
+
+
+def test_penalties_through_the_server_equal_offline(server, client, tiny_models):
+    """presence / frequency penalties (OpenAI's fields) give the offline engine's greedy tokens."""
+    from vlm import LLM, SamplingParams
+
+    llm = LLM(tiny_models("qwen2", max_position_embeddings=CONTEXT))
+    prompt = "a b c d e f g"
+    for penalties in (
+        {"presence_penalty": 1.5},
+        {"frequency_penalty": 0.7},
+        {"frequency_penalty": -0.5, "presence_penalty": 2.0},
+    ):
+        served = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0, **penalties)
+        offline = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, **penalties))[0].outputs[0]
+        assert served.choices[0].text == offline.text, penalties
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0)
+    strong = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0, frequency_penalty=2.0)
+    assert plain.choices[0].text != strong.choices[0].text
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=4, presence_penalty=2.5)
+    assert info.value.body["param"] == "presence_penalty"

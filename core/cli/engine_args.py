@@ -17,6 +17,8 @@ _FIELDS = {
     "tp": "tensor_parallel_size",
     "quantize": "quantization",
     "quantization_group_size": "quantization_group_size",
+    "min_pixels": "min_pixels",
+    "max_pixels": "max_pixels",
 }
 
 
@@ -57,6 +59,19 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="int4: input features per scale and zero point (default 128)",
     )
     engine.add_argument("--quantize-vision", action="store_true", help="quantize the vision tower and projector too")
+    engine.add_argument(
+        "--min-pixels",
+        type=int,
+        metavar="N",
+        help="image budget (Qwen2-VL): enlarge pictures below N pixels (default: preprocessor_config.json)",
+    )
+    engine.add_argument(
+        "--max-pixels",
+        type=int,
+        metavar="N",
+        help="image budget (Qwen2-VL): shrink pictures above N pixels, about N/784 image tokens "
+        "(default: preprocessor_config.json)",
+    )
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,8 +1,12 @@
 """Picking the next token of each sequence from its logits.
 
-Order of processing follows transformers' ``generate``: repetition penalty, then temperature,
-top-k, top-p, min-p. Greedy rows without penalties take one batched argmax. Each sequence samples
-from its own ``torch.Generator``, so a seed gives the same tokens however requests are batched.
+Order of processing follows transformers' ``generate``: penalties, then temperature, top-k,
+top-p, min-p. The penalties are applied to the whole batch at once (:func:`apply_penalties`):
+the repetition penalty (CTRL's, as transformers' ``RepetitionPenaltyLogitsProcessor``: tokens of
+prompt and output), then OpenAI's frequency and presence penalties (tokens of the output only:
+``logit - frequency * count - presence * (count > 0)``), as vLLM applies them. Greedy rows then
+take one batched argmax. Each sequence samples from its own ``torch.Generator``, so a seed gives
+the same tokens however requests are batched.
 
 Rows with structured outputs first have every token their grammar forbids set to ``-inf``
 (:mod:`vlm.engine.structured`), in the same batch as free rows. Log-probs are the model's own,
@@ -16,11 +20,49 @@ import torch
 from vlm.engine.sequence import Sequence
 
 
-def _apply_repetition_penalty(row: torch.Tensor, seq: Sequence, penalty: float) -> None:
-    seen = torch.tensor(sorted(set(seq.prompt_token_ids) | set(seq.output_token_ids)), dtype=torch.long)
-    seen = seen[seen < row.shape[0]]
-    scores = row[seen]
-    row[seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
+def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """``[len(token_lists), vocab_size]`` counts of each id in each list (ids outside the vocabulary dropped)."""
+    width = max((len(ids) for ids in token_lists), default=0)
+    counts = torch.zeros(len(token_lists), vocab_size + 1, dtype=torch.float32, device=device)
+    if width == 0:
+        return counts[:, :vocab_size]
+    padded = torch.full((len(token_lists), width), vocab_size, dtype=torch.long)  # padding counts in the spare column
+    for i, ids in enumerate(token_lists):
+        row = torch.tensor(ids, dtype=torch.long)
+        padded[i, : len(ids)] = row.masked_fill((row < 0) | (row >= vocab_size), vocab_size)
+    padded = padded.to(device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """``logits`` with the repetition, frequency and presence penalties of every row that has one,
+    in one batched computation over those rows (a new tensor; ``logits`` itself when no row has one)."""
+    rows = [i for i, seq in enumerate(seqs) if seq.params.has_penalties]
+    if not rows:
+        return logits
+    vocab_size = logits.shape[1]
+    device = logits.device
+    index = torch.tensor(rows, device=device)
+    selected = logits[index]
+    params = [seqs[i].params for i in rows]
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=logits.dtype, device=device).unsqueeze(1)
+
+    outputs = [list(seqs[i].output_token_ids) for i in rows]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen = _token_counts(
+            [list(seqs[i].prompt_token_ids) + ids for i, ids in zip(rows, outputs)], vocab_size, device
+        )
+        penalty = column([p.repetition_penalty for p in params])
+        penalized = torch.where(selected < 0, selected * penalty, selected / penalty)
+        selected = torch.where(seen > 0, penalized, selected)
+    if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
+        counts = _token_counts(outputs, vocab_size, device).to(logits.dtype)
+        selected = selected - column([p.frequency_penalty for p in params]) * counts
+        selected = selected - column([p.presence_penalty for p in params]) * (counts > 0).to(logits.dtype)
+    return logits.index_copy(0, index, selected)
 
 
 def _filter(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
@@ -60,10 +102,9 @@ def sample(
 
         failed.update(apply_token_masks(logits, grammars))
 
-    simple = all(
-        s.params.greedy and s.params.repetition_penalty == 1.0 and len(s.output_token_ids) >= s.params.min_tokens
-        for s in seqs
-    )
+    logits = apply_penalties(logits, seqs)
+
+    simple = all(s.params.greedy and len(s.output_token_ids) >= s.params.min_tokens for s in seqs)
     if simple:
         tokens = logits.argmax(-1).tolist()
         for i in failed:
@@ -100,8 +141,6 @@ def _sample_row(logits: torch.Tensor, seq: Sequence, eos_token_ids: set[int]) ->
         row[banned] = float("-inf")
         if getattr(seq, "grammar", None) is not None and not bool(torch.isfinite(row).any()):
             row[banned] = scores  # the grammar allows nothing but its end: it ends here, min_tokens or not
-    if p.repetition_penalty != 1.0:
-        _apply_repetition_penalty(row, seq, p.repetition_penalty)
     if p.greedy:
         return int(row.argmax())
     row = _filter(row / p.temperature, p.top_k, p.top_p, p.min_p)

@@ -9,6 +9,10 @@ take them: ``{"type": "text", "text": ...}``, ``{"type": "image", "image": <sour
 ``{"type": "image_url", "image_url": {"url": ...}}``. :func:`normalize_messages` rewrites every
 image part as ``{"type": "image", "image": <source>}`` (what transformers' templates test for) and
 :func:`iter_image_parts` lists the sources in prompt order; ``vlm.inputs.load_image`` loads them.
+An image part may also set its own budget (:data:`IMAGE_OPTION_KEYS`): OpenAI's ``detail``
+(``"low"``, ``"high"``, ``"auto"``; inside ``image_url`` too) and qwen-vl-utils' ``min_pixels`` /
+``max_pixels``; :func:`image_part_options` lists them in prompt order (families without budgets
+ignore them).
 :func:`text_content_as` gives text contents the form (string or parts) a chat template renders.
 """
 
@@ -35,6 +39,26 @@ def validate_messages(messages: Any) -> list[Message]:
 
 
 IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
+#: an image part's own budget: OpenAI's ``detail``, qwen-vl-utils' ``min_pixels`` / ``max_pixels``
+IMAGE_OPTION_KEYS = ("detail", "min_pixels", "max_pixels")
+DETAILS = ("low", "high", "auto")
+
+
+def _image_options(part: dict[str, Any], where: str) -> dict[str, Any]:
+    """The budget options of an image part (``detail`` may sit inside ``image_url``), checked."""
+    options = {key: part[key] for key in IMAGE_OPTION_KEYS if part.get(key) is not None}
+    inner = part.get("image_url")
+    if isinstance(inner, dict) and inner.get("detail") is not None:
+        options.setdefault("detail", inner["detail"])
+    if "detail" in options and options["detail"] not in DETAILS:
+        raise InputError(f"{where}: detail must be 'low', 'high' or 'auto', not {options['detail']!r}")
+    for key in ("min_pixels", "max_pixels"):
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise InputError(f"{where}: {key} must be a positive number of pixels (width x height), not {value!r}")
+    if options.get("min_pixels", 0) > options.get("max_pixels", float("inf")):
+        raise InputError(f"{where}: min_pixels ({options['min_pixels']}) exceeds max_pixels ({options['max_pixels']})")
+    return options
 
 
 def _image_source(part: dict[str, Any], where: str) -> Any:
@@ -88,7 +112,7 @@ def normalize_messages(messages: Any) -> list[Message]:
                     raise InputError(f"{where}: a text part needs {{'text': <string>}}")
                 parts.append({"type": "text", "text": part["text"]})
             elif part["type"] in ("image", "image_url"):
-                parts.append({"type": "image", "image": _image_source(part, where)})
+                parts.append({"type": "image", "image": _image_source(part, where), **_image_options(part, where)})
             else:
                 raise InputError(
                     f"{where} has type {part['type']!r}; this engine takes 'text', 'image' and 'image_url' parts"
@@ -135,6 +159,19 @@ def iter_image_parts(messages: list[Message]) -> Iterator[Any]:
         for j, part in enumerate(content):
             if isinstance(part, dict) and part.get("type") in ("image", "image_url"):
                 yield _image_source(part, f"message {i} part {j}")
+
+
+def image_part_options(messages: list[Message]) -> list[dict[str, Any]]:
+    """The budget options (:data:`IMAGE_OPTION_KEYS`) of each image part, in prompt order ({} for none)."""
+    options = []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") in ("image", "image_url"):
+                options.append(_image_options(part, f"message {i} part {j}"))
+    return options
 
 
 def has_image_parts(prompt: Any) -> bool:

@@ -10,6 +10,9 @@
 - :func:`to_rgb` converts a PIL image to RGB as transformers' image processors do (transparency
   composited onto white); :func:`rescale_and_normalize` turns uint8 pixels into float32 values
   with transformers' arithmetic (rescale in float64, cast, normalise in float32), bit for bit.
+- :func:`preprocess_with_tools` renders chat messages with a request's tools (function
+  definitions the chat template writes into the prompt, ``apply_chat_template(..., tools=...)``);
+  :func:`chat_template_of` is the template a preprocessor renders with.
 - :class:`ImagePromptPreprocessor` is the prompt plumbing of a preprocessor whose transformers
   processor expands one placeholder per image in the rendered chat template: a subclass says how
   a picture becomes pixels and tokens, the base does the rest.
@@ -20,6 +23,7 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -29,7 +33,14 @@ from typing import Any, cast
 from vlm.errors import ConfigError, InputError
 from vlm.inputs.data import ImageInput, Message, ModelInputs, Prompt, is_token_ids
 from vlm.inputs.images import load_image
-from vlm.inputs.messages import content_list, has_image_parts, iter_image_parts, normalize_messages, text_content_as
+from vlm.inputs.messages import (
+    content_list,
+    has_image_parts,
+    image_part_options,
+    iter_image_parts,
+    normalize_messages,
+    text_content_as,
+)
 
 #: a marker no real prompt holds: :func:`template_content_form` looks for it in a rendered probe
 _PROBE = "vlm-content-probe-5d1e"
@@ -83,6 +94,41 @@ def template_content_form(render: Callable[[list[Any]], str], template: str = ""
     )
 
 
+def check_template_takes_tools(template: str | None, tools: list[dict[str, Any]] | None) -> None:
+    """A template that never reads ``tools`` would drop them silently: refuse instead."""
+    if tools and (not template or "tools" not in template):
+        raise InputError(
+            "this model's chat template does not render tools (it never reads 'tools'); describe the tools "
+            "in a system message instead, or serve a model whose template supports tool calling"
+        )
+
+
+def chat_template_of(preprocessor: Any) -> str | None:
+    """The chat template ``preprocessor`` renders messages with (None when it has none or is not
+    one of core's preprocessors)."""
+    template = getattr(preprocessor, "chat_template", None)
+    if template is None and isinstance(preprocessor, TextPreprocessor):
+        template = getattr(preprocessor.tokenizer, "chat_template", None)
+    return template if isinstance(template, str) else None
+
+
+def preprocess_with_tools(preprocessor: Any, prompt: Prompt, tools: list[dict[str, Any]] | None) -> ModelInputs:
+    """``preprocessor(prompt)``, its chat template also given ``tools`` (OpenAI's function
+    definitions); a preprocessor that takes no ``tools`` is a one-line refusal when there are some."""
+    if not tools:
+        return preprocessor(prompt)
+    try:
+        takes_tools = "tools" in inspect.signature(preprocessor).parameters
+    except (TypeError, ValueError):
+        takes_tools = False
+    if not takes_tools:
+        raise InputError(
+            "this model's preprocessor cannot render tools into the prompt; describe the tools in a system "
+            "message instead (the plugin's preprocessor needs a 'tools' argument)"
+        )
+    return preprocessor(prompt, tools=tools)
+
+
 class TextPreprocessor:
     """Tokenizes plain prompts, renders chat messages with the tokenizer's chat template."""
 
@@ -91,13 +137,16 @@ class TextPreprocessor:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    def render(
+        self, messages: list[Message], add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None
+    ) -> str:
         template = getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise InputError(
                 "this model's tokenizer has no chat template (tokenizer_config.json 'chat_template'); "
                 "send a plain prompt string instead of chat messages"
             )
+        check_template_takes_tools(template, tools)
         messages = normalize_messages(messages)
         if has_image_parts(messages):
             raise InputError("this model reads text only: remove the image parts, or serve a vision-language model")
@@ -112,7 +161,10 @@ class TextPreprocessor:
             # text-only templates get a string (joined text parts), unless they render parts only
             form = "parts" if self._probed[1] == "parts" else "string"
             return self.tokenizer.apply_chat_template(
-                text_content_as(messages, form), tokenize=False, add_generation_prompt=add_generation_prompt
+                text_content_as(messages, form),
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **({"tools": tools} if tools else {}),
             )
         except TemplateError as exc:  # a sandbox violation too: the template, not the messages, is at fault
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -124,11 +176,13 @@ class TextPreprocessor:
             raise InputError("this model reads text only: remove the images, or serve a vision-language model")
         return self(text)
 
-    def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs:
+    def __call__(
+        self, prompt: Prompt, add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None
+    ) -> ModelInputs:
         if is_token_ids(prompt):
             return ModelInputs(token_ids=list(prompt))
         if isinstance(prompt, list):
-            text = self.render(cast(list[Message], prompt), add_generation_prompt)
+            text = self.render(cast(list[Message], prompt), add_generation_prompt, tools)
             # the template already wrote BOS where the model wants it
             ids = self.tokenizer(check_text(text), add_special_tokens=False)["input_ids"]
             chat = True
@@ -205,6 +259,31 @@ def rescale_and_normalize(pixels: Any, rescale_factor: float | None, mean: Any |
     return values
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageBudget:
+    """How many pixels a picture is resized into (width x height); ``None``: the model's own setting.
+
+    Families whose processor resizes to a pixel budget (Qwen2-VL's ``min_pixels`` /
+    ``max_pixels``) honour it; families with a fixed input size or tiling ignore it."""
+
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    def over(self, base: ImageBudget) -> ImageBudget:
+        """This budget, with ``base``'s values where it has none."""
+        return ImageBudget(
+            self.min_pixels if self.min_pixels is not None else base.min_pixels,
+            self.max_pixels if self.max_pixels is not None else base.max_pixels,
+        )
+
+
+def apply_image_budget(preprocessor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Give ``preprocessor`` the engine's image budget (``--min-pixels`` / ``--max-pixels``); a
+    preprocessor without budgets (text-only, a third-party one) is left as it is."""
+    if (min_pixels is not None or max_pixels is not None) and hasattr(preprocessor, "set_image_budget"):
+        preprocessor.set_image_budget(min_pixels, max_pixels)
+
+
 class ImagePromptPreprocessor:
     """Prompts (token ids, strings, chat messages with image parts) -> :class:`ModelInputs`, the way
     transformers' processors do it: render the chat template, which writes ``placeholder`` once
@@ -230,6 +309,11 @@ class ImagePromptPreprocessor:
     image_token: str
     image_token_id: int | None = None
     supports_images: bool = True
+    #: the engine's image budget (``--min-pixels`` / ``--max-pixels``), over the model's own
+    image_budget: ImageBudget = ImageBudget()
+    #: what ``detail: "low"`` means for this family, at most the engine's budget (None: the family
+    #: has no budget, ``detail`` is ignored; ``"high"`` and ``"auto"`` are the engine's budget)
+    low_detail_budget: ImageBudget | None = None
     _probed: tuple[str, str] | None = None  # (template, its content form), probed once per template
 
     def __init__(self, tokenizer: Any, hf_config: Any, model_path: str | Path):
@@ -263,6 +347,27 @@ class ImagePromptPreprocessor:
         """Load one image (path, URL, bytes, PIL image) and make its pixels and token count."""
         raise NotImplementedError
 
+    def set_image_budget(self, min_pixels: int | None, max_pixels: int | None) -> None:
+        """The engine's image budget (``--min-pixels`` / ``--max-pixels``); families without budgets ignore it."""
+        self.image_budget = ImageBudget(min_pixels, max_pixels)
+
+    def budget_for(self, options: dict[str, Any]) -> ImageBudget:
+        """One image's budget: its own ``min_pixels`` / ``max_pixels``, else ``detail: "low"``'s
+        (:attr:`low_detail_budget`), else the engine's (``high`` and ``auto`` mean the engine's)."""
+        budget = self.image_budget
+        low = self.low_detail_budget
+        if options.get("detail") == "low" and low is not None:
+            # never more than the engine's own budget allows
+            if low.max_pixels is not None and budget.max_pixels is not None:
+                low = ImageBudget(low.min_pixels, min(low.max_pixels, budget.max_pixels))
+            budget = low.over(budget)
+        return ImageBudget(options.get("min_pixels"), options.get("max_pixels")).over(budget)
+
+    def preprocess_image_within(self, source: Any, budget: ImageBudget) -> ImageInput:
+        """:meth:`preprocess_image` within ``budget``; a family with a pixel budget overrides this
+        (the default ignores the budget)."""
+        return self.preprocess_image(source)
+
     def prepare_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Normalized messages -> what the chat template expects (default: unchanged)."""
         return messages
@@ -277,6 +382,13 @@ class ImagePromptPreprocessor:
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> tuple[str, list[Any]]:
         """Messages -> (prompt text with one placeholder per image, image sources in order)."""
+        return self.render_with_tools(messages, add_generation_prompt, None)
+
+    def render_with_tools(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: list[dict[str, Any]] | None
+    ) -> tuple[str, list[Any]]:
+        """:meth:`render`, with ``tools`` (function definitions) for the chat template. A subclass
+        that overrides :meth:`render` renders no tools unless it overrides this too."""
         messages = normalize_messages(messages)
         sources = list(iter_image_parts(messages))
         if sources and not self.supports_images:
@@ -286,6 +398,7 @@ class ImagePromptPreprocessor:
                 "this model has no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json "
                 "'chat_template'); send a plain prompt string instead of chat messages"
             )
+        check_template_takes_tools(self.chat_template, tools)
         from jinja2 import TemplateError
 
         render = partial(self.tokenizer.apply_chat_template, chat_template=self.chat_template, tokenize=False)
@@ -296,13 +409,15 @@ class ImagePromptPreprocessor:
         # text in the form the template renders ("both": as prepare_messages left it)
         rendered: list[Any] = content_list(messages) if form == "content_list" else text_content_as(messages, form)
         try:
-            text = render(rendered, add_generation_prompt=add_generation_prompt)
+            text = render(rendered, add_generation_prompt=add_generation_prompt, **({"tools": tools} if tools else {}))
         except TemplateError as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise InputError(f"the chat template rejected the messages ({type(exc).__name__}: {first})") from None
         return text, sources
 
-    def __call__(self, prompt: Prompt, add_generation_prompt: bool = True) -> ModelInputs:
+    def __call__(
+        self, prompt: Prompt, add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None
+    ) -> ModelInputs:
         if is_token_ids(prompt):
             if self.image_token_id is not None and self.image_token_id in prompt:
                 raise InputError(
@@ -311,14 +426,26 @@ class ImagePromptPreprocessor:
                 )
             return self.finish(ModelInputs(token_ids=list(prompt), image_token_id=self.image_token_id))
         if isinstance(prompt, list):
-            text, sources = self.render(cast(list[Message], prompt), add_generation_prompt)
+            messages = cast(list[Message], prompt)
+            if not tools:
+                text, sources = self.render(messages, add_generation_prompt)
+            elif type(self).render is ImagePromptPreprocessor.render or (
+                type(self).render_with_tools is not ImagePromptPreprocessor.render_with_tools
+            ):
+                text, sources = self.render_with_tools(messages, add_generation_prompt, tools)
+            else:  # the subclass renders its own way (a conversation template), without tools
+                raise InputError(
+                    "this model's prompt format cannot render tools (its preprocessor renders without the chat "
+                    "template's tools); describe the tools in a system message instead"
+                )
             bos = getattr(self.tokenizer, "bos_token", None)
             add_special_tokens = not (bos and text.startswith(bos))  # as transformers' processors decide
         elif isinstance(prompt, str):
             text, sources, add_special_tokens = prompt, [], True
         else:
             raise InputError(f"a prompt must be a string, a list of messages or token ids, not {type(prompt).__name__}")
-        inputs = self._expand(text, sources, add_special_tokens, templated=isinstance(prompt, list))
+        options = image_part_options(cast(list[Message], prompt)) if isinstance(prompt, list) else []
+        inputs = self._expand(text, sources, add_special_tokens, templated=isinstance(prompt, list), options=options)
         return dataclasses.replace(inputs, chat=isinstance(prompt, list))
 
     def raw_prompt(self, text: str, images: Sequence[Any] = ()) -> ModelInputs:
@@ -333,8 +460,15 @@ class ImagePromptPreprocessor:
         """What stands for one image in a raw prompt (default: the placeholder and a newline)."""
         return self.placeholder + "\n"
 
-    def _expand(self, text: str, sources: list[Any], add_special_tokens: bool, templated: bool = False) -> ModelInputs:
-        """Placeholders -> each image's tokens; tokenize; check the counts."""
+    def _expand(
+        self,
+        text: str,
+        sources: list[Any],
+        add_special_tokens: bool,
+        templated: bool = False,
+        options: list[dict[str, Any]] | None = None,
+    ) -> ModelInputs:
+        """Placeholders -> each image's tokens (``options``: each image's budget options); tokenize; check the counts."""
         pieces = text.split(self.placeholder)
         if len(pieces) - 1 < len(sources) and templated:
             shown = " ".join((self.chat_template or "").split())[:60]
@@ -348,7 +482,14 @@ class ImagePromptPreprocessor:
                 f"the prompt has {len(pieces) - 1} image placeholder(s) {self.placeholder!r} but {len(sources)} "
                 f"image(s); remove {self.placeholder!r} from the text and send images as image parts"
             )
-        images = [self.preprocess_image(source) for source in sources]
+        options = options if options and len(options) == len(sources) else [{} for _ in sources]
+        images = [
+            self.preprocess_image_within(source, self.budget_for(opts))
+            if opts or self.image_budget != ImageBudget()
+            # (no budget asked for: the family's own preprocess_image, as before budgets existed)
+            else self.preprocess_image(source)
+            for source, opts in zip(sources, options)
+        ]
         expanded = [pieces[0]]
         for image, piece in zip(images, pieces[1:]):
             expanded += [self.expand_image(image), piece]
@@ -361,8 +502,13 @@ class ImagePromptPreprocessor:
 
 
 __all__ = [
+    "ImageBudget",
+    "apply_image_budget",
     "ImagePromptPreprocessor",
+    "chat_template_of",
+    "check_template_takes_tools",
     "find_chat_template",
+    "preprocess_with_tools",
     "read_json",
     "rescale_and_normalize",
     "template_content_form",

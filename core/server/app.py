@@ -14,6 +14,7 @@ then answer whole or streamed (:mod:`~vlm.server.streaming`), aborting if the cl
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import time
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,7 @@ from vlm.server.protocol import (
 )
 from vlm.server.sampling import sampling_params, structured_outputs_field
 from vlm.server.streaming import ChatEvents, CompletionEvents, EventStream
+from vlm.server.tools import ToolCalling, ToolParser, choose_tool_parser, tool_finish_reason, tool_request
 
 
 @dataclass
@@ -93,6 +95,14 @@ class Server:
         self.metrics.watch_pixel_budget(self.prompts.pixels)
         self.defaults = engine.default_sampling_values()
         self.created = now()
+        self._tool_parser: ToolParser | None = None
+
+    @property
+    def tool_parser(self) -> ToolParser:
+        """How this model writes tool calls (chosen from its chat template, once)."""
+        if self._tool_parser is None:
+            self._tool_parser = choose_tool_parser(self.engine.chat_template)
+        return self._tool_parser
 
     def close(self) -> None:
         """The server is stopping: requests still waiting to start are refused (503)."""
@@ -189,7 +199,7 @@ class Server:
         )
 
     def stream(
-        self, submitted: Submitted, events_type: type[EventStream], num_logprobs: int | None, **options: bool
+        self, submitted: Submitted, events_type: type[EventStream], num_logprobs: int | None, **options: Any
     ) -> Response:
         """The streamed response: ``events_type``'s server-sent events, ``options`` being its own."""
         events = events_type(
@@ -352,7 +362,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        submitted = await server.submit(body, server.prompts.chat_inputs, body.messages, "messages", "chatcmpl")
+        tools = tool_request(body)
+        calling = ToolCalling(tools, server.tool_parser) if tools is not None else None
+        build_inputs = functools.partial(server.prompts.chat_inputs, tools=tools.tools if tools else None)
+        submitted = await server.submit(body, build_inputs, body.messages, "messages", "chatcmpl")
         num_logprobs = body.num_logprobs
         if body.stream:
             options = body.stream_options
@@ -362,6 +375,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 num_logprobs,
                 include_usage=bool(options and options.include_usage),
                 continuous_usage=bool(options and options.continuous_usage_stats),
+                tools=calling,
             )
 
         def choice(index: int, final: Any) -> ChatChoice:
@@ -369,11 +383,12 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             logprobs = None
             if num_logprobs is not None and output.logprobs is not None:
                 logprobs = chat_logprobs(server.token_texts, output.token_ids, output.logprobs, num_logprobs)
+            content, calls = (output.text, None) if calling is None else calling.reply(output.text)
             return ChatChoice(
                 index=index,
-                message=AssistantMessage(content=output.text),
+                message=AssistantMessage(content=content, tool_calls=calls),
                 logprobs=logprobs,
-                finish_reason=finish_reason(final),
+                finish_reason=tool_finish_reason(finish_reason(final), bool(calls)),
             )
 
         return await server.respond(request, submitted, ChatCompletionResponse, choice)

@@ -242,9 +242,21 @@ class AsyncEngine:
     def default_sampling_values(self) -> dict:
         return self.engine.default_sampling_values()
 
-    def preprocess(self, prompt: Any) -> Any:
-        """Turn a prompt into ``ModelInputs`` (the plugin's preprocessor; thread-safe, no engine state)."""
-        return self.engine.preprocess(prompt)
+    def preprocess(self, prompt: Any, tools: list[dict[str, Any]] | None = None) -> Any:
+        """Turn a prompt into ``ModelInputs`` (the plugin's preprocessor; thread-safe, no engine state);
+        ``tools``: function definitions for the chat template (tool calling)."""
+        if not tools:
+            return self.engine.preprocess(prompt)
+        from vlm.inputs.preprocessor import preprocess_with_tools
+
+        return preprocess_with_tools(self.engine.inputs.preprocessor, prompt, tools)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template the model's preprocessor renders messages with (None if unknown)."""
+        from vlm.inputs.preprocessor import chat_template_of
+
+        return chat_template_of(self.engine.inputs.preprocessor)
 
     async def run_in_pool(
         self, func: Callable, *args: Any, pool: str = "preprocess", on_done: Callable[[], None] | None = None
@@ -515,8 +527,12 @@ class AsyncEngine:
 
 def _build_engine(config: Any) -> Any:
     from vlm.engine.llm_engine import LLMEngine
+    from vlm.inputs.preprocessor import apply_image_budget
 
-    return LLMEngine(config)
+    engine = LLMEngine(config)
+    # (idempotent: LLMEngine may give its preprocessor the budget itself)
+    apply_image_budget(engine.inputs.preprocessor, config.min_pixels, config.max_pixels)
+    return engine
 
 
 def _input_error(message: str) -> Exception:

@@ -63,7 +63,8 @@ _UNION_LABELS = {"str", "int", "float", "bool", "none", "list", "dict"}
 
 
 def _is_union_label(item: Any) -> bool:
-    return isinstance(item, str) and ("[" in item or item in _UNION_LABELS)
+    # a member's type: "list[ContentPart]", "str", or a model class ("NamedToolChoice"); fields are snake_case
+    return isinstance(item, str) and ("[" in item or item in _UNION_LABELS or item[:1].isupper())
 
 
 def _param_from_loc(loc: tuple) -> str | None:

@@ -43,7 +43,7 @@ from vlm.inputs.images import (
 )
 from vlm.server.async_engine import AsyncEngine, EngineStoppedError
 from vlm.server.errors import RequestError, message_param
-from vlm.server.protocol import ChatMessage
+from vlm.server.protocol import ChatMessage, ImageURL
 
 #: the ``vlmrun serve`` flag that sets each limit, named in the error that limit causes
 LIMIT_FLAGS = {
@@ -197,10 +197,11 @@ class PromptBuilder:
 
     # -- the stages (on the event loop) ------------------------------------------------------------
 
-    async def chat_inputs(self, messages: list[ChatMessage]) -> Any:
+    async def chat_inputs(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> Any:
+        """``messages`` as model inputs; ``tools`` (function definitions) go to the chat template."""
         images = self.image_parts(messages)
         if not images:
-            return await self.engine.run_in_pool(self.chat, messages, [], pool="text")
+            return await self.engine.run_in_pool(self.chat, messages, [], tools, pool="text")
         # several at once (a request's downloads take the longest one's time, not the sum), but
         # never so many that one request holds the whole media pool
         fetching = asyncio.Semaphore(FETCHES_PER_REQUEST)
@@ -219,7 +220,7 @@ class PromptBuilder:
                 image.close()
             raise
         release = functools.partial(self.pixels.release, pixels)
-        return await self.engine.run_in_pool(self.chat, messages, opened, on_done=release)
+        return await self.engine.run_in_pool(self.chat, messages, opened, tools, on_done=release)
 
     async def completion_inputs(self, prompt: Any) -> Any:
         return await self.engine.run_in_pool(self.completion, prompt, pool="text")
@@ -247,12 +248,19 @@ class PromptBuilder:
         except ImageLimitError as exc:
             raise RequestError(_with_flag(exc), opened[0][0] if len(opened) == 1 else "messages") from None
 
-    def chat(self, messages: list[ChatMessage], opened: list[tuple[str, OpenedImage]]) -> Any:
-        """Decode the images and preprocess the conversation."""
+    def chat(
+        self,
+        messages: list[ChatMessage],
+        opened: list[tuple[str, OpenedImage]],
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Any:
+        """Decode the images and preprocess the conversation (with ``tools`` for the template)."""
+        from vlm.server.tools import template_message
+
         converted = []
         images = iter(opened)
         try:
-            for message in messages:
+            for index, message in enumerate(messages):
                 role = "system" if message.role == "developer" else message.role
                 content: Any = message.content if message.content is not None else ""
                 if isinstance(content, list):
@@ -263,16 +271,17 @@ class PromptBuilder:
                         else:
                             where, image = next(images)
                             try:
-                                parts.append({"type": "image", "image": image.decode()})
+                                parts.append({"type": "image", "image": image.decode(), **_image_budget(part)})
                             except InputError as exc:
                                 raise RequestError(str(exc), where) from None
                     content = parts  # the preprocessor joins text parts for text-only templates
                 item = {"role": role, "content": content}
                 if message.name:
                     item["name"] = message.name
+                item.update(template_message(message, index))  # tool calls and results
                 converted.append(item)
             try:
-                return self.engine.preprocess(converted)
+                return self.engine.preprocess(converted, tools)
             except InputError as exc:
                 raise RequestError(str(exc), message_param(str(exc))) from None
         finally:
@@ -338,6 +347,20 @@ class PromptBuilder:
     def close(self) -> None:
         """The server is stopping: requests waiting for pixels get a 503 now."""
         self.pixels.close()
+
+
+def _image_budget(part: Any) -> dict[str, Any]:
+    """An image_url part's budget for the preprocessor: OpenAI's ``detail`` and (an extension, as
+    qwen-vl-utils names them) ``min_pixels`` / ``max_pixels`` inside ``image_url``."""
+    image_url = part.image_url
+    if not isinstance(image_url, ImageURL):
+        return {}
+    budget: dict[str, Any] = {"detail": image_url.detail} if image_url.detail is not None else {}
+    for key in ("min_pixels", "max_pixels"):
+        value = (image_url.model_extra or {}).get(key)
+        if value is not None:
+            budget[key] = value
+    return budget
 
 
 def _with_flag(exc: ImageLimitError) -> str:

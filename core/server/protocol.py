@@ -55,10 +55,65 @@ class ContentPart(_Lenient):
         return self.image_url.url if isinstance(self.image_url, ImageURL) else str(self.image_url)
 
 
+class FunctionCall(BaseModel):
+    """A call's function: its name and its arguments as JSON text (OpenAI's shape)."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One tool call, in an assistant message of the history or of a reply."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
+    #: an assistant turn's tool calls; a ``tool`` message answers one of them by its id
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _tool_fields_for_role(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
+
+
+#: OpenAI's rule for function names
+FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(_Lenient):
+    """A tool's function: its name, what it does and its arguments' JSON schema."""
+
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN, description="letters, digits, _ and -, at most 64")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = Field(None, description="the arguments' JSON schema (an object)")
+    strict: Optional[bool] = None
+
+
+class ChatTool(_Lenient):
+    """One entry of ``tools``: ``{"type": "function", "function": {...}}``."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    """``tool_choice`` naming the function the model must call."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Request):
@@ -132,13 +187,6 @@ class _SamplingFields(_Request):
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, value: Optional[float]) -> Optional[float]:
-        if value:
-            raise ValueError("is not supported by this server; leave it at 0 (repetition_penalty is)")
-        return value
-
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, value: Any) -> Any:
@@ -160,31 +208,60 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     response_format: Optional[ResponseFormat] = None
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Any] = None
+    tools: Optional[list[ChatTool]] = Field(None, max_length=128)
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
     metadata: Optional[dict[str, Any]] = None
     store: Optional[bool] = None
     service_tier: Optional[str] = None
 
-    @field_validator("tools")
+    @field_validator("tool_choice", mode="before")
     @classmethod
-    def _no_tools(cls, value: Optional[list[Any]]) -> Optional[list[Any]]:
-        if value:
-            raise ValueError("tool calling is not supported by this server")
+    def _tool_choice_shape(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("none", "auto", "required"):
+            raise ValueError(
+                f"must be 'none', 'auto', 'required' or {{'type': 'function', 'function': {{'name': ...}}}}, "
+                f"not {value!r}"
+            )
         return value
 
-    @field_validator("tool_choice")
+    @field_validator("tools")
     @classmethod
-    def _no_tool_choice(cls, value: Any) -> Any:
-        if value not in (None, "none"):
-            raise ValueError("tool calling is not supported by this server; use 'none' or leave it out")
+    def _distinct_tool_names(cls, value: Optional[list[ChatTool]]) -> Optional[list[ChatTool]]:
+        names = [tool.function.name for tool in value or []]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"function names must be distinct; {', '.join(map(repr, repeated))} is given twice")
         return value
 
     def check(self) -> None:
         super().check()
         if self.top_logprobs and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not self.tools:
+            shown = choice if isinstance(choice, str) else "a named function"
+            raise RequestError(
+                f"tool_choice {shown!r} needs tools; send the tools or leave tool_choice out", "tool_choice"
+            )
+        if isinstance(choice, NamedToolChoice):
+            names = [tool.function.name for tool in self.tools or []]
+            if choice.function.name not in names:
+                raise RequestError(
+                    f"tool_choice names the function {choice.function.name!r}, which is not among the tools "
+                    f"({', '.join(map(repr, names))}); name one of them",
+                    "tool_choice.function.name",
+                )
+
+    @property
+    def tool_mode(self) -> str:
+        """``"none"``, ``"auto"``, ``"required"`` or ``"named"``: OpenAI's default is ``"auto"`` with
+        tools and ``"none"`` without."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        if self.tool_choice is not None:
+            return self.tool_choice if self.tools else "none"
+        return "auto" if self.tools else "none"
 
     @property
     def requested_max_tokens(self) -> Optional[int]:
@@ -208,6 +285,9 @@ class CompletionRequest(_SamplingFields):
     )
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     echo: bool = Field(False, description="the prompt before the completion (with logprobs: the prompt's too)")
+    response_format: Optional[ResponseFormat] = Field(
+        None, description="as chat's: json_object or json_schema constrain the completion (a vLLM extension)"
+    )
     suffix: Optional[str] = None
     best_of: Optional[int] = None
 
@@ -316,6 +396,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
     refusal: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
 
 
 class ChatChoice(BaseModel):
@@ -335,9 +416,25 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: Optional[str] = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed piece of the ``index``-th tool call: the first names it (id, type, function name),
+    the next ones add to its arguments."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -6,7 +6,8 @@ always the ``SamplingParams`` field (``top_logprobs``, ``max_completion_tokens``
 
 Structured outputs come from one of ``response_format`` (OpenAI: ``json_object``, ``json_schema``),
 ``structured_outputs`` (vLLM) or ``guided_json`` / ``guided_regex`` / ``guided_choice`` /
-``guided_grammar`` (older vLLM); :func:`structured_outputs_field` names the one a request used.
+``guided_grammar`` (older vLLM), or from ``tools`` with ``tool_choice`` ``"required"`` or a named
+function (:mod:`vlm.server.tools`); :func:`structured_outputs_field` names the one a request used.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _SAMPLING_FIELDS = (
     "top_k",
     "min_p",
     "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
     "seed",
     "stop",
     "min_tokens",
@@ -104,6 +107,13 @@ _GUIDED_FIELDS = {
 def _constraints(body: ChatCompletionRequest | CompletionRequest) -> list[tuple[str, dict[str, Any]]]:
     """Every structured-output constraint in ``body``: (API field, ``StructuredOutputsParams`` fields)."""
     found: list[tuple[str, dict[str, Any]]] = []
+    if isinstance(body, ChatCompletionRequest):
+        from vlm.server.tools import tool_request
+
+        tools = tool_request(body)
+        constraint = tools.constraint() if tools is not None else None
+        if constraint is not None:
+            found.append(("tools", constraint))
     response_format = getattr(body, "response_format", None)
     if response_format is not None and response_format.type == "json_object":
         found.append(("response_format", {"json_object": True}))
@@ -133,7 +143,7 @@ def structured_outputs(body: ChatCompletionRequest | CompletionRequest) -> Any:
     if not found:
         return None
     if len(found) > 1:
-        names = " and ".join(name for name, _ in found)
+        names = " and ".join("tool_choice" if name == "tools" else name for name, _ in found)
         raise RequestError(f"{names} each constrain the output; send only one of them", found[1][0])
     field, values = found[0]
     try:

@@ -30,6 +30,7 @@ from vlm.server.protocol import (
     Usage,
     finish_reason,
 )
+from vlm.server.tools import ToolCalling, tool_finish_reason
 
 _DONE = "data: [DONE]\n\n"
 
@@ -127,9 +128,13 @@ class EventStream:
 
 
 class ChatEvents(EventStream):
-    def __init__(self, *args: Any, continuous_usage: bool, **kwargs: Any):
+    """Chat chunks; with tool calling (``tools``), each choice's text goes through its
+    :class:`~vlm.server.tools.ToolCallStream`: content deltas and ``tool_calls`` deltas."""
+
+    def __init__(self, *args: Any, continuous_usage: bool, tools: ToolCalling | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.continuous_usage = continuous_usage
+        self.tool_streams = [tools.stream() for _ in range(self.stream.n)] if tools is not None else None
 
     def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         return sse(
@@ -153,11 +158,16 @@ class ChatEvents(EventStream):
         logprobs = None
         if step.logprobs is not None:
             logprobs = chat_logprobs(self.token_texts, step.token_ids, step.logprobs, self.num_logprobs or 0)
+        content, tool_calls, reason = step.text or None, None, step.finish_reason
+        if self.tool_streams is not None:
+            tool_stream = self.tool_streams[step.index]
+            content, tool_calls = tool_stream.step(step.text, final=reason is not None)
+            reason = tool_finish_reason(reason, tool_stream.has_calls)
         choice = ChatChunkChoice(
             index=step.index,
-            delta=DeltaMessage(content=step.text or None),
+            delta=DeltaMessage(content=content, tool_calls=tool_calls),
             logprobs=logprobs,
-            finish_reason=step.finish_reason,
+            finish_reason=reason,
         )
         return self.chunk([choice], self.running_usage())
 

@@ -51,6 +51,9 @@ BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
 MAX_ASPECT_RATIO = 200  # smart_resize refuses more elongated pictures
 
 IMAGE_PAD = "<|image_pad|>"
+#: ``detail: "low"``: at most this many pixels, so at most 64 image tokens (28 x 28 pixels each;
+#: OpenAI's low detail costs 85), whatever the engine's budget
+LOW_DETAIL_MAX_PIXELS = 64 * 28 * 28
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,10 @@ class Qwen2VLPreprocessor(ImagePromptPreprocessor):
     def __init__(self, tokenizer: Any, hf_config: Any, model_path: str | Path):
         super().__init__(tokenizer, hf_config, model_path)
         self.settings = ImageSettings.from_model_dir(self.model_path)
+        # detail "low": at most LOW_DETAIL_MAX_PIXELS, and never more than the model's own budget
+        self.low_detail_budget = type(self.image_budget)(
+            max_pixels=min(LOW_DETAIL_MAX_PIXELS, self.settings.max_pixels)
+        )
         # the processor's rule: the tokenizer may name its image token, else <|image_pad|>
         self.image_token = self.placeholder = getattr(tokenizer, "image_token", None) or IMAGE_PAD
         self.image_token_id = self.vocabulary_id(
@@ -248,10 +255,27 @@ class Qwen2VLPreprocessor(ImagePromptPreprocessor):
                     f"config.json's vision_config says {theirs}; fix one of them"
                 )
 
+    def budget_settings(self, budget: Any) -> ImageSettings:
+        """preprocessor_config.json's settings within ``budget`` (a ``vlm.inputs.preprocessor.ImageBudget``:
+        its ``min_pixels`` / ``max_pixels`` where set, as transformers' processor takes them)."""
+        min_pixels = budget.min_pixels if budget.min_pixels is not None else self.settings.min_pixels
+        max_pixels = budget.max_pixels if budget.max_pixels is not None else self.settings.max_pixels
+        if min_pixels > max_pixels:
+            if budget.min_pixels is not None:
+                raise InputError(f"min_pixels ({min_pixels}) exceeds max_pixels ({max_pixels}); lower or raise one")
+            min_pixels = max_pixels  # a budget below the model's minimum: the budget wins
+        if (min_pixels, max_pixels) == (self.settings.min_pixels, self.settings.max_pixels):
+            return self.settings
+        return dataclasses.replace(self.settings, min_pixels=min_pixels, max_pixels=max_pixels)
+
     def preprocess_image(self, source: Any) -> ImageInput:
-        """Load one picture (path, URL, bytes, PIL image) and make its patches."""
+        """Load one picture (path, URL, bytes, PIL image) and make its patches (the engine's budget)."""
+        return self.preprocess_image_within(source, self.image_budget)
+
+    def preprocess_image_within(self, source: Any, budget: Any) -> ImageInput:
+        """:meth:`preprocess_image`, resized into ``budget`` (``detail``, ``--max-pixels``, a part's own)."""
         image = self.load_image(source)
-        patches, grid = preprocess_pixels(to_rgb(image), self.settings)
+        patches, grid = preprocess_pixels(to_rgb(image), self.budget_settings(budget))
         # the grid is part of the key: a flat-coloured picture and its transpose have equal
         # patches but different rotary positions, hence different features
         key = hashlib.sha256(f"{pixel_values_key(patches)}:{grid}".encode()).hexdigest()
@@ -278,6 +302,7 @@ class Qwen2VLPreprocessor(ImagePromptPreprocessor):
 
 
 __all__ = [
+    "LOW_DETAIL_MAX_PIXELS",
     "ImageSettings",
     "Qwen2VLPreprocessor",
     "mrope_positions",
