@@ -20,8 +20,9 @@ import torch
 
 from vlm.errors import ConfigError, ModelNotFoundError, WeightsError, reason
 from vlm.nn.linear import prepare_for_inference
-from vlm.plugin.manager import build_model, check_model
+from vlm.plugin.manager import build_model, check_model, get_registry
 from vlm.quantization import QuantConfig, assign_quant_config, checkpoint_quantization, dequantized_weights
+from vlm.rewrite import RewriterContext, patch_model
 
 if TYPE_CHECKING:
     from vlm.config import ModelConfig
@@ -89,7 +90,29 @@ def checkpoint_files(model_dir: Path) -> list[CheckpointFile]:
     bins = sorted(p for p in model_dir.glob("*.bin") if p.name != "training_args.bin")
     if bins:
         return [CheckpointFile(p, "bin") for p in bins]
+    sat = _sat_checkpoint(model_dir)
+    if sat is not None:
+        return [CheckpointFile(sat, "bin")]
     raise WeightsError(f"no *.safetensors or *.bin weights in {model_dir}; the checkpoint is incomplete")
+
+
+def _sat_checkpoint(model_dir: Path) -> Path | None:
+    """A SwissArmyTransformer checkpoint's state file: ``mp_rank_00_model_states.pt`` in the model
+    directory or in the iteration directory its ``latest`` file names; ``None`` when there is none."""
+    folders = [model_dir]
+    latest = model_dir / "latest"
+    if latest.is_file():
+        folders.insert(0, model_dir / latest.read_text().strip())
+    for folder in folders:
+        state = folder / "mp_rank_00_model_states.pt"
+        if state.is_file():
+            if (folder / "mp_rank_01_model_states.pt").is_file():
+                raise WeightsError(
+                    f"{folder} holds a SAT checkpoint split over several model-parallel ranks; merge it into one "
+                    "mp_rank_00_model_states.pt (model_parallel_size 1) first"
+                )
+            return state
+    return None
 
 
 _SAFETENSORS_DTYPES = {
@@ -171,6 +194,8 @@ def _iter_bin(path: Path, meta: bool, bar) -> Iterator[tuple[str, torch.Tensor]]
         ) from None
     if not isinstance(state, dict):
         raise WeightsError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
+    if isinstance(state.get("module"), dict):  # SAT / DeepSpeed: the state dict under "module", beside counters
+        state = state["module"]
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise WeightsError(
@@ -239,6 +264,7 @@ def load_model(
     progress: bool = True,
     quantization: QuantConfig | None = None,
     requantize: bool = True,
+    rewrite_cfg: Any = None,
 ) -> LoadedModel:
     """Build the model with the plugin that serves it, stream the checkpoint into ``load_weights``
     and prepare it for inference (packed CPU weights): the one way the engine, ``vlmrun check``
@@ -256,6 +282,9 @@ def load_model(
     :param requantize: for a pre-quantized checkpoint (AWQ, GPTQ, compressed-tensors: :mod:`vlm.quantization.formats`),
         which is dequantized while it loads: without ``quantization``, quantize its layers again on
         the fly with the matching scheme (default), or keep them dense in ``dtype`` (False).
+    :param rewrite_cfg: the ``cfg`` rewriters see (:mod:`vlm.rewrite`; the engine passes its
+        ``EngineConfig``, default ``model_config``). The model is built and loaded inside a
+        ``RewriterContext`` for ``device.type`` and patched with that backend's module rewriters.
     :raises QuantizationError: the checkpoint is quantized in a way that is not read (before
         anything is built).
     """
@@ -268,22 +297,27 @@ def load_model(
             checkpoint_format.describe(),
             str(dtype).removeprefix("torch."),
         )
-    if model is None:
-        model, plugin = build_model(model_config, dtype, device, plugin)
-        check_model(model, plugin)
-    assign_quant_config(model, quantization, fallback)
-    meta = device.type == "meta"
-    if weights is None:
-        files = checkpoint_files(Path(model_config.path))
-        weights = iter_checkpoint(files, meta=meta, progress=progress and os.isatty(2))
-    if checkpoint_format is not None:
-        weights = dequantized_weights(weights, checkpoint_format)
-    report = cast("ModelProtocol", model).load_weights(weights)
-    if strict and not report.ok:
-        raise report.error(model_config.path)
-    if verify is not None:
-        verify(model, report)
-    model.eval()
-    if not meta:
-        prepare_for_inference(model)
+    get_registry()  # plugins register their rewriters when they load: before the context is planned
+    cfg = model_config if rewrite_cfg is None else rewrite_cfg
+    with RewriterContext(cfg, backend=device.type):
+        if model is None:
+            model, plugin = build_model(model_config, dtype, device, plugin)
+            check_model(model, plugin)
+        assign_quant_config(model, quantization, fallback)
+        meta = device.type == "meta"
+        if weights is None:
+            files = checkpoint_files(Path(model_config.path))
+            weights = iter_checkpoint(files, meta=meta, progress=progress and os.isatty(2))
+        if checkpoint_format is not None:
+            weights = dequantized_weights(weights, checkpoint_format)
+        report = cast("ModelProtocol", model).load_weights(weights)
+        if strict and not report.ok:
+            raise report.error(model_config.path)
+        if verify is not None:
+            verify(model, report)
+        model.eval()
+        if not meta:  # on meta only shapes are read: wrappers there would check nothing real
+            # after loading (a wrapper renames its module's parameters), before packing (it may read them)
+            model = patch_model(model, cfg, backend=device.type)
+            prepare_for_inference(model)
     return LoadedModel(model, plugin or "", report)

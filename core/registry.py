@@ -258,6 +258,14 @@ class Registry:
             raise RegistryError(target._unknown(name, key))
         return found
 
+    def get_own(self, name: str) -> Any:
+        """This registry's own entry ``name``, taken literally: no ``scope.`` split, no locations, no
+        parent (for names with dots, such as the rewriter registries' ``"pkg.mod.func@backend"``).
+        A lazy entry is imported now."""
+        if name not in self._module_dict:
+            raise RegistryError(self._unknown(name, name))
+        return self._resolve(name)
+
     def _lookup(self, name: str) -> Any:
         """Own entries, then (once) the locations, then the parent chain; None when absent."""
         if name not in self._module_dict and not self._locations_imported:
@@ -333,7 +341,21 @@ PROJECTORS = Registry("projector")
 PATCH_EMBEDDINGS = Registry("patch_embedding")
 ACTIVATIONS = Registry("activation")
 CONFIG_BUILDERS = Registry("config_builder")
-ROOT_REGISTRIES: tuple[Registry, ...] = (VISION_TOWERS, PROJECTORS, PATCH_EMBEDDINGS, ACTIVATIONS, CONFIG_BUILDERS)
+# vlm.rewrite's rewriters, one root per kind; each registering module gets a child scope named after
+# it, and an entry is named "<target>@<backend>" (the rewriter's metadata lives in vlm.rewrite)
+FUNCTION_REWRITERS = Registry("function_rewriter")
+MODULE_REWRITERS = Registry("module_rewriter")
+SYMBOLIC_REWRITERS = Registry("symbolic_rewriter")
+ROOT_REGISTRIES: tuple[Registry, ...] = (
+    VISION_TOWERS,
+    PROJECTORS,
+    PATCH_EMBEDDINGS,
+    ACTIVATIONS,
+    CONFIG_BUILDERS,
+    FUNCTION_REWRITERS,
+    MODULE_REWRITERS,
+    SYMBOLIC_REWRITERS,
+)
 
 # What the core provides, by name. Lazy entries: the modules (which import torch) load on first use.
 _CORE_COMPONENTS: dict[Registry, dict[str, str]] = {
@@ -344,6 +366,7 @@ _CORE_COMPONENTS: dict[Registry, dict[str, str]] = {
     PROJECTORS: {
         "MLPProjector": "vlm.nn.projectors:MLPProjector",
         "LayerNormMLPProjector": "vlm.nn.projectors:LayerNormMLPProjector",
+        "GLUProjector": "vlm.nn.projectors:GLUProjector",
     },
     PATCH_EMBEDDINGS: {"ConvPatchEmbedding": "vlm.nn.patch_embedding:ConvPatchEmbedding"},
     ACTIVATIONS: {

@@ -198,3 +198,27 @@ def test_server_budget_and_detail(qwen_dir, tmp_path):
         assert info.value.body["param"] == "messages[0].content[0]"
     finally:
         proc.stop()
+
+
+def test_llm_and_cli_take_the_engine_budget(qwen_dir, tmp_path):
+    """``LLM(max_pixels=...)`` and ``vlmrun --max-pixels`` reach the preprocessor (not only the server's)."""
+    import contextlib
+    import json
+
+    from vlm import LLM
+    from vlm.cli.main import main
+
+    image = _picture(400, 300)
+    budget = 28 * 28 * 20
+    llm = LLM(qwen_dir, max_pixels=budget)
+    assert _image_tokens(llm.engine.inputs.preprocessor, _messages(image)) == _reference(image, MODEL_MIN, budget)[2]
+    path = tmp_path / "picture.png"
+    image.save(path)
+    args = ["--model", qwen_dir, "--image", str(path), "--prompt", "hi", "--max-tokens", "1", "--json"]
+    outputs = []
+    for extra in ([], ["--max-pixels", str(budget)]):
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            assert main(args + extra) == 0
+        outputs.append(json.loads(buffer.getvalue().strip().splitlines()[-1]))
+    assert outputs[1]["usage"]["prompt_tokens"] < outputs[0]["usage"]["prompt_tokens"]

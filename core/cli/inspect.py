@@ -6,7 +6,7 @@ import json
 import sys
 from argparse import Namespace
 
-from vlm.plugin.manager import get_registry
+from vlm.plugin.manager import PluginInfo, get_registry
 
 
 def plugins_command(args: Namespace) -> int:
@@ -14,6 +14,8 @@ def plugins_command(args: Namespace) -> int:
     infos = get_registry().describe()
     if getattr(args, "components", False):
         return components_command(args)
+    if getattr(args, "rewriters", False):
+        return rewriters_command(args, infos)
     if args.json:
         print(json.dumps([info.as_dict() for info in infos], indent=2))
         return 0
@@ -53,6 +55,42 @@ def components_command(args: Namespace) -> int:
         registry, scope, name = (row[key].ljust(width) for key, width in zip(("registry", "scope", "name"), widths))
         print(f"{registry}  {scope}  {name}  {row['location']}")
     return 0
+
+
+def rewriters_command(args: Namespace, infos: list[PluginInfo]) -> int:
+    """Every rewriter (vlm.rewrite) the loaded plugins registered: kind, target, backend, priority,
+    owner (the registering module, and the plugin it belongs to) and location; imports no torch."""
+    from vlm.rewrite import describe_rewriters
+
+    modules = {_plugin_module(info): info.name for info in infos if info.error is None}
+
+    def plugin_of(owner: str) -> str | None:
+        return next(
+            (name for module, name in modules.items() if owner == module or owner.startswith(module + ".")), None
+        )
+
+    rows = [{**row, "plugin": plugin_of(row["owner"])} for row in describe_rewriters()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        kinds = "FUNCTION_REWRITER, MODULE_REWRITER, SYMBOLIC_REWRITER"
+        print(f"no rewriters registered (plugins register them with vlm.rewrite's {kinds})")
+        return 0
+    columns = ("kind", "target", "backend", "priority")
+    widths = [max(len(str(row[key])) for row in rows) for key in columns]
+    for row in rows:
+        cells = "  ".join(str(row[key]).ljust(width) for key, width in zip(columns, widths))
+        plugin = f" (plugin {row['plugin']})" if row["plugin"] else ""
+        print(f"{cells}  owner {row['owner']}{plugin}  {row['location']}")
+    return 0
+
+
+def _plugin_module(info: PluginInfo) -> str:
+    """The module a plugin's hooks live in (a plugin file is imported under its own name)."""
+    if info.source == "file":  # the module name vlm.plugin.manager gives a plugin file
+        return f"vlm_plugin_file_{info.name}"
+    return info.location.partition(":")[0]
 
 
 def which_command(args: Namespace) -> int:

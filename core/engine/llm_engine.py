@@ -32,10 +32,12 @@ from vlm.engine.sequence import Sequence
 from vlm.engine.structured import StructuredOutputs
 from vlm.errors import InputError
 from vlm.inputs import ModelInputs, Prompt
+from vlm.inputs.preprocessor import apply_image_budget
 from vlm.loader import load_model, load_tokenizer, read_generation_config, resolve_model_path
 from vlm.outputs import RequestOutput
 from vlm.plugin.manager import build_preprocessor, grounding_parser
 from vlm.quantization import QuantConfig
+from vlm.rewrite import RewriterContext
 from vlm.sampling_params import SamplingParams
 
 logger = logging.getLogger("vlm")
@@ -83,6 +85,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.generation_config = read_generation_config(self.model_dir)
         self._step_lock = threading.Lock()
+        # the rewriters of this device (vlm.rewrite) apply around every forward step, and only then
+        self._rewrites = RewriterContext(config, backend=self.device.type)
         self._tp = start_driver(config.tensor_parallel_size, self.device, worker_engine, config.model_dump())
         if self._tp is not None:
             atexit.register(self.close)
@@ -99,9 +103,10 @@ class LLMEngine:
         if config.quantization is not None:
             quantization = QuantConfig(config.quantization, config.quantization_group_size, config.quantize_vision)
         self.model, self.plugin, _ = load_model(
-            self.model_config, self.dtype, self.device, config.plugin, quantization=quantization
+            self.model_config, self.dtype, self.device, config.plugin, quantization=quantization, rewrite_cfg=config
         )
         self.preprocessor = build_preprocessor(self.model_config, self.tokenizer, self.plugin)
+        apply_image_budget(self.preprocessor, config.min_pixels, config.max_pixels)
 
         text = self.model_config.text
         self.max_model_len = min(config.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
@@ -232,7 +237,8 @@ class LLMEngine:
             if self.scheduler.waiting:
                 raise RuntimeError("scheduler could not place any request; the KV cache is too small")
             return []
-        logits, seqs = self.runner.execute(scheduled)
+        with self._rewrites:
+            logits, seqs = self.runner.execute(scheduled)
         self.scheduler.register_full_blocks(scheduled.decodes + [seq for seq, _ in scheduled.prefills])
         if logits is None:
             return []

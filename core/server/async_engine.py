@@ -527,12 +527,8 @@ class AsyncEngine:
 
 def _build_engine(config: Any) -> Any:
     from vlm.engine.llm_engine import LLMEngine
-    from vlm.inputs.preprocessor import apply_image_budget
 
-    engine = LLMEngine(config)
-    # (idempotent: LLMEngine may give its preprocessor the budget itself)
-    apply_image_budget(engine.inputs.preprocessor, config.min_pixels, config.max_pixels)
-    return engine
+    return LLMEngine(config)
 
 
 def _input_error(message: str) -> Exception:
