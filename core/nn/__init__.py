@@ -26,6 +26,7 @@ from vlm.nn.patch_embedding import ConvPatchEmbedding
 from vlm.nn.projectors import pixel_shuffle
 from vlm.nn.rotary import RotaryEmbedding
 from vlm.nn.vision_language import VisionLanguageModel
+from vlm.nn.visual_expert import VisualExpertMLP, VisualExpertQKV, VisualExpertRowwiseLinear
 from vlm.nn.weights import (
     LoadReport,
     ShapeMismatch,
@@ -54,6 +55,9 @@ __all__ = [
     "SiluAndMul",
     "VisionAttention",
     "VisionLanguageModel",
+    "VisualExpertMLP",
+    "VisualExpertQKV",
+    "VisualExpertRowwiseLinear",
     "VocabParallelEmbedding",
     "WeightLoader",
     "WeightMapping",

@@ -17,7 +17,7 @@ from typing import Any
 from vlm import hookspecs
 from vlm.config import load_model_config, text_config_of
 from vlm.errors import InputError, PluginError
-from vlm.inputs import ModelInputs
+from vlm.inputs import ModelInputs, iter_image_parts
 from vlm.plugin.manager import PluginInfo, get_registry
 from vlm.testing.conformance.harness import Harness
 from vlm.testing.conformance.inputs import (
@@ -139,6 +139,9 @@ class Conformance:
         for a processor that lays them out differently (e.g. LLaVA-NeXT's ``[images, tiles, C,
         H, W]``: ``outputs["pixel_values"].flatten(0, 1)``; the kit sends one image per prompt).
     :param foreign_configs: more configs of other families that ``match`` must decline.
+    :param max_images: the most images one prompt may carry (``None``: no limit). A model trained
+        with one image per conversation (CogVLM) sets 1: a prompt with more must be refused with a
+        one-line :class:`~vlm.errors.InputError`, and the default prompts keep within the limit.
     :param prompts: prompts for batch invariance and parity (default: :func:`default_prompts`).
     :param new_tokens: tokens generated per prompt in batch invariance and parity.
     :param atol: tolerance on logits (float32).
@@ -156,6 +159,7 @@ class Conformance:
         reference_processor: Any = None,
         reference_pixels: Callable[[Any], Any] | None = None,
         foreign_configs: Iterable[Any] = (),
+        max_images: int | None = None,
         prompts: Sequence[Any] | None = None,
         new_tokens: int = 16,
         atol: float = 1e-4,
@@ -168,6 +172,7 @@ class Conformance:
         self.reference_processor = reference_processor
         self.reference_pixels = reference_pixels
         self.foreign_configs = list(foreign_configs)
+        self.max_images = max_images
         self._prompts = list(prompts) if prompts is not None else None
         self.new_tokens = new_tokens
         self.atol = atol
@@ -253,7 +258,12 @@ class Conformance:
 
     @functools.cached_property
     def prompts(self) -> list[Any]:
-        return self._prompts if self._prompts is not None else default_prompts(self.is_vlm)
+        if self._prompts is not None:
+            return self._prompts
+        prompts = default_prompts(self.is_vlm)
+        if self.max_images is None:
+            return prompts
+        return [p for p in prompts if isinstance(p, str) or len(list(iter_image_parts(p))) <= self.max_images]
 
     def preprocess(self, prompt: Any, what: str = "a prompt") -> ModelInputs:
         preprocessor = self.preprocessor  # fails with build_preprocessor's own message
@@ -614,7 +624,10 @@ class Conformance:
         hidden = self.model_config.text.hidden_size
         cases = [(f"a {label} image", image_message(image), 1) for label, image in odd_images()]
         pair = (random_picture(21, (90, 50)), random_picture(22, (50, 90)))
-        cases.append(("two images in one prompt", image_message(*pair), 2))
+        if self.max_images is None or self.max_images >= 2:
+            cases.append(("two images in one prompt", image_message(*pair), 2))
+        else:
+            self._check_image_limit(image_message(*pair))
         for what, messages, count in cases:
             inputs = self.preprocess(messages, what)
             self._check_placeholders(inputs, what, count)
@@ -651,6 +664,24 @@ class Conformance:
                 "ImageInput.key must be a content hash of the pixel values (vlm.inputs.pixel_values_key): the "
                 "engine shares image features and cached prefixes between images with equal keys"
             )
+
+    def _check_image_limit(self, messages: list[Any]) -> None:
+        """More images than ``max_images`` must be a one-line InputError, not a wrong prompt."""
+        try:
+            self.preprocessor(messages)
+        except InputError as exc:
+            if "\n" in str(exc).strip():
+                _fail(f"the refusal of a prompt with too many images is not one line: {exc!r}")
+            return
+        except Exception as exc:
+            _fail(
+                f"the preprocessor raised {type(exc).__name__} on a prompt with more than {self.max_images} "
+                f"image(s): {exc}; refuse it with vlm.errors.InputError naming the limit"
+            )
+        _fail(
+            f"the preprocessor accepted a prompt with more than max_images={self.max_images} image(s); refuse it "
+            "with vlm.errors.InputError naming the limit, or raise max_images"
+        )
 
     # -- preprocessing against a reference processor ---------------------------------------
 

@@ -9,16 +9,16 @@ from vlm.config import RawConfig
 
 
 def with_tokens_appended(inputs: Any, tokens: list[int]) -> Any:
-    """The prompt followed by ``tokens`` as one prompt; explicit (M-RoPE) positions are extended
-    the way the engine places generated tokens: ``index + position_delta`` in every row."""
+    """The prompt followed by ``tokens`` as one prompt; explicit positions (``[3, T]`` or ``[T]``)
+    are extended the way the engine places generated tokens: ``index + position_delta`` in every row."""
     import torch
 
     full = dataclasses.replace(inputs, token_ids=inputs.token_ids + tokens)
     if getattr(inputs, "positions", None) is None:
         return full
-    start = inputs.positions.shape[1]
-    more = torch.arange(start, start + len(tokens)).expand(inputs.positions.shape[0], -1) + inputs.position_delta
-    return dataclasses.replace(full, positions=torch.cat([inputs.positions, more.to(inputs.positions.dtype)], dim=1))
+    start = inputs.positions.shape[-1]  # positions are [3, T] (M-RoPE) or [T]
+    more = torch.arange(start, start + len(tokens)).expand(*inputs.positions.shape[:-1], -1) + inputs.position_delta
+    return dataclasses.replace(full, positions=torch.cat([inputs.positions, more.to(inputs.positions.dtype)], dim=-1))
 
 
 def describe_config(config: Any) -> str:

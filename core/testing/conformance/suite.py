@@ -16,7 +16,7 @@ class PluginConformanceTests:
     """Base class for a plugin's conformance tests: subclass it as ``Test...`` in a test module.
 
     Set ``plugin`` (name or module) and optionally ``reference``, ``reference_inputs``,
-    ``reference_processor``, ``reference_pixels`` (see :class:`Conformance`), ``foreign_configs``,
+    ``reference_processor``, ``reference_pixels`` (see :class:`Conformance`), ``foreign_configs``, ``max_images``,
     ``prompts``, ``new_tokens``, ``atol``, and provide a ``checkpoint`` fixture of class scope or
     wider that returns a tiny checkpoint directory: in the test module
     (``@pytest.fixture(scope="module")``), in conftest.py, or in the class as a
@@ -31,6 +31,7 @@ class PluginConformanceTests:
     reference_processor: Any = None
     reference_pixels: Callable[[Any], Any] | None = None
     foreign_configs: Sequence[Any] = ()
+    max_images: int | None = None
     prompts: Sequence[Any] | None = None
     new_tokens: int = 16
     atol: float = 1e-4
@@ -48,6 +49,7 @@ class PluginConformanceTests:
             reference_processor=cls.reference_processor,
             reference_pixels=cls.reference_pixels,
             foreign_configs=cls.foreign_configs,
+            max_images=cls.max_images,
             prompts=cls.prompts,
             new_tokens=cls.new_tokens,
             atol=cls.atol,
