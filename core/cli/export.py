@@ -14,4 +14,17 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    raise VlmError("vlmrun export is not implemented yet")
+    """Export, check with onnxruntime, and print what was written (progress goes to stderr)."""
+    try:
+        import onnxruntime  # noqa: F401  (the graph is checked with it before it is written)
+        import onnxscript  # noqa: F401  (torch's exporter translates with it)
+    except ImportError as exc:
+        raise VlmError(
+            f"vlmrun export --format onnx needs {exc.name}, which is not installed; "
+            "pip install 'vlm-core[export]' (onnx, onnxscript, onnxruntime)"
+        ) from None
+    from vlm.export.onnx import export_vision_onnx
+
+    result = export_vision_onnx(args.model, args.output, plugin=args.plugin, allow_download=args.allow_download)
+    print(result.summary())
+    return 0

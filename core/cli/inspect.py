@@ -60,6 +60,7 @@ def components_command(args: Namespace) -> int:
 def rewriters_command(args: Namespace, infos: list[PluginInfo]) -> int:
     """Every rewriter (vlm.rewrite) the loaded plugins registered: kind, target, backend, priority,
     owner (the registering module, and the plugin it belongs to) and location; imports no torch."""
+    import vlm.export  # noqa: F401  (the core's own rewriters: the ONNX export's, registered lazily)
     from vlm.rewrite import describe_rewriters
 
     modules = {_plugin_module(info): info.name for info in infos if info.error is None}

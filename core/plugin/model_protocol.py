@@ -47,6 +47,12 @@ class ModelProtocol(Protocol):
 
 
 class VisionModelProtocol(ModelProtocol, Protocol):
+    #: optional class attribute for ``vlmrun export --part vision``: the ``ImageInput.extra``
+    #: entries (e.g. ``("image_grid_thw",)``) that become int64 graph inputs, one row per picture;
+    #: during export ``embed_images`` receives them as tensors and must trace with them
+    #: (``torch.compiler.is_exporting()`` tells it so). Default: pixels only.
+    vision_export_inputs: tuple[str, ...]
+
     def embed_images(self, images: list[ImageInput]) -> list[torch.Tensor]:
         """One ``[image.num_tokens, hidden]`` tensor per image, in order (the core merges them)."""
 

@@ -228,10 +228,14 @@ class InternVLChatModel(VisionLanguageModel):
         device: one batched pass on GPUs, tile by tile on CPU.
         """
         pixel_values = torch.cat([image.pixel_values for image in images]).to(self.projector.layer_norm.weight.dtype)
-        tiles = list(pixel_values.split(1))
-        features = torch.cat(
-            [self.vision_model(torch.cat(group)) for group in vision_batches(pixel_values.device, tiles)]
-        )
+        if torch.compiler.is_exporting():
+            # an exported graph takes any number of tiles: a loop over them would fix the count
+            features = self.vision_model(pixel_values)
+        else:
+            tiles = list(pixel_values.split(1))
+            features = torch.cat(
+                [self.vision_model(torch.cat(group)) for group in vision_batches(pixel_values.device, tiles)]
+            )
         if self.vision.drop_cls:
             features = features[:, 1:]
         side = int(math.isqrt(features.shape[1]))

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlm.nn import (
@@ -131,9 +132,15 @@ class Qwen2VisionAttention(nn.Module):
         self.proj = build_replicated_linear(s.width, s.width, bias=True, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """``cu_seqlens``: sequence bounds, or a boolean ``[T, T]`` mask (which patch sees which:
+        :meth:`Qwen2VisionTransformer.forward_traceable`)."""
         tokens = x.shape[0]
         q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = apply_rotary(q, k, cos, sin, is_neox=True)
+        if cu_seqlens.dtype == torch.bool:
+            q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cu_seqlens, scale=self.attn.scale)
+            return self.proj(out[0].transpose(0, 1).reshape(tokens, self.num_heads * self.head_dim))
         return self.proj(self.attn(q, k, v, cu_seqlens=cu_seqlens))
 
 
@@ -241,6 +248,37 @@ def window_order(grids: Sequence[Grid], merge_size: int, window_units: int) -> t
     return torch.cat(order), lengths
 
 
+def traceable_patch_layout(
+    grid_thw: torch.Tensor, num_patches: int, merge_size: int, window_units: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row and column of every patch and which patches attend to each other, from a ``[images, 3]``
+    grid tensor with tensor operations only, so that an exported graph takes the grids as an input.
+
+    :return: rows ``[N]``, columns ``[N]``, and boolean ``[N, N]`` masks for full attention (same
+        picture and frame) and for Qwen2.5-VL's windows (also the same window; the full mask when
+        ``window_units`` is None). Equal to :func:`patch_rows_and_columns`, ``cumulative_lengths``
+        and :func:`window_order` (attention within a window does not depend on the patches' order).
+    """
+    t, h, w = grid_thw.to(torch.long).unbind(-1)
+    frame_size = h * w
+    image_ends = torch.cumsum(t * frame_size, 0)
+    index = torch.arange(num_patches, device=grid_thw.device)
+    image = (index[:, None] >= image_ends[None, :]).sum(-1)  # the picture each patch belongs to
+    local = index - (image_ends - t * frame_size)[image]
+    frame = (torch.cumsum(t, 0) - t)[image] + local // frame_size[image]  # numbered over all pictures
+    in_frame = local % frame_size[image]
+    block, inside = in_frame // merge_size**2, in_frame % merge_size**2
+    blocks_per_row = w[image] // merge_size
+    rows = (block // blocks_per_row) * merge_size + inside // merge_size
+    cols = (block % blocks_per_row) * merge_size + inside % merge_size
+    full = frame[:, None] == frame[None, :]
+    if window_units is None:
+        return rows, cols, full, full
+    window_row, window_col = rows // merge_size // window_units, cols // merge_size // window_units
+    windows = full & (window_row[:, None] == window_row[None, :]) & (window_col[:, None] == window_col[None, :])
+    return rows, cols, full, windows
+
+
 class Qwen2VisionTransformer(nn.Module):
     def __init__(self, s: VisionSettings, dtype, device):
         super().__init__()
@@ -281,6 +319,21 @@ class Qwen2VisionTransformer(nn.Module):
             x = x[torch.argsort(order)]
         return x
 
+    def forward_traceable(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with the grids as a ``[images, 3]`` tensor and attention restricted by
+        masks rather than by sequence bounds: no Python control flow depends on the grids' values,
+        so ``torch.export`` traces it for any number and size of pictures (``vlmrun export``)."""
+        s = self.settings
+        window_units = None if s.window_size is None else s.window_size // s.merge_size // s.patch_size
+        rows, cols, full, windows = traceable_patch_layout(grid_thw, patches.shape[0], s.merge_size, window_units)
+        x = self.patch_embed(patches)
+        cos_rows, sin_rows = self.rotary.cos_sin(rows)
+        cos_cols, sin_cols = self.rotary.cos_sin(cols)
+        cos, sin = torch.cat([cos_rows, cos_cols], dim=-1), torch.cat([sin_rows, sin_cols], dim=-1)
+        for index, block in enumerate(self.blocks):
+            x = block(x, cos, sin, full if index in s.full_attention_blocks else windows)
+        return self.merger(x)
+
 
 # ----------------------------------------------------------------------------- the model
 
@@ -296,6 +349,9 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
 
     #: the engine passes [3, T] positions (M-RoPE: temporal, height, width)
     position_dims = 3
+    #: ``vlmrun export --part vision`` makes these ``ImageInput.extra`` entries graph inputs
+    #: (int64, one row per picture), so one exported tower takes pictures of any size
+    vision_export_inputs = ("image_grid_thw",)
 
     def __init__(self, hf_config: Any, model_config: Any, dtype=torch.float32, device=None):
         super().__init__()
@@ -308,6 +364,10 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
     def embed_images(self, images: list[Any]) -> list[torch.Tensor]:
         """One pass of the tower over the patches of every picture -> ``[num_tokens, hidden]`` each."""
         patches = torch.cat([image.pixel_values for image in images])
+        if isinstance(images[0].extra["image_grid_thw"], torch.Tensor):
+            # an exported graph's input: [pictures, 3] grids, all pictures' tokens as one result
+            grid_thw = torch.cat([image.extra["image_grid_thw"].reshape(-1, 3) for image in images])
+            return [self.visual.forward_traceable(patches, grid_thw)]
         grids = [tuple(int(n) for n in image.extra["image_grid_thw"]) for image in images]
         features = self.visual(patches, grids)
         return list(features.split([image.num_tokens for image in images]))
