@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -165,14 +166,18 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D] over each sequence's context_lens [B] cached
-    tokens, found through block_tables [B, max_blocks]; GQA when Hq is a multiple of Hk."""
+    tokens, found through block_tables [B, max_blocks]; GQA when Hq is a multiple of Hk. With
+    sliding_window W, only the last W tokens."""
+    window: dict[str, Any] = {} if sliding_window is None else {"sliding_window": sliding_window}
     if backend_for(q) == "triton":
         return _triton_module("triton_attention", q).paged_decode_attention(
-            q, k_cache, v_cache, block_tables, context_lens, scale
+            q, k_cache, v_cache, block_tables, context_lens, scale, **window
         )
-    return torch_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return torch_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, **window)
 
 
 def paged_prefill_attention(
@@ -183,15 +188,26 @@ def paged_prefill_attention(
     query_start_loc: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    query_spans: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention for prompt chunks: sequence i owns q[query_start_loc[i]:query_start_loc[i+1]],
-    the last of its context_lens[i] cached tokens (bottom-right aligned causal mask)."""
+    the last of its context_lens[i] cached tokens (bottom-right aligned causal mask). query_spans
+    [T, 2] gives each query a bidirectional span [start, end) of positions it also sees;
+    sliding_window W hides keys <= query - W (``vlm.kernels.torch_attention``)."""
+    # the mask options only when set: callers and stand-ins written before them keep working
+    masks: dict[str, Any] = {}
+    if sliding_window is not None:
+        masks["sliding_window"] = sliding_window
+    if query_spans is not None:
+        masks["query_spans"] = query_spans
     if backend_for(q) == "triton":
         return _triton_module("triton_attention", q).paged_prefill_attention(
-            q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale
+            q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, **masks
         )
     return torch_attention.paged_prefill_attention(
-        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, **masks
     )
 
 

@@ -31,6 +31,11 @@ Kernels
     ``key_pos <= prefix + query_idx`` (bottom-right aligned: the chunk's queries are the last
     ``q_len`` of the sequence's ``context_len`` tokens), online softmax, ``tl.dot`` for QK^T and PV,
     fp32 accumulator. Programs whose query tile lies past their sequence's chunk do no work.
+    Optional mask changes (as in ``torch_attention``): ``query_spans`` ``[T, 2]`` lets a query see
+    its bidirectional span ``[start, end)`` (the key loop then runs to the tile's furthest span
+    end), and ``sliding_window`` ``W`` hides keys ``<= query - W`` (the loop starts at the tile's
+    first visible key). Decode takes ``sliding_window`` too: each split starts no earlier than
+    ``context_len - W``.
 
 Block sizes (constexpr; defaults picked for real GPUs, not tuned on one, since none was
 available when this was written):
@@ -185,6 +190,7 @@ def _decode_kernel(
     group_size,  # Hq // Hk
     max_blocks,
     split_len,  # tokens per split (a multiple of BLOCK_N)
+    window,  # sliding window W (keys >= context_len - W); unused unless HAS_WINDOW
     PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -192,6 +198,7 @@ def _decode_kernel(
     USE_DOT: tl.constexpr,
     DOT_FP32: tl.constexpr,
     SPLIT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -200,6 +207,9 @@ def _decode_kernel(
     ctx = tl.load(context_lens_ptr + b)
     start = split * split_len
     end = tl.minimum(ctx, start + split_len)
+    if HAS_WINDOW:
+        # the query (position ctx - 1) sees keys > ctx - 1 - W; a split wholly before them is empty
+        start = tl.maximum(start, ctx - window)
 
     g = tl.arange(0, BLOCK_G)
     g_mask = g < group_size
@@ -314,6 +324,7 @@ def _prefill_kernel(
     query_start_ptr,  # [num_seqs + 1]
     context_lens_ptr,  # [num_seqs]
     out_ptr,  # [T, Hq, D] contiguous
+    spans_ptr,  # [T, 2] int32 bidirectional span [start, end) of each query; unused unless HAS_SPANS
     scale_log2,
     q_stride_t,
     q_stride_h,
@@ -329,11 +340,14 @@ def _prefill_kernel(
     head_dim,
     group_size,
     max_blocks,
+    window,  # sliding window W; unused unless HAS_WINDOW
     PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    HAS_SPANS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -357,13 +371,23 @@ def _prefill_kernel(
     table_row = block_tables_ptr + seq * bt_stride_b
 
     # Keys up to the last row's position; a tile past the chunk (tile * BLOCK_M >= q_len) loops 0 times.
-    hi = tl.minimum(prefix + (tile + 1) * BLOCK_M, ctx)
+    hi = prefix + (tile + 1) * BLOCK_M
+    if HAS_SPANS:
+        # rows past the chunk read an empty span [0, 0)
+        span_ptrs = spans_ptr + (q_start + rows) * 2
+        span_start = tl.load(span_ptrs, mask=row_mask, other=0)
+        span_end = tl.load(span_ptrs + 1, mask=row_mask, other=0)
+        hi = tl.maximum(hi, tl.max(span_end, axis=0))  # a span's later keys too
+    hi = tl.minimum(hi, ctx)
     hi = tl.where(tile * BLOCK_M < q_len, hi, 0)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(prefix + tile * BLOCK_M - window + 1, 0)  # the first row's first visible key
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for n0 in range(0, hi, BLOCK_N):
+    for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pos_mask = pos < hi
         k = _load_kv_tile(
@@ -395,11 +419,19 @@ def _prefill_kernel(
             PAGE,
         )
         s = _dot(q, tl.trans(k), DOT_FP32) * scale_log2
-        # Causal, bottom-right aligned. Position 0 is visible to every row (rows past the chunk
-        # included), so no row is fully masked and m_new stays finite.
-        visible = (pos[None, :] <= q_pos[:, None]) & pos_mask[None, :]
+        # Causal, bottom-right aligned; a row also sees its bidirectional span, and with a window
+        # only keys > its position - W.
+        visible = pos[None, :] <= q_pos[:, None]
+        if HAS_SPANS:
+            visible = visible | ((pos[None, :] >= span_start[:, None]) & (pos[None, :] < span_end[:, None]))
+        if HAS_WINDOW:
+            visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        visible = visible & pos_mask[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row that has seen no visible key yet (a window's rows past the chunk) keeps m = -inf:
+        # shift by 0 instead, so that its weights are 0 rather than NaN.
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -440,6 +472,15 @@ def _check_q(q: torch.Tensor, k_cache: torch.Tensor, heads: int, dim: int, what:
         raise ValueError(f"{what}: Hq={q.shape[1]} must be a multiple of the cache's Hk={heads}")
     if q.dtype != k_cache.dtype:
         raise ValueError(f"{what}: q dtype {q.dtype} != cache dtype {k_cache.dtype}")
+
+
+def _check_window(sliding_window: int | None, what: str) -> int:
+    """The window as a kernel argument (0 when there is none)."""
+    if sliding_window is None:
+        return 0
+    if sliding_window < 1:
+        raise ValueError(f"{what}: sliding_window must be at least 1 token, got {sliding_window}")
+    return int(sliding_window)
 
 
 def _block_d(dim: int) -> int:
@@ -529,8 +570,10 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_splits: int | None = None,
     use_dot: bool | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Triton version of ``attention.paged_decode_attention``: q ``[B, Hq, D]`` -> ``[B, Hq, D]``.
+    """Triton version of ``attention.paged_decode_attention``: q ``[B, Hq, D]`` -> ``[B, Hq, D]``;
+    ``sliding_window`` as there.
 
     Keyword-only knobs (tests, tuning): ``block_n`` tokens per K/V tile (power of two, >= 16 when
     the dot path is used); ``num_splits`` context slices (flash decoding; default by heuristic);
@@ -570,8 +613,10 @@ def paged_decode_attention(
         BLOCK_D=block_d,
         USE_DOT=use_dot,
         DOT_FP32=_dot_fp32(q.dtype),
+        HAS_WINDOW=sliding_window is not None,
         num_warps=4,
     )
+    window = _check_window(sliding_window, "paged_decode_attention")
     strides = (
         q.stride(0),
         q.stride(1),
@@ -604,6 +649,7 @@ def paged_decode_attention(
             group,
             max_blocks,
             split_len,
+            window,
             SPLIT=False,
             **common,
         )
@@ -630,6 +676,7 @@ def paged_decode_attention(
         group,
         max_blocks,
         split_len,
+        window,
         SPLIT=True,
         **common,
     )
@@ -657,8 +704,11 @@ def paged_prefill_attention(
     *,
     block_m: int | None = None,
     block_n: int | None = None,
+    sliding_window: int | None = None,
+    query_spans: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton version of ``attention.paged_prefill_attention``: q ``[T, Hq, D]`` -> ``[T, Hq, D]``.
+    """Triton version of ``attention.paged_prefill_attention``: q ``[T, Hq, D]`` -> ``[T, Hq, D]``;
+    ``sliding_window`` and ``query_spans`` ``[T, 2]`` as there.
 
     ``block_m`` / ``block_n`` (powers of two, >= 16) are the query and key tile sizes.
     One device-to-host sync: the longest query chunk sizes the grid.
@@ -684,6 +734,13 @@ def paged_prefill_attention(
     block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
     query_start_loc, context_lens = query_start_loc.contiguous(), context_lens.contiguous()
 
+    window = _check_window(sliding_window, "paged_prefill_attention")
+    if query_spans is not None:
+        if query_spans.shape != (q.shape[0], 2):
+            raise ValueError(
+                f"paged_prefill_attention: query_spans must be [T={q.shape[0]}, 2], got {tuple(query_spans.shape)}"
+            )
+        query_spans = query_spans.to(device=q.device, dtype=torch.int32).contiguous()
     max_q_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     block_d = _block_d(dim)
     big_head = dim > 128
@@ -698,6 +755,7 @@ def paged_prefill_attention(
         query_start_loc,
         context_lens,
         out,
+        query_spans if query_spans is not None else out,
         float(scale) * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -713,11 +771,14 @@ def paged_prefill_attention(
         dim,
         q.shape[1] // heads,
         block_tables.shape[1],
+        window,
         PAGE=block_size,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         DOT_FP32=_dot_fp32(q.dtype),
+        HAS_SPANS=query_spans is not None,
+        HAS_WINDOW=sliding_window is not None,
         num_warps=8 if big_head else 4,
         num_stages=2,
     )

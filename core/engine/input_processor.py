@@ -1,8 +1,8 @@
 """Input processing: a prompt becomes a validated :class:`Sequence` the scheduler can run.
 
 The plugin's preprocessor turns the prompt into :class:`ModelInputs`; this module checks what the
-engine depends on (context length, cache capacity, vocabulary, explicit positions, image
-placeholder counts) so that a bad request is a one-line :class:`InputError` before anything runs.
+engine depends on (context length, cache capacity, vocabulary, explicit positions, bidirectional
+spans, image placeholder counts) so that a bad request is a one-line :class:`InputError` before anything runs.
 """
 
 from __future__ import annotations
@@ -19,20 +19,35 @@ from vlm.sampling_params import SamplingParams
 
 
 def placeholder_positions(inputs: ModelInputs) -> torch.Tensor | None:
-    """Where the image features go in the prompt; the counts must agree before anything runs."""
+    """Where the image features go in the prompt; the counts must agree before anything runs.
+
+    An item with its own ``placeholder_token_id`` (a video) fills that token's positions; items
+    are in prompt order, so each one's positions must hold its own placeholder."""
     images = getattr(inputs, "images", None) or []
     token_id = getattr(inputs, "image_token_id", None)
     if token_id is None:
         if images:
             raise InputError("the preprocessor returned images but no image_token_id; the plugin must set it")
         return None
-    positions = (torch.tensor(inputs.token_ids) == token_id).nonzero().flatten()
+    own = [
+        token_id if getattr(image, "placeholder_token_id", None) is None else image.placeholder_token_id
+        for image in images
+    ]
+    tokens = torch.tensor(inputs.token_ids)
+    positions = torch.isin(tokens, torch.tensor(sorted({token_id, *own}))).nonzero().flatten()
     expected = sum(image.num_tokens for image in images)
     if positions.numel() != expected:
         raise InputError(
             f"the prompt has {positions.numel()} image placeholder tokens but its {len(images)} image(s) "
             f"need {expected}; let the preprocessor insert image placeholders (do not type them)"
         )
+    if len(set(own)) > 1:
+        wanted = torch.tensor(own).repeat_interleave(torch.tensor([image.num_tokens for image in images]))
+        if not torch.equal(tokens[positions], wanted):
+            raise InputError(
+                "the prompt's image and video placeholders are not in the order of its images and videos; "
+                "the plugin's preprocessor must list them in prompt order"
+            )
     return positions if images else None
 
 
@@ -50,6 +65,24 @@ def check_positions(inputs: ModelInputs, position_dims: int) -> None:
             f"the preprocessor's positions are {shape}, expected {list(expected)} ({layout} per prompt token, "
             f"the model's position_dims is {position_dims}); the plugin must fix its preprocessor"
         )
+
+
+def check_bidirectional_spans(inputs: ModelInputs) -> None:
+    """Spans of non-causal attention: sorted, disjoint ``[start, end)`` ranges of prompt positions."""
+    spans = getattr(inputs, "bidirectional_spans", None)
+    if not spans:
+        return
+    previous_end = 0
+    for span in spans:
+        start, end = span if isinstance(span, (tuple, list)) and len(span) == 2 else (None, None)
+        if not (isinstance(start, int) and isinstance(end, int)) or not previous_end <= start < end <= len(
+            inputs.token_ids
+        ):
+            raise InputError(
+                f"the preprocessor's bidirectional span {span!r} is not a sorted, disjoint [start, end) range inside "
+                f"the {len(inputs.token_ids)}-token prompt; the plugin must fix its preprocessor"
+            )
+        previous_end = end
 
 
 class InputProcessor:
@@ -94,6 +127,7 @@ class InputProcessor:
         if max(inputs.token_ids) >= self.vocab_size or min(inputs.token_ids) < 0:
             raise InputError(f"prompt token ids must be in [0, {self.vocab_size})")
         check_positions(inputs, self.position_dims)
+        check_bidirectional_spans(inputs)
         return placeholder_positions(inputs)
 
     def sequence(self, request_id: str, inputs: ModelInputs, params: SamplingParams, seed: int) -> Sequence:

@@ -126,6 +126,7 @@ class ModelRunner:
             prefill_query_start=prefill_query_start.to(self.device),
             images=images,
             image_token_mask=self._image_token_mask(images, len(token_ids)),
+            prefill_spans=self._prefill_spans(step.prefills),
         )
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         position_ids = torch.tensor(positions, dtype=torch.long)
@@ -183,6 +184,22 @@ class ModelRunner:
                 self.image_cache.put(image.key, embeds)
         for seq in seqs:
             seq.image_embeds = torch.cat([cast(torch.Tensor, found[image.key]) for image in seq.inputs.images])
+
+    def _prefill_spans(self, prefills: list[tuple[Sequence, int]]) -> torch.Tensor | None:
+        """``[prefill tokens, 2]``: each prefill token's bidirectional span ``[start, end)`` in its
+        sequence (``start == end`` outside spans); ``None`` when no span meets the step's chunks."""
+        rows: list[torch.Tensor] = []
+        found = False
+        for seq, count in prefills:
+            chunk = torch.zeros((count, 2), dtype=torch.int32)
+            begin = seq.num_computed
+            for start, end in seq.inputs.bidirectional_spans or ():
+                first, last = max(start, begin), min(end, begin + count)
+                if first < last:  # the scheduler keeps spans whole: the chunk holds all of it
+                    chunk[first - begin : last - begin] = torch.tensor([start, end], dtype=torch.int32)
+                    found = True
+            rows.append(chunk)
+        return torch.cat(rows).to(self.device) if found else None
 
     def _image_token_mask(self, images: list[ImageSpan], num_tokens: int) -> torch.Tensor | None:
         """``[T]`` bool, True at the flat rows that are image tokens; ``None`` when the step has none."""

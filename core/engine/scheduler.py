@@ -8,6 +8,12 @@ sequence is preempted: its blocks are freed and it is recomputed later, never dr
 With prefix caching, a sequence about to start takes over the cached blocks of its longest
 already-computed prefix (a second chat turn, a shared system prompt, the same image), and every
 block that fills up is registered for others to reuse.
+
+A prompt's bidirectional spans (``ModelInputs.bidirectional_spans``: tokens that attend to later
+tokens of their span) are never cut: a chunk ends before a span it cannot hold whole, a span
+longer than the step budget runs whole as the step's first prompt chunk (the step is then larger
+than the budget), and a cached prefix never ends inside a span (its k/v would depend on tokens
+after it, which the cache key does not cover).
 """
 
 from __future__ import annotations
@@ -106,6 +112,8 @@ class Scheduler:
             remaining = seq.num_tokens - seq.num_computed
             room = (len(seq.blocks) + self.allocator.num_free) * self.block_size - seq.num_computed
             count = min(remaining, budget, room)
+            if seq.inputs.bidirectional_spans and count < remaining:
+                count = self._keep_spans_whole(seq, count, room, first_chunk=not step.prefills)
             if count <= 0:
                 if starting:
                     self._release(seq)
@@ -122,10 +130,33 @@ class Scheduler:
             budget -= count
         return step
 
+    @staticmethod
+    def _span_cut(seq: Sequence, position: int) -> tuple[int, int] | None:
+        """The bidirectional span that ``position`` falls strictly inside (a boundary there would cut it)."""
+        for start, end in seq.inputs.bidirectional_spans or ():
+            if start < position < end:
+                return start, end
+        return None
+
+    def _keep_spans_whole(self, seq: Sequence, count: int, room: int, first_chunk: bool) -> int:
+        """``count`` new tokens, shortened so that the chunk ends before a span it would cut, or
+        lengthened to the span's end when the span starts the chunk and nothing else runs first;
+        0 when the span must wait for the next step (or for free blocks)."""
+        span = self._span_cut(seq, seq.num_computed + count)
+        if span is None:
+            return count
+        start, end = span
+        if start > seq.num_computed:
+            return start - seq.num_computed
+        whole = end - seq.num_computed
+        return whole if first_chunk and whole <= room else 0
+
     def _take_cached_prefix(self, seq: Sequence) -> None:
         """Start ``seq`` on the cached blocks of its longest computed prefix (at least one token
-        is always left to compute: its logits are needed)."""
+        is always left to compute: its logits are needed), ending outside its bidirectional spans."""
         full_blocks = (seq.num_tokens - 1) // self.block_size
+        while full_blocks and (span := self._span_cut(seq, full_blocks * self.block_size)) is not None:
+            full_blocks = span[0] // self.block_size
         hashes = hashes_for(seq, self.block_size, full_blocks, [])
         for content_hash in hashes:
             block = self.allocator.cached_block(content_hash)

@@ -28,12 +28,16 @@ class ImageInput:
     :param extra: anything else the plugin's model needs (e.g. a tile grid). By convention
         ``extra["resized_size"] = (width, height)`` is the size the image was resized to, when
         the model writes grounding boxes in pixels of that image (Qwen2.5-VL).
+    :param placeholder_token_id: the placeholder token this item fills when it is not
+        ``ModelInputs.image_token_id`` (a video's ``<|video_pad|>`` in Qwen2-VL); ``None``: that one.
+        Items stay in prompt order, whatever their placeholder.
     """
 
     pixel_values: torch.Tensor
     num_tokens: int
     key: str
     extra: dict[str, Any] = field(default_factory=dict)
+    placeholder_token_id: int | None = None
 
 
 def pixel_values_key(pixel_values: torch.Tensor) -> str:
@@ -59,7 +63,12 @@ class ModelInputs:
         sequence index ``i >= T`` sits at position ``i + position_delta`` (in all rows)
         (transformers' ``rope_deltas``: ``positions.max() + 1 - T``).
     :param image_token_id: the placeholder token that image embeddings replace, in order:
-        ``token_ids.count(image_token_id) == sum(image.num_tokens for image in images)``.
+        ``token_ids.count(image_token_id) == sum(image.num_tokens for image in images)`` (items
+        with their own ``placeholder_token_id``, such as videos, count theirs instead).
+    :param bidirectional_spans: prompt token ranges ``[start, end)`` in which attention is not
+        causal: every token of a span also sees the span's later tokens (Gemma 3 over each image's
+        tokens, PaliGemma over its prefix). Sorted, disjoint, inside the prompt; ``None``: causal
+        everywhere. The scheduler keeps each span in one prefill chunk.
     :param chat: the prompt was rendered from chat messages, so the reply is a message of its own:
         its text is ``tokenizer.decode(new_ids)`` (as transformers and OpenAI chat clients have it:
         no SentencePiece word-start space before the first word). Otherwise the reply continues the
@@ -73,6 +82,7 @@ class ModelInputs:
     prompt: str | None = None
     image_token_id: int | None = None
     chat: bool = False
+    bidirectional_spans: list[tuple[int, int]] | None = None
 
 
 class Preprocessor(Protocol):

@@ -3,6 +3,8 @@ within one image (vision towers).
 
 The layer writes this step's k/v into its cache slots, then attends: decode sequences in one
 batched call, prefill sequences one by one (continuing their cached prefix when they have one).
+A layer with a ``sliding_window`` sees only the last that many tokens; prompt tokens in a
+bidirectional span (``ForwardBatch.prefill_spans``) also see the rest of their span.
 """
 
 from __future__ import annotations
@@ -16,11 +18,21 @@ from vlm.nn.forward_batch import ForwardBatch
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, layer_idx: int, scale: float | None = None):
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int,
+        layer_idx: int,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+    ):
         super().__init__()
         self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
         self.layer_idx = layer_idx
         self.scale = scale if scale is not None else head_dim**-0.5
+        #: keys older than this many tokens are hidden (Mistral, Gemma 3's local layers); None: all
+        self.sliding_window = sliding_window
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """q ``[T, Hq, D]``, k and v ``[T, Hk, D]`` -> ``[T, Hq * D]``."""
@@ -31,7 +43,13 @@ class Attention(nn.Module):
         if nd:
             parts.append(
                 paged_decode_attention(
-                    q[:nd], k_cache, v_cache, batch.block_tables[:nd], batch.context_lens_tensor[:nd], self.scale
+                    q[:nd],
+                    k_cache,
+                    v_cache,
+                    batch.block_tables[:nd],
+                    batch.context_lens_tensor[:nd],
+                    self.scale,
+                    sliding_window=self.sliding_window,
                 )
             )
         if nd < len(batch.query_lens):
@@ -44,6 +62,8 @@ class Attention(nn.Module):
                     batch.prefill_query_start,
                     batch.context_lens_tensor[nd:],
                     self.scale,
+                    sliding_window=self.sliding_window,
+                    query_spans=batch.prefill_spans,
                 )
             )
         out = parts[0] if len(parts) == 1 else torch.cat(parts)

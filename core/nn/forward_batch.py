@@ -39,6 +39,11 @@ class ForwardBatch:
     #: ``[T]`` bool, True at image tokens (``None``: the step has no image tokens). Models that
     #: route tokens by type (CogVLM's visual experts) read it; text-only steps skip the routing.
     image_token_mask: torch.Tensor | None = None
+    #: ``[T - num_decodes, 2]`` int32: for each prefill token, the prompt positions ``[start, end)``
+    #: of the bidirectional span it belongs to (``start == end``: none), from
+    #: ``ModelInputs.bidirectional_spans``; ``None`` when no prefill token of the step is in one.
+    #: ``vlm.nn.Attention`` lets such a token see its whole span (Gemma 3 images, PaliGemma's prefix).
+    prefill_spans: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
