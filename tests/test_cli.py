@@ -267,6 +267,104 @@ def test_chat_unknown_command_prints_hint(tiny_qwen2, monkeypatch, capsys, recor
     assert "/clear" in captured.err and "/exit" in captured.err
 
 
+class Terminal(io.StringIO):
+    """Typed lines: the chat reads them as from a person at a terminal (``isatty``)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory) -> str:
+    qwen2vl = pytest.importorskip("vlm_plugin_qwen2vl.testing")
+    return str(qwen2vl.write_tiny_qwen2_vl(tmp_path_factory.mktemp("chat-vlm") / "qwen2-vl", "qwen2_vl", seed=1))
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> str:
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("chat-picture") / "picture.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def picture_turn(text: str, sent: dict) -> dict:
+    """``user_message(text, [the picture sent])``, after checking ``sent`` is that turn with one picture."""
+    from vlm.cli.run import user_message
+
+    assert [part["type"] for part in sent["content"]] == ["image", "text"], sent
+    return user_message(text, [sent["content"][0]["image"]])
+
+
+def test_a_vlm_chat_in_a_terminal_asks_for_the_picture_first(tiny_vlm, picture, monkeypatch, capsys, recorded_streams):
+    """CogVLM's chat flow, for every VLM: each conversation starts with "image path" (a bad one
+    is reported and asked again, Enter means text only), then turns with history; /clear asks again."""
+    import numpy as np
+    from PIL import Image
+
+    from vlm import LLM, SamplingParams
+    from vlm.cli.run import PICTURE_PROMPT
+
+    typed = ["/no/such/picture.png", f"'{picture}'", "What is it?", "And the colours?", "/clear", "", "Hello", "/exit"]
+    monkeypatch.setattr(sys, "stdin", Terminal("\n".join(typed) + "\n"))
+    assert main(["--model", tiny_vlm, *GREEDY]) == 0
+    captured = capsys.readouterr()
+
+    (first, reply1), (second, reply2), (third, reply3) = recorded_streams
+    sent = first[0]["content"][0]["image"]
+    assert np.array_equal(np.asarray(sent), np.asarray(Image.open(picture)))  # the quoted path, loaded
+    assert first == [picture_turn("What is it?", first[0])]
+    assert second == [*first, {"role": "assistant", "content": reply1}, user("And the colours?")]
+    assert third == [user("Hello")]  # after /clear, Enter: a text-only conversation
+    with LLM(tiny_vlm) as llm:
+        direct = llm.chat([first, second, third], SamplingParams(temperature=0, max_tokens=8))
+    assert [reply1, reply2, reply3] == [output.outputs[0].text for output in direct]
+    assert captured.out == f"{reply1}\n{reply2}\n{reply3}\n"  # replies only, nothing else
+
+    err = captured.err
+    assert err.count(PICTURE_PROMPT) == 3  # the bad path, the picture, and after /clear
+    assert "error: image '/no/such/picture.png': no such file; check the path\n" in err
+    assert f"(attached {picture}; it goes with your first message)" in err
+    assert "(no picture: a text-only conversation; /image PATH attaches one later)" in err
+
+
+def test_the_picture_question_is_skipped_when_given_or_piped_or_text_only(
+    tiny_vlm, tiny_qwen2, picture, monkeypatch, capsys, recorded_streams
+):
+    from vlm.cli.run import PICTURE_PROMPT
+
+    # --image answers it for the first conversation; /clear starts one that asks
+    monkeypatch.setattr(sys, "stdin", Terminal("Hi\n/clear\n\nHello\n"))
+    assert main(["--model", tiny_vlm, "--image", picture, *GREEDY]) == 0
+    assert capsys.readouterr().err.count(PICTURE_PROMPT) == 1
+    (first, _), (second, _) = recorded_streams
+    assert first == [picture_turn("Hi", first[0])] and second == [user("Hello")]
+
+    # piped lines are turns, never a picture's path (scripts keep working)
+    recorded_streams.clear()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
+    assert main(["--model", tiny_vlm, *GREEDY]) == 0
+    assert PICTURE_PROMPT not in capsys.readouterr().err
+    assert [messages for messages, _ in recorded_streams] == [[user("Hello")]]
+
+    # a text model in a terminal is not asked
+    recorded_streams.clear()
+    monkeypatch.setattr(sys, "stdin", Terminal("Hello\n"))
+    assert main(["--model", tiny_qwen2, *GREEDY]) == 0
+    assert PICTURE_PROMPT not in capsys.readouterr().err
+    assert [messages for messages, _ in recorded_streams] == [[user("Hello")]]
+
+
+def test_run_help_tells_how_a_chat_starts(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "asks for a picture's path at the start of each conversation" in help_text
+    assert "/image PATH" in help_text and "/clear" in help_text and "'image path (Enter for text only):'" in help_text
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 

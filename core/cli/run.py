@@ -5,6 +5,10 @@ Pictures are paths, ``file://`` or ``data:`` URLs, and with ``--allow-remote-med
 ``http(s)://`` URLs. ``--draw-boxes OUT.png`` saves the picture with the answer's grounding boxes
 drawn (the plugin's ``parse_grounding`` hook finds them): once in one-shot mode, per answer in a
 chat (``OUT-1.png``, ``OUT-2.png``, ...), the file name printed on stderr each time.
+
+An interactive chat (a terminal on stdin) with a VLM starts each conversation as CogVLM's own chat
+demo does: it asks for a picture's path, Enter for a text-only conversation (unless ``--image``
+already gave one). Piped input is read as turns only, so scripts keep working.
 """
 
 from __future__ import annotations
@@ -16,9 +20,15 @@ from typing import Any
 from vlm.cli.engine_args import add_engine_arguments, engine_settings
 
 CHAT_HELP = "commands: /image PATH (or URL, with --allow-remote-media) attaches a picture to your next message, /clear starts over, /exit (or Ctrl-D) quits"
+#: what an interactive chat with a VLM asks at the start of each conversation (CogVLM's "image path >>>>>")
+PICTURE_PROMPT = "image path (Enter for text only): "
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        f"Without --prompt: an interactive chat that keeps the history; {CHAT_HELP}. With a VLM and no "
+        f"--image, each conversation starts by asking {PICTURE_PROMPT.strip()!r} (when stdin is a terminal)."
+    )
     parser.add_argument("--prompt", "-p", help="generate once for this prompt and exit; '-' reads stdin")
     parser.add_argument(
         "--image",
@@ -26,7 +36,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATH",
-        help="picture for the prompt (repeatable; with chat: attached to the first message)",
+        help="picture for the prompt (repeatable; with chat: attached to the first message). Without it, an "
+        "interactive chat with a VLM asks for a picture's path at the start of each conversation "
+        "(after /clear too); press Enter there for a text-only conversation",
     )
     parser.add_argument("--system", help="system message for chat templates")
     parser.add_argument("--no-chat-template", action="store_true", help="send --prompt as raw text")
@@ -112,11 +124,7 @@ def run_command(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args, llm.engine.default_sampling_values())
     if params.structured_outputs is not None:  # --json-schema: one it cannot compile fails before any chat
         llm.engine.structured.compile(params.structured_outputs)
-    # VLM preprocessors may take the template from the processor's files (chat_template.json)
-    has_template = bool(
-        getattr(getattr(llm.engine, "preprocessor", None), "chat_template", None)
-        or getattr(llm.tokenizer, "chat_template", None)
-    )
+    has_template = _takes_chat_messages(llm)
     if args.prompt is not None:
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
         prompt: Any = text
@@ -140,6 +148,24 @@ def run_command(args: argparse.Namespace) -> int:
         _write("\n")
         return 0
     return chat_loop(llm, params, args, has_template)
+
+
+def _takes_chat_messages(llm) -> bool:
+    """Whether prompts go to the model as chat messages (else as raw text): it has a chat template
+    (VLM preprocessors may take it from the processor's files, chat_template.json), or its
+    preprocessor renders conversations its own way (CogVLM's ``template_version``), which only
+    trying one tells."""
+    from vlm.errors import InputError
+
+    if getattr(getattr(llm.engine, "preprocessor", None), "chat_template", None) or getattr(
+        llm.tokenizer, "chat_template", None
+    ):
+        return True
+    try:
+        llm.engine.preprocess([{"role": "user", "content": "Hi"}])
+    except InputError:  # "this model has no chat template ..."
+        return False
+    return True
 
 
 def _answer_json(llm, prompt: Any, params, args: argparse.Namespace, drawing: _Drawing | None = None) -> Any:
@@ -295,6 +321,48 @@ def _system(args: argparse.Namespace) -> list[dict[str, str]]:
     return [{"role": "system", "content": args.system}] if args.system else []
 
 
+#: what :func:`_ask_for_picture` returns when the user quits instead of answering
+_QUIT = object()
+
+
+def _takes_pictures(llm) -> bool:
+    """Whether the loaded model reads pictures: a VLM whose checkpoint has its vision tower."""
+    engine = llm.engine
+    multimodal = bool(getattr(getattr(engine, "model_config", None), "is_multimodal", False))
+    return multimodal and bool(getattr(getattr(engine, "preprocessor", None), "supports_images", True))
+
+
+def _ask_for_picture(args: argparse.Namespace) -> Any:
+    """Ask for the picture a new conversation is about, as CogVLM's chat demo does: a path (or
+    URL, with ``--allow-remote-media``) is loaded now, Enter means a text-only conversation.
+    A picture that cannot be loaded is reported and asked for again.
+
+    :return: the picture, ``None`` for text only, or :data:`_QUIT` on EOF or ``/exit``.
+    """
+    from vlm.errors import InputError
+
+    while True:
+        print(PICTURE_PROMPT, end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            return _QUIT
+        answer = line.strip()
+        if answer in ("/exit", "/quit"):
+            return _QUIT
+        if len(answer) >= 2 and answer[0] == answer[-1] and answer[0] in "'\"":
+            answer = answer[1:-1]  # terminals quote a dropped file's path
+        if not answer:
+            print("(no picture: a text-only conversation; /image PATH attaches one later)", file=sys.stderr)
+            return None
+        try:
+            picture = _checked_image(answer, args)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        print(f"(attached {answer}; it goes with your first message)", file=sys.stderr)
+        return picture
+
+
 def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
     from vlm.errors import InputError, VlmError
 
@@ -307,10 +375,21 @@ def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
     pending_images: list[Any] = []
     for path in args.image:
         pending_images.append(_checked_image(path, args))
+    # a person at a VLM's chat is asked for the picture first (a script pipes turns only)
+    asks_for_picture = interactive and _takes_pictures(llm)
+    ask_picture_now = asks_for_picture and not pending_images
     # --draw-boxes: each answer's boxes on the conversation's latest picture, OUT-1.png, OUT-2.png, ...
     drawing = _Drawing(args.draw_boxes, None, numbered=True) if args.draw_boxes else None
     conversation_picture: Any | None = None  # the latest picture sent in this conversation
     while True:
+        if ask_picture_now:
+            ask_picture_now = False
+            answer = _ask_for_picture(args)
+            if answer is _QUIT:
+                return 0
+            if answer is not None:
+                pending_images.append(answer)
+            continue
         if interactive:
             print(">>> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
@@ -326,6 +405,7 @@ def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
             pending_images = []
             conversation_picture = None
             print("(history cleared)", file=sys.stderr)
+            ask_picture_now = asks_for_picture
             continue
         if line == "/image" or line.startswith("/image "):
             path = line[len("/image") :].strip()
@@ -365,6 +445,9 @@ def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
             if reply and not args.json and drawing is None:
                 _write("\n")
             print(f"error: {exc}", file=sys.stderr)
+            if pending_images:  # kept, a picture the model refused would fail every later message too
+                pending_images = []
+                print("(the picture attached to that message was dropped; /image attaches one again)", file=sys.stderr)
             continue
         pending_images = []
         conversation_picture = picture
