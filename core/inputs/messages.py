@@ -14,6 +14,15 @@ An image part may also set its own budget (:data:`IMAGE_OPTION_KEYS`): OpenAI's 
 ``max_pixels``; :func:`image_part_options` lists them in prompt order (families without budgets
 ignore them).
 :func:`text_content_as` gives text contents the form (string or parts) a chat template renders.
+
+Video parts, for models whose preprocessor reads video (``normalize_messages(..., videos=True)``;
+for every other model a video part is a one-line refusal): ``{"type": "video", "video": <source>}``
+(also with ``"url"`` or ``"path"``), where the source is a video file (path, ``file://`` or
+``data:video/...`` URL, bytes; see :mod:`vlm.inputs.video`) or a list of frames (each an image
+source, as qwen-vl-utils takes them), and OpenAI-style ``{"type": "video_url", "video_url":
+{"url": ...}}``. Both become ``{"type": "video", "video": <source>}``, with the part's own sampling
+and budget options (:data:`VIDEO_OPTION_KEYS`, qwen-vl-utils' names; inside ``video_url`` too).
+:func:`iter_media_parts` lists images and videos together in prompt order.
 """
 
 from __future__ import annotations
@@ -42,6 +51,12 @@ IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
 #: an image part's own budget: OpenAI's ``detail``, qwen-vl-utils' ``min_pixels`` / ``max_pixels``
 IMAGE_OPTION_KEYS = ("detail", "min_pixels", "max_pixels")
 DETAILS = ("low", "high", "auto")
+
+VIDEO_SOURCE_KEYS = ("video", "url", "path")
+#: a video part's own sampling and budget (qwen-vl-utils' names): frames per second to sample
+#: (or, for a list of frames, the rate they were taken at), a fixed frame count instead, bounds on
+#: the frame count, and pixel budgets per frame and for the whole video
+VIDEO_OPTION_KEYS = ("fps", "nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels")
 
 
 def _image_options(part: dict[str, Any], where: str) -> dict[str, Any]:
@@ -84,13 +99,53 @@ def _image_source(part: dict[str, Any], where: str) -> Any:
     return source
 
 
-def normalize_messages(messages: Any) -> list[Message]:
+def _video_source(part: dict[str, Any], where: str) -> Any:
+    """The video source of a video part (``type`` "video" or "video_url"): a file or a list of frames."""
+    if part["type"] == "video_url":
+        value = part.get("video_url")
+        url = value.get("url") if isinstance(value, dict) else value
+        if not url or not isinstance(url, str):
+            raise InputError(f"{where}: a video_url part needs {{'video_url': {{'url': ...}}}}")
+        return url
+    keys = [key for key in VIDEO_SOURCE_KEYS if part.get(key) is not None]
+    if len(keys) != 1:
+        found = f"got {', '.join(map(repr, keys))}" if keys else "got none"
+        raise InputError(f"{where}: a video part needs exactly one of 'video', 'url' or 'path' ({found})")
+    source = part[keys[0]]
+    if isinstance(source, (list, tuple)) and not source:
+        raise InputError(f"{where}: a video given as frames needs at least one frame")
+    return list(source) if isinstance(source, tuple) else source
+
+
+def _video_options(part: dict[str, Any], where: str) -> dict[str, Any]:
+    """The sampling and budget options of a video part (they may sit inside ``video_url``), checked."""
+    inner = part.get("video_url")
+    options = {key: inner[key] for key in VIDEO_OPTION_KEYS if isinstance(inner, dict) and inner.get(key) is not None}
+    options.update({key: part[key] for key in VIDEO_OPTION_KEYS if part.get(key) is not None})
+    for key, value in options.items():
+        if key == "fps":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise InputError(f"{where}: fps must be a positive number of frames per second, not {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            unit = "pixels (width x height)" if key.endswith("pixels") else "frames"
+            raise InputError(f"{where}: {key} must be a positive number of {unit}, not {value!r}")
+    if "fps" in options and "nframes" in options:
+        raise InputError(f"{where}: fps and nframes both choose how many frames to take; send one of them")
+    for low, high in (("min_frames", "max_frames"), ("min_pixels", "max_pixels")):
+        if options.get(low, 0) > options.get(high, float("inf")):
+            raise InputError(f"{where}: {low} ({options[low]}) exceeds {high} ({options[high]})")
+    return options
+
+
+def normalize_messages(messages: Any, videos: bool = False) -> list[Message]:
     """Validate messages and rewrite content parts into the shape chat templates expect.
 
-    String contents are kept; list contents become ``{"type": "text", "text": ...}`` and
-    ``{"type": "image", "image": <source>}`` parts. The input is not modified.
+    String contents are kept; list contents become ``{"type": "text", "text": ...}``,
+    ``{"type": "image", "image": <source>}`` and (with ``videos``) ``{"type": "video", "video":
+    <source>}`` parts. The input is not modified.
 
-    :raises InputError: a malformed message or part, or a part type other than text / image.
+    :param videos: the model reads video; otherwise a video part is refused.
+    :raises InputError: a malformed message or part, a part type other than text / image (/ video).
     """
     out = []
     for i, message in enumerate(validate_messages(messages)):
@@ -113,10 +168,20 @@ def normalize_messages(messages: Any) -> list[Message]:
                 parts.append({"type": "text", "text": part["text"]})
             elif part["type"] in ("image", "image_url"):
                 parts.append({"type": "image", "image": _image_source(part, where), **_image_options(part, where)})
+            elif part["type"] in ("video", "video_url"):
+                if not videos:
+                    raise InputError(
+                        f"{where} is a video, which this model does not read; send its frames as images, or serve "
+                        "a model whose plugin reads video"
+                    )
+                parts.append({"type": "video", "video": _video_source(part, where), **_video_options(part, where)})
             else:
-                raise InputError(
-                    f"{where} has type {part['type']!r}; this engine takes 'text', 'image' and 'image_url' parts"
+                kinds = (
+                    "'text', 'image', 'image_url', 'video' and 'video_url'"
+                    if videos
+                    else "'text', 'image' and 'image_url'"
                 )
+                raise InputError(f"{where} has type {part['type']!r}; this model takes {kinds} parts")
         out.append({**message, "content": parts})
     return out
 
@@ -172,6 +237,35 @@ def image_part_options(messages: list[Message]) -> list[dict[str, Any]]:
             if isinstance(part, dict) and part.get("type") in ("image", "image_url"):
                 options.append(_image_options(part, f"message {i} part {j}"))
     return options
+
+
+def iter_media_parts(messages: list[Message]) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    """``(kind, source, options)`` of every image and video part of (normalized or raw) messages, in
+    prompt order: ``kind`` is ``"image"`` or ``"video"``, ``options`` the part's budget
+    (:data:`IMAGE_OPTION_KEYS`) or sampling (:data:`VIDEO_OPTION_KEYS`) options."""
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            where = f"message {i} part {j}"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("image", "image_url"):
+                yield "image", _image_source(part, where), _image_options(part, where)
+            elif kind in ("video", "video_url"):
+                yield "video", _video_source(part, where), _video_options(part, where)
+
+
+def has_video_parts(prompt: Any) -> bool:
+    """Does this prompt (a string, token ids or messages) carry videos?"""
+    if not isinstance(prompt, list):
+        return False
+    return any(
+        isinstance(part, dict) and part.get("type") in ("video", "video_url")
+        for message in prompt
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
 
 
 def has_image_parts(prompt: Any) -> bool:

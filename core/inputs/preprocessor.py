@@ -309,6 +309,8 @@ class ImagePromptPreprocessor:
     image_token: str
     image_token_id: int | None = None
     supports_images: bool = True
+    #: the family's preprocessor reads video parts (it renders and expands them itself); others refuse them
+    supports_video: bool = False
     #: the engine's image budget (``--min-pixels`` / ``--max-pixels``), over the model's own
     image_budget: ImageBudget = ImageBudget()
     #: what ``detail: "low"`` means for this family, at most the engine's budget (None: the family
@@ -389,7 +391,7 @@ class ImagePromptPreprocessor:
     ) -> tuple[str, list[Any]]:
         """:meth:`render`, with ``tools`` (function definitions) for the chat template. A subclass
         that overrides :meth:`render` renders no tools unless it overrides this too."""
-        messages = normalize_messages(messages)
+        messages = normalize_messages(messages, videos=self.supports_video)
         sources = list(iter_image_parts(messages))
         if sources and not self.supports_images:
             raise InputError("this model takes no images (config.json has no vision_config); send text only")

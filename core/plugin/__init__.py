@@ -32,6 +32,9 @@ from vlm.inputs import (
     rescale_and_normalize,
     to_rgb,
 )
+from vlm.inputs.messages import has_video_parts, iter_media_parts
+from vlm.inputs.preprocessor import check_text
+from vlm.inputs.video import OpenedVideo, load_frames, open_video
 from vlm.plugin.manager import build_language_model
 from vlm.plugin.model_protocol import ModelProtocol, VisionModelProtocol
 from vlm.registry import (
@@ -65,6 +68,7 @@ __all__ = [
     "ModelConfig",
     "ModelInputs",
     "ModelProtocol",
+    "OpenedVideo",
     "PluginError",
     "Prompt",
     "RawConfig",
@@ -73,15 +77,20 @@ __all__ = [
     "VlmError",
     "WeightsError",
     "build_language_model",
+    "check_text",
     "claim_by_architecture",
     "composite_text_config",
     "find_chat_template",
     "from_normalized",
     "from_resized",
+    "has_video_parts",
     "hookimpl",
+    "iter_media_parts",
     "iter_image_parts",
+    "load_frames",
     "load_image",
     "normalize_messages",
+    "open_video",
     "pixel_values_key",
     "read_json",
     "rescale_and_normalize",

@@ -41,9 +41,11 @@ from vlm.inputs.images import (
     check_pixel_budget,
     open_image,
 )
+from vlm.inputs.messages import VIDEO_OPTION_KEYS
+from vlm.inputs.video import read_video_source
 from vlm.server.async_engine import AsyncEngine, EngineStoppedError
 from vlm.server.errors import RequestError, message_param
-from vlm.server.protocol import ChatMessage, ImageURL
+from vlm.server.protocol import ChatMessage, ContentPart, ImageURL, VideoURL
 
 #: the ``vlmrun serve`` flag that sets each limit, named in the error that limit causes
 LIMIT_FLAGS = {
@@ -200,7 +202,7 @@ class PromptBuilder:
     async def chat_inputs(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> Any:
         """``messages`` as model inputs; ``tools`` (function definitions) go to the chat template."""
         images = self.image_parts(messages)
-        if not images:
+        if not images and not self.video_parts(messages):
             return await self.engine.run_in_pool(self.chat, messages, [], tools, pool="text")
         # several at once (a request's downloads take the longest one's time, not the sum), but
         # never so many that one request holds the whole media pool
@@ -226,17 +228,36 @@ class PromptBuilder:
         return await self.engine.run_in_pool(self.completion, prompt, pool="text")
 
     def image_parts(self, messages: list[ChatMessage]) -> list[tuple[str, str]]:
-        """``(field, url)`` of every image part, in order, once the media policy allowed each."""
+        """``(field, url)`` of every image part (and every frame of a video given as frames), in
+        order, once the media policy allowed each."""
         parts = []
         for i, message in enumerate(messages):
             if isinstance(message.content, list):
                 for j, part in enumerate(message.content):
-                    if part.type != "text":
+                    if part.type == "image_url":
                         parts.append((f"messages[{i}].content[{j}].image_url", part.url))
+                    elif part.frames is not None:  # a video given as frames: each one an image
+                        frames = enumerate(part.frames)
+                        parts.extend((f"messages[{i}].content[{j}].video[{k}]", url) for k, url in frames)
         if parts and not self.engine.is_multimodal:
             raise RequestError(f"{self.served_model_name!r} is a text-only model; send no images", parts[0][0])
         for where, url in parts:
             self.check_policy(url, where)
+        return parts
+
+    def video_parts(self, messages: list[ChatMessage]) -> list[tuple[str, str]]:
+        """``(field, url)`` of every video file part, in order, once the media policy allowed each."""
+        parts = [
+            (f"messages[{i}].content[{j}].{part.type}", part.url)
+            for i, message in enumerate(messages)
+            if isinstance(message.content, list)
+            for j, part in enumerate(message.content)
+            if part.type in ("video", "video_url") and part.frames is None
+        ]
+        if parts and not self.engine.is_multimodal:
+            raise RequestError(f"{self.served_model_name!r} is a text-only model; send no videos", parts[0][0])
+        for where, url in parts:
+            self.check_policy(url, where, kind="video")
         return parts
 
     # -- blocking work (in the engine's pools) -------------------------------------------------------
@@ -265,9 +286,11 @@ class PromptBuilder:
                 content: Any = message.content if message.content is not None else ""
                 if isinstance(content, list):
                     parts: list[dict[str, Any]] = []
-                    for part in content:
+                    for j, part in enumerate(content):
                         if part.type == "text":
                             parts.append({"type": "text", "text": part.text})
+                        elif part.type in ("video", "video_url"):
+                            parts.append(self.video_part(part, images, f"messages[{index}].content[{j}].{part.type}"))
                         else:
                             where, image = next(images)
                             try:
@@ -288,14 +311,45 @@ class PromptBuilder:
             for _, image in opened:
                 image.close()  # the pixels go now, not when the request finishes
 
+    def video_part(self, part: ContentPart, images: Any, where: str) -> dict[str, Any]:
+        """A video part for the preprocessor: its frames decoded (opened with the images), or its
+        file read under the media policy; with its sampling options."""
+        inner = part.video_url.model_extra if isinstance(part.video_url, VideoURL) else None
+        extra = {**(inner or {}), **(part.model_extra or {})}
+        options = {key: extra[key] for key in VIDEO_OPTION_KEYS if extra.get(key) is not None}
+        if part.frames is not None:
+            frames = []
+            for _ in part.frames:
+                frame_where, image = next(images)
+                try:
+                    frames.append(image.decode())
+                except InputError as exc:
+                    raise RequestError(str(exc), frame_where) from None
+            return {"type": "video", "video": frames, **options}
+        self.check_policy(part.url, where, kind="video")
+        try:
+            source = read_video_source(
+                part.url,
+                allowed_dir=self.allowed_dir,
+                allow_remote=self.allow_remote_media,
+                remote_timeout=self.limits.remote_timeout,
+                max_remote_bytes=self.limits.remote_max_bytes,
+            )
+        except ImageLimitError as exc:
+            raise RequestError(_with_flag(exc), where) from None
+        except InputError as exc:
+            raise RequestError(str(exc), where) from None
+        return {"type": "video", "video": source, **options}
+
     def completion(self, prompt: Any) -> Any:
         try:
             return self.engine.preprocess(prompt)
         except InputError as exc:
             raise RequestError(str(exc), "prompt") from None
 
-    def check_policy(self, url: str, where: str) -> None:
-        """Refuse ``url`` if the media policy does not allow it; ``where`` is the field named in a refusal."""
+    def check_policy(self, url: str, where: str, kind: str = "image") -> None:
+        """Refuse ``url`` if the media policy does not allow it; ``where`` is the field named in a
+        refusal, ``kind`` ("image" or "video") what it names."""
         head = url[:16].lower()
         if head.startswith("data:"):
             source_kind = "data"
@@ -308,13 +362,13 @@ class PromptBuilder:
         shown = url if len(url) <= 60 else url[:40] + "..." + url[-17:]
         if source_kind == "remote" and not self.allow_remote_media:
             raise RequestError(
-                f"image {shown!r}: remote image URLs are disabled on this server; send the image as a "
+                f"{kind} {shown!r}: remote {kind} URLs are disabled on this server; send the {kind} as a "
                 "data: URL, or start the server with --allow-remote-media",
                 where,
             )
         if source_kind == "local" and self.allowed_dir is None:
             raise RequestError(
-                f"image {shown!r}: local image files are disabled on this server; send the image as a "
+                f"{kind} {shown!r}: local {kind} files are disabled on this server; send the {kind} as a "
                 "data: URL, or start the server with --allowed-media-dir DIR",
                 where,
             )

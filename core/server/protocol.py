@@ -35,12 +35,21 @@ class ImageURL(_Lenient):
     detail: Optional[Literal["auto", "low", "high"]] = None
 
 
-class ContentPart(_Lenient):
-    """One part of a message's content: ``{"type": "text", "text"}`` or ``{"type": "image_url", "image_url"}``."""
+class VideoURL(_Lenient):
+    url: str = Field(min_length=1, description="a local path or file:// URL, data:video/...;base64,..., or http(s)://")
 
-    type: Literal["text", "image_url"]
+
+class ContentPart(_Lenient):
+    """One part of a message's content: ``{"type": "text", "text"}``, ``{"type": "image_url", "image_url"}``,
+    ``{"type": "video_url", "video_url"}`` (vLLM's extension) or ``{"type": "video", "video"}`` (a
+    video file's URL, or its frames as image URLs, as qwen-vl-utils takes them). Video parts may
+    carry sampling options (``fps``, ``max_frames``, ...: ``vlm.inputs.messages.VIDEO_OPTION_KEYS``)."""
+
+    type: Literal["text", "image_url", "video_url", "video"]
     text: Optional[str] = None
     image_url: Optional[Union[ImageURL, str]] = None
+    video_url: Optional[Union[VideoURL, str]] = None
+    video: Optional[Union[str, list[str]]] = None
 
     @model_validator(mode="after")
     def _fields_for_type(self) -> ContentPart:
@@ -48,11 +57,25 @@ class ContentPart(_Lenient):
             raise ValueError("a text part needs 'text'")
         if self.type == "image_url" and self.image_url is None:
             raise ValueError("an image_url part needs {'image_url': {'url': ...}}")
+        if self.type == "video_url" and self.video_url is None:
+            raise ValueError("a video_url part needs {'video_url': {'url': ...}}")
+        if self.type == "video" and not self.video:
+            raise ValueError("a video part needs 'video': a video URL or a non-empty list of frame URLs")
         return self
 
     @property
     def url(self) -> str:
+        """The image's or the video file's URL (not for a video given as frames: :attr:`frames`)."""
+        if self.type == "video_url":
+            return self.video_url.url if isinstance(self.video_url, VideoURL) else str(self.video_url)
+        if self.type == "video":
+            return str(self.video)
         return self.image_url.url if isinstance(self.image_url, ImageURL) else str(self.image_url)
+
+    @property
+    def frames(self) -> list[str] | None:
+        """A video part's frames (image URLs), or None."""
+        return self.video if self.type == "video" and isinstance(self.video, list) else None
 
 
 class FunctionCall(BaseModel):
