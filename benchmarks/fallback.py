@@ -14,18 +14,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 from pathlib import Path
 
-# Python puts this script's folder first on sys.path, where benchmarks/profile.py shadows the
-# standard library's profile module (which transformers' modeling code imports): take it off
+import torch
+
 HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-import torch  # noqa: E402
-
-# decode.py's checkpoint and timing helpers, loaded by path: putting benchmarks/ on sys.path would
-# let benchmarks/profile.py shadow the standard library's profile module
+# decode.py's checkpoint and timing helpers, loaded by path (benchmarks/ is not a package)
 _spec = importlib.util.spec_from_file_location("vlm_bench_decode", HERE / "decode.py")
 assert _spec is not None and _spec.loader is not None
 decode = importlib.util.module_from_spec(_spec)

@@ -368,6 +368,9 @@ class EngineConfig(Settings):
         128, description="int4: input features per scale and zero point"
     )
     quantize_vision: bool = Field(False, description="quantize the vision tower and projector too")
+    quantize_lm_head: bool = Field(
+        True, description="with quantization: the LM head too, int8 per vocabulary row whatever the scheme"
+    )
     min_pixels: PositiveInt | None = Field(
         None,
         description="image budget: pictures smaller than this (width x height) are enlarged, for families with a "

@@ -31,6 +31,7 @@ from vlm.quantization import (
     quantize,
 )
 from vlm.quantization.base import QuantizedWeight
+from vlm.quantization.config import LM_HEAD
 from vlm.testing.logits import generate_with_logits
 
 BATCHES = (1, 3, 16)
@@ -273,6 +274,49 @@ def test_tensor_parallel_shards_equal_the_unsharded_quantized_layer(monkeypatch,
         torch.testing.assert_close(partial_sum, full(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layers_quantize_as_soon_as_their_weight_has_loaded(monkeypatch, name):
+    """So that loading holds one layer in full precision at a time: the last shard of the weight
+    quantizes the layer and frees the dense weight, before prepare_for_inference, which then
+    keeps it; the result is the same as quantizing after loading."""
+    make, tensors, _ = LAYERS[name]
+    monkeypatch.setattr(linear, "tp_world_size", lambda: 1)
+    monkeypatch.setattr(linear, "tp_rank", lambda: 0)
+    config = QuantConfig("int8")
+    layer = make(config)
+    shards = list(tensors.items())
+    for shard, tensor in shards:
+        assert layer.quantized is None, "quantized before its last shard"
+        args = (layer.weight, tensor) if shard is None else (layer.weight, tensor, shard)
+        layer.weight.weight_loader(*args)  # type: ignore[attr-defined]
+    quantized = layer.quantized
+    assert quantized is not None and layer.weight.numel() == 0
+    layer.prepare_for_inference()
+    assert layer.quantized is quantized
+    late = make(None)
+    for shard, tensor in shards:
+        args = (late.weight, tensor) if shard is None else (late.weight, tensor, shard)
+        late.weight.weight_loader(*args)  # type: ignore[attr-defined]
+    assert late.quantized is None  # no config: nothing happens while loading
+    torch.testing.assert_close(quantized.dequantize(), quantize(late.weight, config).dequantize(), rtol=0, atol=0)
+
+
+def test_a_fused_qkv_tensor_quantizes_its_layer_when_loaded():
+    layer = linear.build_qkv_proj(64, 16, 4, 2, quant_config=QuantConfig("int8"))
+    layer.weight.weight_loader(layer.weight, weight(128, 64))  # type: ignore[attr-defined]
+    assert layer.quantized is not None
+
+
+def test_int8_quantizes_large_matrices_in_blocks_of_rows(monkeypatch):
+    w = weight(37, 48)
+    whole = int8.quantize(w, torch.bfloat16)
+    monkeypatch.setattr(int8, "_QUANTIZE_ROWS", 5)
+    blocks = int8.quantize(w, torch.bfloat16)
+    assert torch.equal(blocks.qweight, whole.qweight) and torch.equal(blocks.scales, whole.scales)
+    absmax = w.abs().amax(dim=1) * 2
+    assert torch.equal(int8.quantize(w, None, absmax).scales, absmax / 127)
+
+
 def test_int4_groups_cut_by_a_tensor_parallel_split_are_a_one_line_error(monkeypatch):
     monkeypatch.setattr(linear, "tp_world_size", lambda: 2)
     with pytest.raises(QuantizationError) as info:
@@ -335,8 +379,9 @@ def test_int8_engine_follows_fp32(tiny_qwen2, fp32_run):
     """Teacher-forced top-1 agreement with fp32 over its 32 greedy steps (each step predicted from
     fp32's prefix, so one miss does not spoil the rest), and the first step's logits.
 
-    Measured here: 27/32 (30/32 with the kernels computing in fp32 instead of bf16; the unquantized
-    model run in bf16: 31/32), first-step logits within 3.5% of their largest magnitude. tiny_qwen2
+    Measured here: 27/32 with the LM head dense, 28/32 with it int8 too (the default), and 30/32
+    with the kernels computing in fp32 instead of bf16 (head dense); the unquantized model run in
+    bf16: 31/32; first-step logits within 3.5% of their largest magnitude. tiny_qwen2
     is a random model with a large initializer_range (0.3, so that its output varies), far more
     sensitive than a trained one: int8 moves its logits by up to ~1.7, and fp32's top-1 margin is
     under 0.5 at 14 of the 32 steps; the misses are all among those (margins 0.004-0.34). So: every
@@ -365,8 +410,8 @@ def test_int8_engine_follows_fp32(tiny_qwen2, fp32_run):
 def test_quantized_engine_is_fp32_on_the_dequantized_checkpoint(
     tiny_qwen2, fp32_run, fp32_kernels, tmp_path, scheme, group_size
 ):
-    """The whole quantized path (assigning configs, loading, fusing q/k/v and gate/up, quantizing,
-    the kernels) computes exactly what the fp32 engine computes on a checkpoint whose linear
+    """The whole quantized path (assigning configs, loading, fusing q/k/v and gate/up, quantizing
+    the linears and the LM head, the kernels) computes exactly what the fp32 engine computes on a checkpoint whose linear
     weights were quantized and dequantized beforehand: any error left is the quantization's own.
     (Each checkpoint tensor can be quantized alone because scales and groups never span rows.)"""
     config = QuantConfig(scheme, group_size)
@@ -374,6 +419,8 @@ def test_quantized_engine_is_fp32_on_the_dequantized_checkpoint(
     for name, tensor in state.items():
         if name.startswith("model.layers.") and name.endswith("_proj.weight"):
             state[name] = quantize(tensor, config).dequantize()
+        elif name == "lm_head.weight":  # int8 per row under every scheme
+            state[name] = quantize(tensor, LM_HEAD).dequantize()
     fake = tmp_path / "dequantized"
     fake.mkdir()
     for item in Path(tiny_qwen2).iterdir():

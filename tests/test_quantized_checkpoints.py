@@ -31,6 +31,7 @@ from vlm.engine import llm_engine
 from vlm.errors import WeightsError
 from vlm.loader import load_model
 from vlm.nn import linear
+from vlm.nn.weights import load_weights_by_mapping
 from vlm.quantization import (
     QuantConfig,
     QuantizationError,
@@ -223,6 +224,7 @@ def test_shapes_that_do_not_fit_are_one_line_errors():
 # -- the checkpoint transform -----------------------------------------------------------------
 
 GPTQ4 = CheckpointFormat("gptq", 4, 32, zero_offset=1)
+FORMATS_AWQ = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True}
 
 
 def test_transform_yields_dense_weights_and_passes_the_rest():
@@ -254,15 +256,106 @@ def test_transform_yields_dense_weights_and_passes_the_rest():
 
 
 def test_requantization_matches_the_checkpoint_and_falls_back_to_int8():
-    assert CheckpointFormat("awq", 4, 64).requantization() == (QuantConfig("int4", 64), QuantConfig("int8"))
-    assert CheckpointFormat("gptq", 4, -1).requantization() == (QuantConfig("int8"), None)  # no int4 group of a row
-    assert CheckpointFormat("gptq", 8, 32).requantization() == (QuantConfig("int8"), None)
+    # the LM head stays dense, as these checkpoints keep it
+    int8 = QuantConfig("int8", quantize_lm_head=False)
+    assert CheckpointFormat("awq", 4, 64).requantization() == (QuantConfig("int4", 64, quantize_lm_head=False), int8)
+    assert CheckpointFormat("gptq", 4, -1).requantization() == (int8, None)  # no int4 group of a row
+    assert CheckpointFormat("gptq", 8, 32).requantization() == (int8, None)
+    both = CheckpointFormat("gptq", 8, 32, keep_dense=("visual",), lm_head=True).requantization()
+    assert both == (QuantConfig("int8", keep_dense=("visual",)), None)
     model = torch.nn.Module()
     model.fits = linear.build_colwise_linear(64, 16)
     model.odd = linear.build_colwise_linear(48, 16)  # not a whole number of groups of 32
     config, fallback = CheckpointFormat("gptq", 4, 32).requantization()
     assert assign_quant_config(model, config, fallback) == ["fits", "odd"]
-    assert model.fits.quant_config == config and model.odd.quant_config == QuantConfig("int8")
+    assert model.fits.quant_config == config and model.odd.quant_config == int8
+
+
+def test_gptq_zero_biases_are_optional():
+    """AutoGPTQ writes a zero ``bias`` for every quantized layer: where the model has no bias it
+    is dropped, where it has one it loads; a non-zero bias the model has no place for is still
+    reported."""
+    parts, dense = gptq_layer(random_weight(16, 64), 4, 32, desc_act=False)
+    zero, real = torch.zeros(16, dtype=torch.float16), torch.ones(16)
+    stream = [*((f"a.{p}", t) for p, t in parts.items()), ("a.bias", zero), ("b.bias", real)]
+    got = dict(dequantized_weights(stream, GPTQ4))
+    model = torch.nn.Module()
+    model.a = linear.build_replicated_linear(64, 16)  # no bias
+    model.b = linear.build_replicated_linear(64, 16, bias=True)
+    report = load_weights_by_mapping(model, [("a.weight", got["a.weight"]), ("a.bias", got["a.bias"])])
+    assert report.loaded == 1 and not report.unexpected, report
+    assert torch.equal(model.a.weight, dense)
+    report = load_weights_by_mapping(model, [("a.bias", got["b.bias"])])  # non-zero: reported
+    assert report.unexpected == ["a.bias"]
+    report = load_weights_by_mapping(model, [("b.bias", got["a.bias"])])  # the model has it: loaded
+    assert "b.bias" not in report.missing and torch.equal(model.b.bias, torch.zeros(16))
+    awq = dict(dequantized_weights([("a.bias", torch.zeros(16))], CheckpointFormat("awq", 4, 32)))
+    assert not getattr(awq["a.bias"], "vlm_optional", False)  # only GPTQ exporters do this
+
+
+def test_gptq_checkpoint_of_a_bias_free_model_with_zero_biases_loads(tiny_models, tmp_path):
+    """A tiny Llama (no biases) exported the AutoGPTQ way, a zero fp16 ``bias`` beside each
+    quantized layer: it loads strictly and gives the dequantized model's logits."""
+    source = Path(tiny_models("llama"))
+    original = load_file(str(source / "model.safetensors"))
+    quantized, dense = {}, {}
+    for name, tensor in original.items():
+        prefix, _, part = name.rpartition(".")
+        if part != "weight" or prefix.rpartition(".")[2] not in PROJECTIONS:
+            quantized[name] = dense[name] = tensor
+            continue
+        parts, dense[name] = gptq_layer(tensor, 4, 32, desc_act=False)
+        quantized.update({f"{prefix}.{p}": t for p, t in parts.items()})
+        quantized[f"{prefix}.bias"] = torch.zeros(tensor.shape[0], dtype=torch.float16)
+    path = _copy_model_dir(source, tmp_path / "gptq", quantized, FORMATS["gptq4"])
+    dense_path = _copy_model_dir(source, tmp_path / "dense", dense, None)
+    prefixes = _prefixes(dense_path)
+    expected = vlm_logits(dense_path, prefixes)
+    torch.testing.assert_close(vlm_logits(path, prefixes, requantize=False), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_layers_the_checkpoint_keeps_dense_stay_dense(checkpoints, tmp_path):
+    """AWQ's ``modules_to_not_convert``: those layers are stored dense and are not quantized
+    again; a fused layer of which one part is listed stays dense whole. The LM head stays dense
+    too (the checkpoint keeps it so)."""
+    quantized, dense = checkpoints["awq"]
+    state = load_file(str(Path(quantized) / "model.safetensors"))
+    dense_state = load_file(str(Path(dense) / "model.safetensors"))
+    kept = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.k_proj"]
+    for prefix in kept:
+        for part in ("qweight", "qzeros", "scales"):
+            del state[f"{prefix}.{part}"]
+        state[f"{prefix}.weight"] = dense_state[f"{prefix}.weight"]
+    config = {**FORMATS["awq"], "modules_to_not_convert": kept}
+    path = _copy_model_dir(Path(quantized), tmp_path / "awq-kept", state, config)
+    llm = vlm.LLM(path, dtype="float32")
+    model = llm.engine.model
+    dense_layers = sorted(
+        name for name, m in model.named_modules() if isinstance(m, linear.PackableLinear) and m.quantized is None
+    )
+    assert dense_layers == ["model.layers.0.self_attn.qkv_proj", "model.layers.1.mlp.down_proj"]
+    assert model.lm_head.quantized is None
+    prefixes = _prefixes(dense)
+    expected = vlm_logits(dense, prefixes)
+    torch.testing.assert_close(vlm_logits(path, prefixes, requantize=False), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "config,keep,lm_head",
+    [
+        ({**FORMATS_AWQ, "modules_to_not_convert": ["visual", "mlp.gate"]}, ("visual", "mlp.gate"), False),
+        ({**FORMATS_AWQ, "modules_to_not_convert": None}, (), False),
+        ({"quant_method": "gptq", "bits": 4, "group_size": 32, "lm_head": True}, (), True),
+    ],
+)
+def test_checkpoint_exceptions_are_read(config, keep, lm_head):
+    found = checkpoint_quantization(_Config(config))
+    assert found is not None and found.keep_dense == keep and found.lm_head is lm_head
+
+
+def test_a_malformed_exception_list_is_a_one_line_error():
+    with pytest.raises(QuantizationError, match="modules_to_not_convert.*not a list of module names"):
+        checkpoint_quantization(_Config({**FORMATS_AWQ, "modules_to_not_convert": 3}))
 
 
 # -- reading quantization_config --------------------------------------------------------------
@@ -381,8 +474,14 @@ def _prefixes(path: str) -> list[list[int]]:
     return [ids[:n] for n in range(len(ids) - 4, len(ids) + 1)]
 
 
-def vlm_logits(path: str, prefixes: list[list[int]]) -> torch.Tensor:
-    llm = vlm.LLM(path, dtype="float32")
+def vlm_logits(path: str, prefixes: list[list[int]], requantize: bool = True) -> torch.Tensor:
+    """With ``requantize=False`` a pre-quantized checkpoint's layers stay dense (dequantized)."""
+    if requantize:
+        llm = vlm.LLM(path, dtype="float32")
+    else:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(llm_engine, "load_model", functools.partial(load_model, requantize=False))
+            llm = vlm.LLM(path, dtype="float32")
     return torch.stack([logits[0] for _, logits in generate_with_logits(llm, prefixes, ONE)])
 
 

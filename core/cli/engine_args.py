@@ -60,6 +60,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     engine.add_argument("--quantize-vision", action="store_true", help="quantize the vision tower and projector too")
     engine.add_argument(
+        "--no-quantize-lm-head",
+        action="store_true",
+        help="with --quantize: keep the LM head in the model's dtype (default: int8 per vocabulary row)",
+    )
+    engine.add_argument(
         "--min-pixels",
         type=int,
         metavar="N",
@@ -82,4 +87,6 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
             settings[name] = getattr(args, name)
     if getattr(args, "no_prefix_caching", False):
         settings["enable_prefix_caching"] = False
+    if getattr(args, "no_quantize_lm_head", False):
+        settings["quantize_lm_head"] = False
     return settings

@@ -101,7 +101,9 @@ class LLMEngine:
     def _build(self, config: EngineConfig) -> None:
         quantization = None
         if config.quantization is not None:
-            quantization = QuantConfig(config.quantization, config.quantization_group_size, config.quantize_vision)
+            quantization = QuantConfig(
+                config.quantization, config.quantization_group_size, config.quantize_vision, config.quantize_lm_head
+            )
         self.model, self.plugin, _ = load_model(
             self.model_config, self.dtype, self.device, config.plugin, quantization=quantization, rewrite_cfg=config
         )

@@ -10,7 +10,9 @@ this rank's slice, so model files map names and never think about sharding.
 
 Quantization (:mod:`vlm.quantization`): a layer given a ``QuantConfig`` (``quant_config=`` of its
 builder, or the engine's setting through ``assign_quant_config``) still loads its full-precision
-slice; ``prepare_for_inference`` then quantizes it and frees the dense weight. Each rank's
+slice, and quantizes it and frees the dense weight as soon as every shard of it has loaded, so
+that loading holds one layer in full precision at a time, not the whole model (a layer whose
+shards did not all come is quantized by ``prepare_for_inference``). Each rank's
 quantized slice is exactly the slice of the unsharded quantized layer: scales never span output
 rows; int4 groups never span a rank's input slice (a split that would cut one is refused up
 front); and a rowwise layer keeps, while loading, each full row's largest magnitude for its int8
@@ -54,9 +56,27 @@ class PackableLinear(nn.Module):
         # [out]: each output row's largest magnitude over all input features, kept by a layer whose
         # weight holds a slice of them (rowwise, tensor-parallel) so that int8 uses the full row's scale
         self.row_absmax: torch.Tensor | None = None
+        # the weight's shards loaded so far (see _weight_loaded)
+        self._loaded_shards: set[object] = set()
+
+    #: the shard ids a layer's weight is loaded in (None: one whole tensor)
+    weight_shards: tuple[object, ...] = (None,)
+
+    def _weight_loaded(self, shard_id: object = None) -> None:
+        """Called by the weight loaders once shard ``shard_id`` of the weight is in: with every
+        shard in, a layer to be quantized quantizes now (and frees the dense weight) instead of in
+        ``prepare_for_inference``."""
+        self._loaded_shards.add(shard_id)
+        if (
+            self.quant_config is not None
+            and self.quantized is None
+            and not self.weight.is_meta
+            and self._loaded_shards.issuperset(self.weight_shards)
+        ):
+            self._quantize()
 
     def set_quant_config(self, config: QuantConfig | None, name: str = "") -> None:
-        """Quantize this layer in ``prepare_for_inference`` (None: do not).
+        """Quantize this layer once its weight has loaded, or in ``prepare_for_inference`` (None: do not).
 
         :raises QuantizationError: its input features on this rank do not fit ``config``.
         """
@@ -70,11 +90,15 @@ class PackableLinear(nn.Module):
         out_features, in_features = self.weight.shape
         return f"{type(self).__name__} {name or '(unnamed)'} ({in_features} -> {out_features})"
 
+    def _quantize(self) -> None:
+        assert self.quant_config is not None
+        self.quantized = quantize(self.weight.detach(), self.quant_config, self.row_absmax)
+        self._free_dense_weight()
+
     def prepare_for_inference(self) -> None:
         if self.quant_config is not None:
-            if self.quantized is None:  # the dense weight is gone after the first call
-                self.quantized = quantize(self.weight.detach(), self.quant_config, self.row_absmax)
-                self._free_dense_weight()
+            if self.quantized is None:  # quantized while loading, or by an earlier call
+                self._quantize()
             return
         packed = pack_weight(self.weight)
         if packed is not None:
@@ -123,6 +147,8 @@ class ColwiseLinear(PackableLinear):
     def _load(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         _check((self.out_features, *param.shape[1:]), loaded)
         param.data.copy_(loaded.narrow(0, tp_rank() * self.out_per_rank, self.out_per_rank))
+        if param is self.weight:
+            self._weight_loaded()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
@@ -162,6 +188,7 @@ class RowwiseLinear(PackableLinear):
             # of the values as this layer stores them, as the unsharded layer would compute it
             self.row_absmax = loaded.detach().to(param.dtype).abs().amax(dim=1).float()
         param.data.copy_(loaded.narrow(1, tp_rank() * self.in_per_rank, self.in_per_rank))
+        self._weight_loaded()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = all_reduce(self.matmul(x, None))
@@ -192,6 +219,7 @@ class MergedColwiseLinear(PackableLinear):
         for param in (self.weight, self.bias):
             if param is not None:
                 set_weight_loader(param, self._load, list(range(len(out_sizes))))
+        self.weight_shards = tuple(range(len(out_sizes)))
         self.set_quant_config(quant_config)
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
@@ -199,6 +227,8 @@ class MergedColwiseLinear(PackableLinear):
         size = self.sizes_per_rank[shard_id]
         offset = sum(self.sizes_per_rank[:shard_id])
         param.data[offset : offset + size].copy_(loaded.narrow(0, tp_rank() * size, size))
+        if param is self.weight:
+            self._weight_loaded(shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
@@ -241,6 +271,7 @@ class QKVLinear(PackableLinear):
         for param in (self.weight, self.bias):
             if param is not None:
                 set_weight_loader(param, self._load, ["q", "k", "v"])
+        self.weight_shards = ("q", "k", "v")
         self.set_quant_config(quant_config)
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
@@ -268,6 +299,8 @@ class QKVLinear(PackableLinear):
             head_start = (self.rank // ranks_per_kv_head) * self.num_kv_heads
         rows = loaded.narrow(0, head_start * self.head_dim, size)
         param.data[offset : offset + size].copy_(rows)
+        if param is self.weight:
+            self._weight_loaded(shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
@@ -289,8 +322,14 @@ class ReplicatedLinear(PackableLinear):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = _parameter((out_features, in_features), dtype, device)
+        set_weight_loader(self.weight, self._load_weight)
         self.bias = _parameter((out_features,), dtype, device) if bias else None
         self.set_quant_config(quant_config)
+
+    def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        _check(tuple(param.shape), loaded)
+        param.data.copy_(loaded)
+        self._weight_loaded()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)

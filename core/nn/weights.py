@@ -87,6 +87,14 @@ def set_weight_loader(param: torch.Tensor, loader: Callable[..., None], shard_id
         param.shard_ids = shard_ids  # type: ignore[attr-defined]
 
 
+def mark_optional(tensor: torch.Tensor) -> torch.Tensor:
+    """Mark a checkpoint tensor the model may have no parameter for (a GPTQ export's all-zero
+    ``bias`` on a bias-free layer): :class:`WeightLoader` loads it where the model has the
+    parameter and drops it, unreported, where it has not."""
+    tensor.vlm_optional = True  # type: ignore[attr-defined]
+    return tensor
+
+
 def weight_loader_of(param: torch.Tensor) -> Callable[..., None]:
     """The loader :func:`set_weight_loader` gave ``param``, else :func:`default_weight_loader`."""
     return getattr(param, "weight_loader", default_weight_loader)
@@ -131,7 +139,8 @@ class WeightLoader:
                 break
         param = self.params.get(param_name)
         if param is None:
-            self.report.unexpected.append(checkpoint_name)
+            if not getattr(tensor, "vlm_optional", False):  # see mark_optional
+                self.report.unexpected.append(checkpoint_name)
             return
         if param.is_floating_point() and not tensor.is_floating_point():
             # an int32 or bool tensor would be copied into float weights silently

@@ -31,11 +31,17 @@ class QuantConfig:
         must be a whole number of groups.
     :param quantize_vision: also quantize the vision tower and projector (by default only the
         language model is: vision towers are small next to it and lose more accuracy).
+    :param quantize_lm_head: quantize the LM head too, to int8 per output channel whatever the
+        scheme (:data:`LM_HEAD`); a tied embedding then reads its rows from the int8 table.
+    :param keep_dense: names of modules to leave unquantized (a pre-quantized checkpoint's
+        ``modules_to_not_convert`` / ``ignore``); see :func:`vlm.quantization.keeps_dense`.
     """
 
     scheme: Scheme
     group_size: int = 128
     quantize_vision: bool = False
+    quantize_lm_head: bool = True
+    keep_dense: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -44,5 +50,18 @@ class QuantConfig:
             sizes = ", ".join(map(str, GROUP_SIZES))
             raise QuantizationError(f"quantization group size {self.group_size} is not one of {sizes}")
 
+    def lm_head_config(self) -> QuantConfig | None:
+        """What the LM head is quantized with under this setting: :data:`LM_HEAD`, or None (dense)."""
+        return LM_HEAD if self.quantize_lm_head else None
+
     def describe(self) -> str:
         return f"int4 (groups of {self.group_size})" if self.scheme == "int4" else self.scheme
+
+
+#: The LM head's quantization under every scheme: int8, one scale per vocabulary row. The head
+#: is the largest single matrix of a small model (Qwen2-0.5B: 136M of 494M parameters) and read
+#: whole at every decode step, so it is worth quantizing; but its errors go straight into the
+#: logits, so it stays at 8 bits under int4 as well, as llama.cpp keeps ``output.weight`` above
+#: the model's 4 bits (its quantizer writes Q6_K for the output layer of a Q4_0 model, or Q8_0
+#: where the row length is not a multiple of Q6_K's 256-value blocks, as Qwen2-0.5B's 896).
+LM_HEAD = QuantConfig("int8", quantize_lm_head=False)

@@ -6,7 +6,8 @@ packed int32 codes ``{prefix}.qweight``, packed zero points ``{prefix}.qzeros``,
 ``{prefix}.scales`` and, for GPTQ, the group of each input feature ``{prefix}.g_idx``.
 :func:`dequantized_weights` wraps the checkpoint's ``(name, tensor)`` stream and turns each such
 layer into one dense ``{prefix}.weight`` ``[out, in]`` (``{prefix}.bias`` passes through), so
-every weight loader, fused-parameter mapping and tensor-parallel split works unchanged.
+every weight loader, fused-parameter mapping and tensor-parallel split works unchanged. A GPTQ
+export's all-zero ``bias`` of a bias-free layer is dropped (``vlm.nn.weights.mark_optional``).
 ``vlm.loader.load_model`` then quantizes the layers again on the fly with the matching scheme
 of this package (:meth:`CheckpointFormat.requantization`), unless asked to keep them dense.
 
@@ -36,7 +37,7 @@ read through its own library: :mod:`vlm.quantization.compressed`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -63,6 +64,10 @@ class CheckpointFormat:
 
     :param group_size: input features per scale; -1: one group spanning each whole row.
     :param zero_offset: added to each stored zero point (1 for GPTQ v1, which stores ``zero - 1``).
+    :param keep_dense: the modules the checkpoint leaves unquantized (AWQ's and transformers'
+        ``modules_to_not_convert``, compressed-tensors' ``ignore``), as it names them.
+    :param lm_head: whether the checkpoint quantizes its LM head (GPTQ's ``lm_head: true``);
+        every other format and exporter keeps it dense.
     """
 
     method: Method
@@ -71,6 +76,8 @@ class CheckpointFormat:
     desc_act: bool = False
     sym: bool = True
     zero_offset: int = 0
+    keep_dense: tuple[str, ...] = ()
+    lm_head: bool = False
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -98,10 +105,15 @@ class CheckpointFormat:
     def requantization(self) -> tuple[QuantConfig, QuantConfig | None]:
         """The on-the-fly scheme that keeps the model about as small, and one for the layers it
         does not fit: 4-bit -> int4 with the checkpoint's group size where the layer takes it
-        (and that size is offered), else int8; 8-bit -> int8."""
+        (and that size is offered), else int8; 8-bit -> int8.
+
+        The layers the checkpoint keeps dense (:attr:`keep_dense`, and the LM head unless it is
+        quantized there) stay dense: requantizing must not quantize what the exporter chose not to.
+        """
+        int8 = QuantConfig("int8", quantize_lm_head=self.lm_head, keep_dense=self.keep_dense)
         if self.bits == 4 and self.group_size in GROUP_SIZES:
-            return QuantConfig("int4", self.group_size), QuantConfig("int8")
-        return QuantConfig("int8"), None
+            return replace(int8, scheme="int4", group_size=self.group_size), int8
+        return int8, None
 
     def dequantize(self, prefix: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The dense float32 ``[out, in]`` weight of the layer stored as ``tensors`` (its parts)."""
@@ -157,16 +169,38 @@ def checkpoint_quantization(hf_config: Any) -> CheckpointFormat | None:
         return None
     method = str(config.get("quant_method", "")).lower()
     if method == "awq":
-        return _awq_format(config)
+        return _with_exceptions(_awq_format(config), config)
     if method == "gptq":
-        return _gptq_format(config)
+        return _with_exceptions(_gptq_format(config), config)
     if method == compressed.METHOD:
         scheme = compressed.read_scheme(config)
-        return CheckpointFormat("compressed-tensors", scheme.bits, scheme.group_size, sym=scheme.symmetric)
+        found = CheckpointFormat("compressed-tensors", scheme.bits, scheme.group_size, sym=scheme.symmetric)
+        return _with_exceptions(found, config, extra_key="ignore")
     named = f"quant_method {method!r}" if method else "a quantization_config without quant_method"
     raise QuantizationError(
         f"the checkpoint is quantized with {named}, which vlm does not read; supported: {SUPPORTED}"
     )
+
+
+def _names(value: Any, key: str) -> tuple[str, ...]:
+    """A list of module names from the quantization config (None: none)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        raise QuantizationError(
+            f"the checkpoint's quantization_config {key!r} is {value!r}, not a list of module names; fix config.json"
+        )
+    return tuple(value)
+
+
+def _with_exceptions(found: CheckpointFormat, config: dict[str, Any], extra_key: str | None = None) -> CheckpointFormat:
+    """``found`` with the modules the checkpoint keeps dense and whether it quantizes its LM head."""
+    keep = _names(config.get("modules_to_not_convert"), "modules_to_not_convert")
+    if extra_key is not None:
+        keep += _names(config.get(extra_key), extra_key)
+    return replace(found, keep_dense=keep, lm_head=bool(config.get("lm_head", False)))
 
 
 def _awq_format(config: dict[str, Any]) -> CheckpointFormat:
@@ -314,6 +348,20 @@ def dequantize_gptq(
 # -- the checkpoint transform -----------------------------------------------------------------
 
 
+def _optional_if_zero_gptq_bias(checkpoint: CheckpointFormat, part: str, tensor: torch.Tensor) -> torch.Tensor:
+    """AutoGPTQ's exporters write a ``bias`` of zeros for every quantized layer, also in models
+    whose layers have none: such a tensor is loaded where the model has a bias and dropped where
+    it has not (as vLLM does), instead of being reported as unexpected. A non-zero bias the model
+    has no place for still is. (On the meta device the values are unknown: every GPTQ bias is.)"""
+    if checkpoint.method != "gptq" or part != "bias":
+        return tensor
+    if tensor.is_meta or not bool(tensor.any()):
+        from vlm.nn.weights import mark_optional  # here: vlm.nn imports this package
+
+        return mark_optional(tensor)
+    return tensor
+
+
 def dequantized_weights(
     weights: Iterable[tuple[str, torch.Tensor]], checkpoint: CheckpointFormat
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -329,7 +377,7 @@ def dequantized_weights(
     for name, tensor in weights:
         prefix, _, part = name.rpartition(".")
         if part not in parts:
-            yield name, tensor
+            yield name, _optional_if_zero_gptq_bias(checkpoint, part, tensor)
             continue
         layer = pending.setdefault(prefix, {})
         layer[part] = tensor

@@ -11,6 +11,7 @@ codes as stored; elsewhere the weight is dequantized and multiplied with ``F.lin
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from vlm import kernels
 from vlm.quantization.base import QuantizedWeight, has_op
@@ -20,6 +21,14 @@ _OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # torch's vectorized (bf16) kernel reads 16 inputs at a time with no remainder loop and checks
 # nothing: other input sizes return garbage or crash (torch 2.13, AVX-512)
 _OP_IN_MULTIPLE = 16
+#: rows quantized at a time (bounds the float temporaries)
+_QUANTIZE_ROWS = 4096
+
+
+def has_cpu_kernel(in_features: int) -> bool:
+    """Whether torch's int8 CPU kernel takes layers with ``in_features`` inputs (else they
+    dequantize their weight at every call)."""
+    return in_features % _OP_IN_MULTIPLE == 0 and has_op(_OP)
 
 
 class Int8Weight(QuantizedWeight):
@@ -33,9 +42,7 @@ class Int8Weight(QuantizedWeight):
         if kernels.backend_for(x) == "triton":
             return kernels.int8_weight_matmul(x, self.qweight, self.scales, bias)
         compute = self.scales.dtype
-        if not (
-            x.device.type == "cpu" and compute in _OP_DTYPES and self.in_features % _OP_IN_MULTIPLE == 0 and has_op(_OP)
-        ):
+        if not (x.device.type == "cpu" and compute in _OP_DTYPES and has_cpu_kernel(self.in_features)):
             return self.dense_matmul(x, bias)
         flat = x.reshape(-1, self.in_features).to(compute).contiguous()
         out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales).to(x.dtype)
@@ -45,6 +52,12 @@ class Int8Weight(QuantizedWeight):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
+
+    def rows(self, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``indices`` of :meth:`dequantize` (``[*indices.shape, in]``), dequantizing only
+        them: an embedding lookup in a table stored as this weight."""
+        codes = F.embedding(indices, self.qweight).float()
+        return (codes * self.scales.float()[indices].unsqueeze(-1)).to(dtype)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.qweight, self.scales]
@@ -62,10 +75,16 @@ def quantize(
         then uses the unsharded layer's scales and the shards are exactly its slices.
     """
     dtype = compute_dtype or weight.dtype
-    w = weight.detach().float()
-    absmax = w.abs().amax(dim=1) if row_absmax is None else row_absmax.float()
-    # the codes are computed with the scales as stored, so that dequantizing reproduces exactly
-    # what the kernel multiplies by; an all-zero row gets the smallest scale instead of 0 / 0
-    scales = (absmax / 127).clamp(min=torch.finfo(dtype).tiny).to(dtype)
-    qweight = torch.round(w / scales.float()[:, None]).clamp_(-128, 127).to(torch.int8)
+    weight = weight.detach()
+    qweight = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=dtype, device=weight.device)
+    # a block of rows at a time: the float temporaries of a large matrix (an LM head) stay small
+    for start in range(0, weight.shape[0], _QUANTIZE_ROWS):
+        rows = slice(start, start + _QUANTIZE_ROWS)
+        w = weight[rows].float()
+        absmax = w.abs().amax(dim=1) if row_absmax is None else row_absmax[rows].float()
+        # the codes are computed with the scales as stored, so that dequantizing reproduces exactly
+        # what the kernel multiplies by; an all-zero row gets the smallest scale instead of 0 / 0
+        scales[rows] = (absmax / 127).clamp(min=torch.finfo(dtype).tiny).to(dtype)
+        qweight[rows] = torch.round(w / scales[rows].float()[:, None]).clamp_(-128, 127)
     return Int8Weight(qweight, scales)
