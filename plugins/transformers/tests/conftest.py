@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +20,16 @@ WRITERS = {
     "gemma3": testing.write_tiny_gemma3,
     "paligemma": testing.write_tiny_paligemma,
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread for these tiny models: their matrices are too small to split, and on a busy
+    machine several threads wait on each other at every op (several times slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
@@ -42,17 +53,20 @@ def pictures() -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(40, 60), (64, 30), (20, 20)]]
 
 
-def transformers_generate(model_dir: str, requests: list[dict]) -> list[tuple[list[int], torch.Tensor, list[int]]]:
+def transformers_generate(
+    model_dir: str, requests: list[dict], processor: Any = None
+) -> list[tuple[list[int], torch.Tensor, list[int]]]:
     """transformers' greedy tokens, per-step logits and prompt ids for each request run alone
-    (``{"text": ..., "images": [...]}`` through the checkpoint's processor, or a plain tokenizer
-    for text models); EOS ignored, as vlm's ``ignore_eos``."""
+    (``{"text": ..., "images": [...]}`` through ``processor``, by default the checkpoint's own, or
+    a plain tokenizer for text models); EOS ignored, as vlm's ``ignore_eos``."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-    vision = (Path(model_dir) / "processor_config.json").exists()
+    vision = processor is not None or (Path(model_dir) / "processor_config.json").exists()
     auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     model = auto.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
-    processor = AutoProcessor.from_pretrained(model_dir) if vision else AutoTokenizer.from_pretrained(model_dir)
+    if processor is None:
+        processor = AutoProcessor.from_pretrained(model_dir) if vision else AutoTokenizer.from_pretrained(model_dir)
     results = []
     for request in requests:
         if vision:

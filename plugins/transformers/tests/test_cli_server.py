@@ -18,6 +18,8 @@ from vlm_plugin_transformers import testing
 from .conftest import transformers_generate
 
 TOKENS = 12
+#: one thread, as the in-process tests run (conftest.one_thread)
+SERVER_ARGS = ("--threads", "1")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def data_url(picture) -> str:
 def test_server_answers_as_transformers(checkpoint, pictures, tmp_path):
     """Gemma 3 (bidirectional image tokens, sliding-window layers) through the OpenAI API."""
     model_dir = checkpoint("gemma3")
-    server = ServerProcess(model_dir, "--dtype", "float32", log_path=tmp_path / "server.log")
+    server = ServerProcess(model_dir, "--dtype", "float32", *SERVER_ARGS, log_path=tmp_path / "server.log")
     try:
         body = {
             "messages": [
@@ -95,7 +97,7 @@ def test_refused_family_on_the_command_line(mllama, pictures, tmp_path, capsys):
 
 
 def test_refused_family_through_the_server(mllama, pictures, tmp_path):
-    server = ServerProcess(mllama, log_path=tmp_path / "server.log")
+    server = ServerProcess(mllama, *SERVER_ARGS, log_path=tmp_path / "server.log")
     try:
         content = [
             {"type": "image_url", "image_url": {"url": data_url(pictures[2])}},

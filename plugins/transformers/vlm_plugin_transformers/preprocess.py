@@ -11,8 +11,8 @@ Family-specific metadata the engine needs, from the processor's own outputs:
 
 - bidirectional spans (``ModelInputs.bidirectional_spans``): Gemma 3 attends bidirectionally within
   each run of image tokens, PaliGemma within its prefix (the whole prompt: ``token_type_ids`` 0);
-- explicit positions: PaliGemma counts positions from 1; Qwen2-VL's multimodal rope positions come
-  from the model class's own ``get_rope_index``.
+- explicit positions: PaliGemma counts positions from 1; Qwen2-VL's multimodal rope positions
+  (``[3, T]`` and a ``position_delta``) come from the model class's own ``get_rope_index``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import hashlib
 import inspect
 import types
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,13 @@ PREFIX_SPANS = {"paligemma"}
 ONE_BASED_POSITIONS = {"paligemma"}
 
 
-def load_processor(model_path: Path, tokenizer: Any) -> Any:
+def load_processor(model_path: Path, tokenizer: Any, model_type: str | None = None) -> Any:
     """The checkpoint's transformers processor with its PIL image processor (no torchvision) and
-    without a video processor (which needs torchvision, and vlm sends no videos)."""
+    without a video processor (which needs torchvision, and vlm sends no videos). The processor
+    class is the one the checkpoint names, else the one ``AutoProcessor`` has for ``model_type``."""
     import transformers
     from transformers import AutoImageProcessor
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
     from vlm.plugin import find_chat_template, read_json
 
@@ -65,11 +68,13 @@ def load_processor(model_path: Path, tokenizer: Any) -> Any:
     name = settings.pop("processor_class", None) or getattr(image_processor, "processor_class", None)
     if not name:
         name = (read_json(model_path / "preprocessor_config.json") or {}).get("processor_class")
+    if not name and model_type is not None:
+        name = PROCESSOR_MAPPING_NAMES.get(model_type)
     processor_class = getattr(transformers, str(name), None) if name else None
     if processor_class is None:
         raise ConfigError(
-            f"{model_path}: no processor_class in processor_config.json or preprocessor_config.json; copy them from "
-            "the original model"
+            f"{model_path}: no processor_class in processor_config.json or preprocessor_config.json, and transformers "
+            f"has no processor for model type {model_type!r}; copy those files from the original model"
         )
     accepted = inspect.signature(processor_class.__init__).parameters
     # (transformers 5 nests the sub-processors' settings here: those are built above, not passed)
@@ -79,13 +84,33 @@ def load_processor(model_path: Path, tokenizer: Any) -> Any:
         if k in accepted and k not in ("image_processor", "tokenizer", "video_processor", "feature_extractor")
     }
     if "video_processor" in accepted:
-        kwargs["video_processor"] = None
+        processor_class = without_video_processor(processor_class)
     if "chat_template" in accepted:
         kwargs["chat_template"] = find_chat_template(model_path, tokenizer)
     try:
         return processor_class(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
     except (TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(f"cannot build {name} for {model_path} ({exc}); check processor_config.json") from None
+
+
+@cache
+def without_video_processor(processor_class: Any) -> Any:
+    """``processor_class`` without its video processor (vlm sends no videos, and transformers'
+    video processors need torchvision).
+
+    Passing ``video_processor=None`` alone is not enough: transformers checks every sub-processor
+    its ``__init__`` names against that sub-processor's base class, which without torchvision it
+    cannot even look up. transformers reads the sub-processors from the ``__init__`` signature, so
+    a subclass whose ``__init__`` does not name ``video_processor`` has none.
+    """
+
+    class Videoless(processor_class):
+        def __init__(self, image_processor: Any = None, tokenizer: Any = None, **kwargs: Any) -> None:
+            super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **kwargs)
+
+    Videoless.__name__ = Videoless.__qualname__ = processor_class.__name__
+    Videoless.__doc__ = processor_class.__doc__
+    return Videoless
 
 
 def image_runs(token_ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
@@ -110,8 +135,8 @@ class ProcessorPreprocessor(ImagePromptPreprocessor):
 
     def __init__(self, tokenizer: Any, hf_config: Any, model_path: str | Path):
         super().__init__(tokenizer, hf_config, model_path)
-        self.processor = load_processor(self.model_path, tokenizer)
         self.model_type = getattr(hf_config, "model_type", None)
+        self.processor = load_processor(self.model_path, tokenizer, self.model_type)
         self.placeholder = self.processor.image_token  # what the processor expands, once per image
         self.image_token = self.placeholder
         config_id = getattr(hf_config, "image_token_id", None)

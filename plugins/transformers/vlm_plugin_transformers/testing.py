@@ -47,8 +47,10 @@ TEXT_FAMILIES = ("phi3", "olmo2")
 
 def write_tiny_text(path: str | Path, model_type: str = "phi3", seed: int = 0, **overrides: Any) -> Path:
     """A tiny random text LLM of a family no first-party plugin serves."""
-    if model_type == "phi3":
-        overrides.setdefault("pad_token_id", None)
+    # the special tokens are the byte tokenizer's (set by write_tiny_text_model): the family's
+    # defaults (Phi-3's 32000) lie outside the tiny vocabulary, and transformers warns about them
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        overrides.setdefault(key, None)
     return write_tiny_text_model(path, model_type=model_type, seed=seed, **overrides)
 
 
