@@ -1,8 +1,8 @@
 """``vlmrun --model DIR``: one-shot generation with ``--prompt``, otherwise an interactive chat.
 
 Generated text goes to stdout and nothing else does; logs and the chat prompt go to stderr.
-Pictures are paths, ``file://`` or ``data:`` URLs, and with ``--allow-remote-media`` also
-``http(s)://`` URLs. ``--draw-boxes OUT.png`` saves the picture with the answer's grounding boxes
+Pictures (``--image``) and videos (``--video``, for models whose plugin reads video) are paths,
+``file://`` or ``data:`` URLs, and with ``--allow-remote-media`` also ``http(s)://`` URLs. ``--draw-boxes OUT.png`` saves the picture with the answer's grounding boxes
 drawn (the plugin's ``parse_grounding`` hook finds them): once in one-shot mode, per answer in a
 chat (``OUT-1.png``, ``OUT-2.png``, ...), the file name printed on stderr each time.
 
@@ -19,7 +19,10 @@ from typing import Any
 
 from vlm.cli.engine_args import add_engine_arguments, engine_settings
 
-CHAT_HELP = "commands: /image PATH (or URL, with --allow-remote-media) attaches a picture to your next message, /clear starts over, /exit (or Ctrl-D) quits"
+CHAT_HELP = (
+    "commands: /image PATH (or URL, with --allow-remote-media) attaches a picture to your next message, "
+    "/video PATH a video, /clear starts over, /exit (or Ctrl-D) quits"
+)
 #: what an interactive chat with a VLM asks at the start of each conversation (CogVLM's "image path >>>>>")
 PICTURE_PROMPT = "image path (Enter for text only): "
 
@@ -40,6 +43,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "interactive chat with a VLM asks for a picture's path at the start of each conversation "
         "(after /clear too); press Enter there for a text-only conversation",
     )
+    parser.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="video file for the prompt, after the pictures (repeatable; with chat: attached to the first "
+        "message); for models whose plugin reads video, e.g. Qwen2-VL; decoding needs PyAV (pip install av)",
+    )
     parser.add_argument("--system", help="system message for chat templates")
     parser.add_argument("--no-chat-template", action="store_true", help="send --prompt as raw text")
     parser.add_argument(
@@ -57,7 +68,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-remote-media",
         action="store_true",
-        help="let --image and /image fetch http(s):// URLs (refused by default)",
+        help="let --image, --video, /image and /video fetch http(s):// URLs (refused by default)",
     )
     sampling = parser.add_argument_group("sampling (defaults: the model's generation_config.json, else greedy)")
     sampling.add_argument("--max-tokens", type=int, default=256)
@@ -120,6 +131,12 @@ def run_command(args: argparse.Namespace) -> int:
         _check_picture_name(args.draw_boxes)
     for path in args.image:
         _check_media_policy(path, args)
+    for path in args.video:
+        _check_media_policy(path, args, "video")
+    if args.video and args.no_chat_template:
+        from vlm.errors import ConfigError
+
+        raise ConfigError("--video needs the chat template (its video part); drop --no-chat-template")
     llm = LLM(args.model, **engine_settings(args))
     params = sampling_params_from_args(args, llm.engine.default_sampling_values())
     if params.structured_outputs is not None:  # --json-schema: one it cannot compile fails before any chat
@@ -129,11 +146,12 @@ def run_command(args: argparse.Namespace) -> int:
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
         prompt: Any = text
         images = [_checked_image(path, args) for path in args.image]
+        videos = [_checked_video(path, args) for path in args.video]
         if args.no_chat_template:
             # base checkpoints: the family's raw image form, then the text, no chat turn
             prompt = llm.engine.preprocessor.raw_prompt(text, images)
-        elif images:
-            prompt = _system(args) + [user_message(text, images)]
+        elif images or videos:
+            prompt = _system(args) + [user_message(text, images, videos)]
         elif has_template:
             prompt = _system(args) + [{"role": "user", "content": text}]
         drawing = _Drawing(args.draw_boxes, images[-1] if images else None) if args.draw_boxes else None
@@ -285,27 +303,46 @@ def _check_picture_name(path: str) -> None:
         raise SystemExit(f"error: --draw-boxes {path}: name a picture file, e.g. boxes.png or boxes.jpg")
 
 
-def user_message(text: str, images: list[Any]) -> dict[str, Any]:
-    """A user turn; pictures go first, as OpenAI-style content parts."""
-    if not images:
+def user_message(text: str, images: list[Any], videos: list[Any] | None = None) -> dict[str, Any]:
+    """A user turn; pictures go first, then videos, as content parts (``{"type": "video", "video":
+    <source>}`` is vlm's video part, :mod:`vlm.inputs.messages`)."""
+    videos = videos or []
+    if not images and not videos:
         return {"role": "user", "content": text}
     return {
         "role": "user",
-        "content": [*({"type": "image", "image": image} for image in images), {"type": "text", "text": text}],
+        "content": [
+            *({"type": "image", "image": image} for image in images),
+            *({"type": "video", "video": video} for video in videos),
+            {"type": "text", "text": text},
+        ],
     }
 
 
-def _check_media_policy(path: str, args: argparse.Namespace) -> None:
-    """A remote picture needs ``--allow-remote-media`` (raises InputError, one line, naming the flag)."""
+def _check_media_policy(path: str, args: argparse.Namespace, kind: str = "image") -> None:
+    """A remote picture or video (``kind``) needs ``--allow-remote-media`` (raises InputError, one
+    line, naming the flag)."""
     from vlm.errors import InputError
     from vlm.inputs.images import is_remote_url
 
     if is_remote_url(path) and not args.allow_remote_media:
         shown = path if len(path) <= 60 else path[:40] + "..." + path[-17:]
+        thing = "picture" if kind == "image" else "video"
         raise InputError(
-            f"image {shown!r}: remote image URLs are not fetched unless you pass --allow-remote-media; "
-            "pass it, or download the picture and give its path"
+            f"{kind} {shown!r}: remote {kind} URLs are not fetched unless you pass --allow-remote-media; "
+            f"pass it, or download the {thing} and give its path"
         )
+
+
+def _checked_video(path: str, args: argparse.Namespace) -> Any:
+    """Read (or, with ``--allow-remote-media``, download) a video now, so a missing file or a
+    refused URL is reported before the model runs (raises InputError). Returns what the video part
+    holds: the file's path, or the downloaded bytes; the model's plugin decodes it (or refuses
+    video in one line)."""
+    from vlm.inputs.video import read_video_source
+
+    _check_media_policy(path, args, "video")
+    return read_video_source(path, allow_remote=args.allow_remote_media)
 
 
 def _checked_image(path: str, args: argparse.Namespace) -> Any:
@@ -373,11 +410,14 @@ def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
         print(f"chatting with {args.model}; {CHAT_HELP}", file=sys.stderr)
     history: list[dict[str, Any]] = _system(args)
     pending_images: list[Any] = []
+    pending_videos: list[Any] = []
     for path in args.image:
         pending_images.append(_checked_image(path, args))
+    for path in args.video:
+        pending_videos.append(_checked_video(path, args))
     # a person at a VLM's chat is asked for the picture first (a script pipes turns only)
     asks_for_picture = interactive and _takes_pictures(llm)
-    ask_picture_now = asks_for_picture and not pending_images
+    ask_picture_now = asks_for_picture and not pending_images and not pending_videos
     # --draw-boxes: each answer's boxes on the conversation's latest picture, OUT-1.png, OUT-2.png, ...
     drawing = _Drawing(args.draw_boxes, None, numbered=True) if args.draw_boxes else None
     conversation_picture: Any | None = None  # the latest picture sent in this conversation
@@ -402,7 +442,7 @@ def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
             return 0
         if line == "/clear":
             history = _system(args)
-            pending_images = []
+            pending_images, pending_videos = [], []
             conversation_picture = None
             print("(history cleared)", file=sys.stderr)
             ask_picture_now = asks_for_picture
@@ -419,11 +459,23 @@ def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
                 continue
             print(f"(attached {path}; it goes with your next message)", file=sys.stderr)
             continue
+        if line == "/video" or line.startswith("/video "):
+            path = line[len("/video") :].strip()
+            if not path:
+                print("usage: /video PATH", file=sys.stderr)
+                continue
+            try:
+                pending_videos.append(_checked_video(path, args))
+            except InputError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                continue
+            print(f"(attached {path}; it goes with your next message)", file=sys.stderr)
+            continue
         if line.startswith("/"):
             print(f"unknown command {line.split()[0]}; {CHAT_HELP}", file=sys.stderr)
             continue
-        turn = history + [user_message(line, pending_images)]
-        prompt = turn if has_template or pending_images else line
+        turn = history + [user_message(line, pending_images, pending_videos)]
+        prompt = turn if has_template or pending_images or pending_videos else line
         picture = pending_images[-1] if pending_images else conversation_picture
         if drawing is not None:
             drawing.picture = picture
@@ -445,11 +497,16 @@ def chat_loop(llm, params, args: argparse.Namespace, has_template: bool) -> int:
             if reply and not args.json and drawing is None:
                 _write("\n")
             print(f"error: {exc}", file=sys.stderr)
-            if pending_images:  # kept, a picture the model refused would fail every later message too
-                pending_images = []
-                print("(the picture attached to that message was dropped; /image attaches one again)", file=sys.stderr)
+            if pending_images or pending_videos:  # kept, media the model refused would fail every later message too
+                dropped = "picture" if not pending_videos else "video" if not pending_images else "media"
+                command = "/image" if not pending_videos else "/video" if not pending_images else "/image or /video"
+                pending_images, pending_videos = [], []
+                print(
+                    f"(the {dropped} attached to that message was dropped; {command} attaches one again)",
+                    file=sys.stderr,
+                )
             continue
-        pending_images = []
+        pending_images, pending_videos = [], []
         conversation_picture = picture
         history = turn + [{"role": "assistant", "content": "".join(reply)}]
         if drawing is not None and boxes is not None:

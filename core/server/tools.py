@@ -7,7 +7,8 @@ tools=...)``, as transformers renders them), and so do the history's assistant `
 
 - ``"auto"`` (the default with tools): the model decides. Its output is read by the tool-call
   parser of the model's format (:data:`TOOL_PARSERS`): Hermes / Qwen's
-  ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks, or plain JSON
+  ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks, InternLM2's
+  ``<|action_start|><|plugin|>{"name": ..., "parameters": {...}}<|action_end|>`` blocks, or plain JSON
   (``{"name": ..., "arguments" | "parameters": {...}}`` or a list of them, Llama 3's format). Output
   that is not a call to one of the request's tools stays ``content``.
 - ``"required"``: the output is constrained (xgrammar, :mod:`vlm.engine.structured`) to a JSON
@@ -117,19 +118,13 @@ class ToolParser:
         raise NotImplementedError
 
 
-@TOOL_PARSERS.register_module(name="hermes")
-class HermesToolParser(ToolParser):
-    """``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` blocks (Hermes, Qwen2.5,
-    Qwen3); text before the first block is content. A last block the model did not close is read
-    too when the output ends."""
+class BlockToolParser(ToolParser):
+    """Calls as JSON objects between an ``OPEN`` and a ``CLOSE`` marker, one block per call; text
+    before the first block is content. A last block the model did not close is read too when the
+    output ends. Subclasses set the markers."""
 
-    name = "hermes"
-    priority = 10
-    OPEN, CLOSE = "<tool_call>", "</tool_call>"
-
-    @classmethod
-    def matches(cls, chat_template: str) -> bool:
-        return cls.OPEN in chat_template
+    OPEN: ClassVar[str]
+    CLOSE: ClassVar[str]
 
     def read(self, text: str, names: set[str], final: bool) -> Parsed:
         start = text.find(self.OPEN)
@@ -157,6 +152,35 @@ class HermesToolParser(ToolParser):
                 return parsed
             parsed.calls.append(call)
             position = len(text) if closing < 0 else closing + len(self.CLOSE)
+
+
+@TOOL_PARSERS.register_module(name="hermes")
+class HermesToolParser(BlockToolParser):
+    """``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` blocks (Hermes, Qwen2.5,
+    Qwen3)."""
+
+    name = "hermes"
+    priority = 10
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    @classmethod
+    def matches(cls, chat_template: str) -> bool:
+        return cls.OPEN in chat_template
+
+
+@TOOL_PARSERS.register_module(name="internlm2")
+class InternLM2ToolParser(BlockToolParser):
+    """InternLM2-chat's ``<|action_start|><|plugin|>\\n{"name": ..., "parameters": {...}}<|action_end|>``
+    blocks. Its other action, ``<|action_start|><|interpreter|>`` (code to run), is no tool call
+    and stays content. Chosen for templates that mention ``<|plugin|>`` or ``<|action_start|>``."""
+
+    name = "internlm2"
+    priority = 10
+    OPEN, CLOSE = "<|action_start|><|plugin|>", "<|action_end|>"
+
+    @classmethod
+    def matches(cls, chat_template: str) -> bool:
+        return "<|plugin|>" in chat_template or "<|action_start|>" in chat_template
 
 
 @TOOL_PARSERS.register_module(name="json")
