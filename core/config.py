@@ -381,6 +381,11 @@ class EngineConfig(Settings):
         description="image budget: pictures larger than this are shrunk, so an image costs at most about "
         "max_pixels / 784 tokens on Qwen2-VL; default: the model's preprocessor_config.json",
     )
+    max_num_tiles: PositiveInt | None = Field(
+        None,
+        description="image budget for tiling families (InternVL): at most this many tiles per picture, plus a "
+        "thumbnail when there are several; default: the checkpoint's max_patches / max_dynamic_patch",
+    )
 
     _flags: ClassVar[dict[str, str]] = {
         "max_model_len": "--max-model-len",
@@ -396,6 +401,7 @@ class EngineConfig(Settings):
         "seed": "--seed",
         "min_pixels": "--min-pixels",
         "max_pixels": "--max-pixels",
+        "max_num_tiles": "--max-num-tiles",
     }
 
     @model_validator(mode="after")

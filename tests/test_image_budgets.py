@@ -1,8 +1,10 @@
 """Image budgets: ``--min-pixels`` / ``--max-pixels`` (engine), an image part's own ``min_pixels`` /
 ``max_pixels``, and OpenAI's ``detail``; for Qwen2-VL each equals transformers' image processor
 built with the same budget (pixels, grid, token count), ``detail: "low"`` is at most
-``LOW_DETAIL_MAX_PIXELS``; families without a budget (LLaVA) ignore ``detail``; through the
-server, the prompt's token count follows the budget."""
+``LOW_DETAIL_MAX_PIXELS``; families without a budget (LLaVA-1.5, LLaVA-NeXT) ignore ``detail``
+and every budget; through the server, the prompt's token count follows the budget. InternVL's
+tile budget (``--max-num-tiles``, ``max_num_tiles``, ``detail``) is tested against transformers'
+processor in ``plugins/internvl/tests/test_budgets.py``."""
 
 from __future__ import annotations
 
@@ -131,19 +133,87 @@ def test_bad_part_budgets_are_one_line_errors(preprocessor, options, message):
     assert message in str(info.value) and str(info.value).startswith("message 0 part 0") and "\n" not in str(info.value)
 
 
-def test_a_family_without_budgets_ignores_detail(tmp_path):
+@pytest.mark.parametrize("variant", ["llava-clip-llama", "llava-next-clip-mistral"])
+def test_a_family_without_budgets_ignores_detail(tmp_path, variant):
+    """LLaVA-1.5 (fixed 336-px input) and LLaVA-NeXT (anyres: the grid comes from config.json's
+    ``image_grid_pinpoints``, which the model's unpadding reads too, so the processor has no knob
+    to turn alone) make the same tokens whatever the budget."""
     pytest.importorskip("vlm_plugin_llava")
     from transformers import AutoConfig, AutoTokenizer
 
     from vlm_plugin_llava.preprocess import LlavaPreprocessor
     from vlm_plugin_llava.testing import write_tiny_llava
 
-    path = str(write_tiny_llava(tmp_path / "llava"))
+    path = str(write_tiny_llava(tmp_path / "llava", variant=variant))
     pre = LlavaPreprocessor(AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path), path)
     image = _picture(64, 48)
     plain = pre(_messages(image))
-    for options in ({"detail": "low"}, {"detail": "high"}, {"max_pixels": 28 * 28}):
+    assert pre.low_detail_budget is None
+    for options in ({"detail": "low"}, {"detail": "high"}, {"max_pixels": 28 * 28}, {"max_num_tiles": 1}):
         assert pre(_messages(image, **options)).token_ids == plain.token_ids
+    pre.set_image_budget(28 * 28, 28 * 28 * 4, max_num_tiles=1)  # --min-pixels / --max-pixels / --max-num-tiles
+    assert pre(_messages(image)).token_ids == plain.token_ids
+
+
+def test_cogvlm_has_a_fixed_cost(tmp_path):
+    """CogVLM resizes every picture to its one input size: (S / 14 / 2)^2 + 2 tokens on CogVLM2
+    (boi, the merged patches, eoi), whatever the budget (its preprocessor has none to set)."""
+    pytest.importorskip("vlm_plugin_cogvlm")
+    from transformers import AutoTokenizer
+
+    from vlm.config import load_model_config
+    from vlm.inputs.preprocessor import apply_image_budget
+    from vlm_plugin_cogvlm.preprocess import CogVLMPreprocessor
+    from vlm_plugin_cogvlm.testing import write_tiny_cogvlm
+
+    path = write_tiny_cogvlm(tmp_path / "cogvlm", variant="cogvlm2")
+    pre = CogVLMPreprocessor(AutoTokenizer.from_pretrained(path), load_model_config(path).hf_config, path)
+    apply_image_budget(pre, 28 * 28, 28 * 28 * 4, max_num_tiles=1)  # nothing to set: a no-op
+    side = pre.settings.image_size // pre.settings.patch_size // 2
+    for size in ((40, 30), (500, 90)):
+        plain = pre(_messages(_picture(*size)))
+        assert plain.images[0].num_tokens == side * side + 2 == plain.token_ids.count(pre.image_token_id)
+        for options in ({"detail": "low"}, {"max_pixels": 28 * 28}, {"max_num_tiles": 1}):
+            assert pre(_messages(_picture(*size), **options)).token_ids == plain.token_ids
+
+
+def test_qwen2_vl_ignores_tile_budgets(preprocessor):
+    """Qwen2-VL has no tiles: ``max_num_tiles`` changes nothing (its budget is pixels)."""
+    image = _picture(400, 300)
+    assert _image_tokens(preprocessor, _messages(image, max_num_tiles=1)) == _reference(image, MODEL_MIN, MODEL_MAX)[2]
+
+
+def test_budgets_combine_field_by_field():
+    part = ImageBudget(max_num_tiles=2)
+    engine = ImageBudget(min_pixels=10, max_pixels=20, max_num_tiles=6)
+    assert part.over(engine) == ImageBudget(10, 20, 2)
+    assert ImageBudget().over(engine) == engine
+
+
+def test_apply_image_budget_keeps_third_party_preprocessors_working():
+    """A plugin's own ``set_image_budget(min_pixels, max_pixels)`` (written before tile budgets)
+    still gets pixel budgets and is never handed ``max_num_tiles``; core's takes all three."""
+    from vlm.inputs.preprocessor import apply_image_budget
+
+    class PixelsOnly:
+        def set_image_budget(self, min_pixels, max_pixels):
+            self.budget = (min_pixels, max_pixels)
+
+    pre = PixelsOnly()
+    apply_image_budget(pre, None, None)
+    assert not hasattr(pre, "budget")
+    apply_image_budget(pre, None, 4096)
+    assert pre.budget == (None, 4096)
+    apply_image_budget(pre, 1024, None, max_num_tiles=4)
+    assert pre.budget == (1024, None)
+
+    class WithTiles(PixelsOnly):
+        def set_image_budget(self, min_pixels, max_pixels, max_num_tiles=None):
+            self.budget = (min_pixels, max_pixels, max_num_tiles)
+
+    tiled = WithTiles()
+    apply_image_budget(tiled, None, None, max_num_tiles=4)
+    assert tiled.budget == (None, None, 4)
 
 
 def test_engine_flags_and_config():
@@ -161,6 +231,11 @@ def test_engine_flags_and_config():
         EngineConfig(model="m", min_pixels=9, max_pixels=4)
     with pytest.raises(ConfigError, match="--max-pixels"):
         EngineConfig(model="m", max_pixels=0)
+    tiles = engine_settings(parser.parse_args(["--max-num-tiles", "4"]))
+    assert tiles == {"max_num_tiles": 4} and EngineConfig(model="m", **tiles).max_num_tiles == 4
+    assert EngineConfig(model="m").max_num_tiles is None  # the checkpoint's own max_patches
+    with pytest.raises(ConfigError, match="--max-num-tiles"):
+        EngineConfig(model="m", max_num_tiles=0)
 
 
 def _data_url(image) -> str:
@@ -222,3 +297,20 @@ def test_llm_and_cli_take_the_engine_budget(qwen_dir, tmp_path):
             assert main(args + extra) == 0
         outputs.append(json.loads(buffer.getvalue().strip().splitlines()[-1]))
     assert outputs[1]["usage"]["prompt_tokens"] < outputs[0]["usage"]["prompt_tokens"]
+
+
+def test_a_request_cannot_raise_a_pictures_cost_past_the_servers_limit(preprocessor):
+    """A part's own ``min_pixels`` / ``max_pixels`` may lower the cost, never exceed ``--max-pixels``
+    (else the model's own maximum): ``min_pixels=10**11`` would resize a small picture into gigabytes."""
+    image = _picture(300, 200)
+    with pytest.raises(InputError, match=f"image min_pixels 100000000000 exceeds the server's limit of {MODEL_MAX}"):
+        preprocessor(_messages(image, min_pixels=10**11, max_pixels=10**11))
+    with pytest.raises(InputError, match=f"image max_pixels {MODEL_MAX + 1} exceeds"):
+        preprocessor(_messages(image, max_pixels=MODEL_MAX + 1))
+    assert _image_tokens(preprocessor, _messages(image, max_pixels=MODEL_MAX)) > 0
+    preprocessor.set_image_budget(None, 28 * 28 * 20)
+    try:
+        with pytest.raises(InputError, match="exceeds the server's limit of 15680"):
+            preprocessor(_messages(image, max_pixels=28 * 28 * 21))
+    finally:
+        preprocessor.set_image_budget(None, None)

@@ -196,8 +196,9 @@ def _malformed(conversations, with_images: bool) -> list[tuple[object, str | Non
         ({**ok, "top_k": -5}, "top_k"),
         ({**ok, "logprobs": True, "top_logprobs": 99}, "top_logprobs"),
         (
+            # a video file on a server that reads no local files
             {**ok, "messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]},
-            "messages[0].content[0].type",
+            "messages[0].content[0].video",
         ),
         ({**ok, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
         ({**ok, "stream_options": {"include_usage": True}}, "stream_options"),

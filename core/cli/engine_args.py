@@ -19,6 +19,7 @@ _FIELDS = {
     "quantization_group_size": "quantization_group_size",
     "min_pixels": "min_pixels",
     "max_pixels": "max_pixels",
+    "max_num_tiles": "max_num_tiles",
 }
 
 
@@ -76,6 +77,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="image budget (Qwen2-VL): shrink pictures above N pixels, about N/784 image tokens "
         "(default: preprocessor_config.json)",
+    )
+    engine.add_argument(
+        "--max-num-tiles",
+        type=int,
+        metavar="N",
+        help="image budget (InternVL): at most N tiles per picture, plus a thumbnail when several "
+        "(256 tokens per 448-px tile; default: the checkpoint's max_patches / max_dynamic_patch)",
     )
 
 

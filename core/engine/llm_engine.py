@@ -108,7 +108,7 @@ class LLMEngine:
             self.model_config, self.dtype, self.device, config.plugin, quantization=quantization, rewrite_cfg=config
         )
         self.preprocessor = build_preprocessor(self.model_config, self.tokenizer, self.plugin)
-        apply_image_budget(self.preprocessor, config.min_pixels, config.max_pixels)
+        apply_image_budget(self.preprocessor, config.min_pixels, config.max_pixels, config.max_num_tiles)
 
         text = self.model_config.text
         self.max_model_len = min(config.max_model_len or text.max_position_embeddings, text.max_position_embeddings)

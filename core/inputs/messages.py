@@ -10,9 +10,9 @@ take them: ``{"type": "text", "text": ...}``, ``{"type": "image", "image": <sour
 image part as ``{"type": "image", "image": <source>}`` (what transformers' templates test for) and
 :func:`iter_image_parts` lists the sources in prompt order; ``vlm.inputs.load_image`` loads them.
 An image part may also set its own budget (:data:`IMAGE_OPTION_KEYS`): OpenAI's ``detail``
-(``"low"``, ``"high"``, ``"auto"``; inside ``image_url`` too) and qwen-vl-utils' ``min_pixels`` /
-``max_pixels``; :func:`image_part_options` lists them in prompt order (families without budgets
-ignore them).
+(``"low"``, ``"high"``, ``"auto"``; inside ``image_url`` too), qwen-vl-utils' ``min_pixels`` /
+``max_pixels`` and tiling families' ``max_num_tiles``; :func:`image_part_options` lists them in
+prompt order (families without budgets ignore them).
 :func:`text_content_as` gives text contents the form (string or parts) a chat template renders.
 
 Video parts, for models whose preprocessor reads video (``normalize_messages(..., videos=True)``;
@@ -48,8 +48,9 @@ def validate_messages(messages: Any) -> list[Message]:
 
 
 IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
-#: an image part's own budget: OpenAI's ``detail``, qwen-vl-utils' ``min_pixels`` / ``max_pixels``
-IMAGE_OPTION_KEYS = ("detail", "min_pixels", "max_pixels")
+#: an image part's own budget: OpenAI's ``detail``, qwen-vl-utils' ``min_pixels`` / ``max_pixels``,
+#: tiles per picture for tiling families (InternVL)
+IMAGE_OPTION_KEYS = ("detail", "min_pixels", "max_pixels", "max_num_tiles")
 DETAILS = ("low", "high", "auto")
 
 VIDEO_SOURCE_KEYS = ("video", "url", "path")
@@ -71,6 +72,9 @@ def _image_options(part: dict[str, Any], where: str) -> dict[str, Any]:
         value = options.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise InputError(f"{where}: {key} must be a positive number of pixels (width x height), not {value!r}")
+    tiles = options.get("max_num_tiles")
+    if tiles is not None and (isinstance(tiles, bool) or not isinstance(tiles, int) or tiles <= 0):
+        raise InputError(f"{where}: max_num_tiles must be a positive whole number of tiles, not {tiles!r}")
     if options.get("min_pixels", 0) > options.get("max_pixels", float("inf")):
         raise InputError(f"{where}: min_pixels ({options['min_pixels']}) exceeds max_pixels ({options['max_pixels']})")
     return options

@@ -261,27 +261,45 @@ def rescale_and_normalize(pixels: Any, rescale_factor: float | None, mean: Any |
 
 @dataclasses.dataclass(frozen=True)
 class ImageBudget:
-    """How many pixels a picture is resized into (width x height); ``None``: the model's own setting.
+    """What a picture may cost; ``None``: the model's own setting.
 
-    Families whose processor resizes to a pixel budget (Qwen2-VL's ``min_pixels`` /
-    ``max_pixels``) honour it; families with a fixed input size or tiling ignore it."""
+    ``min_pixels`` / ``max_pixels``: how many pixels (width x height) a picture is resized into,
+    for families whose processor resizes to a pixel budget (Qwen2-VL). ``max_num_tiles``: at most
+    this many tiles per picture, for tiling families (InternVL's ``max_patches`` /
+    ``max_dynamic_patch``; the thumbnail comes on top). Each family honours the fields its
+    processor has and ignores the others; families with a fixed input size ignore them all."""
 
     min_pixels: int | None = None
     max_pixels: int | None = None
+    max_num_tiles: int | None = None
 
     def over(self, base: ImageBudget) -> ImageBudget:
         """This budget, with ``base``'s values where it has none."""
         return ImageBudget(
             self.min_pixels if self.min_pixels is not None else base.min_pixels,
             self.max_pixels if self.max_pixels is not None else base.max_pixels,
+            self.max_num_tiles if self.max_num_tiles is not None else base.max_num_tiles,
         )
 
 
-def apply_image_budget(preprocessor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
-    """Give ``preprocessor`` the engine's image budget (``--min-pixels`` / ``--max-pixels``); a
-    preprocessor without budgets (text-only, a third-party one) is left as it is."""
-    if (min_pixels is not None or max_pixels is not None) and hasattr(preprocessor, "set_image_budget"):
-        preprocessor.set_image_budget(min_pixels, max_pixels)
+def apply_image_budget(
+    preprocessor: Any, min_pixels: int | None, max_pixels: int | None, max_num_tiles: int | None = None
+) -> None:
+    """Give ``preprocessor`` the engine's image budget (``--min-pixels`` / ``--max-pixels`` /
+    ``--max-num-tiles``); a preprocessor without budgets (text-only, a third-party one) is left as
+    it is, and one whose ``set_image_budget`` takes pixels only (written before tile budgets) gets
+    no ``max_num_tiles``."""
+    setter = getattr(preprocessor, "set_image_budget", None)
+    if setter is None:
+        return
+    try:
+        takes_tiles = "max_num_tiles" in inspect.signature(setter).parameters
+    except (TypeError, ValueError):
+        takes_tiles = False
+    if max_num_tiles is not None and takes_tiles:
+        setter(min_pixels, max_pixels, max_num_tiles=max_num_tiles)
+    elif min_pixels is not None or max_pixels is not None:
+        setter(min_pixels, max_pixels)
 
 
 class ImagePromptPreprocessor:
@@ -311,11 +329,14 @@ class ImagePromptPreprocessor:
     supports_images: bool = True
     #: the family's preprocessor reads video parts (it renders and expands them itself); others refuse them
     supports_video: bool = False
-    #: the engine's image budget (``--min-pixels`` / ``--max-pixels``), over the model's own
+    #: the engine's image budget (``--min-pixels`` / ``--max-pixels`` / ``--max-num-tiles``), over the model's own
     image_budget: ImageBudget = ImageBudget()
     #: what ``detail: "low"`` means for this family, at most the engine's budget (None: the family
     #: has no budget, ``detail`` is ignored; ``"high"`` and ``"auto"`` are the engine's budget)
     low_detail_budget: ImageBudget | None = None
+    #: the most pixels a request may ask one picture to be resized into when the engine sets no
+    #: ``--max-pixels`` (a family with a pixel budget: the model's own maximum); ``None``: no pixel budget
+    model_max_pixels: int | None = None
     _probed: tuple[str, str] | None = None  # (template, its content form), probed once per template
 
     def __init__(self, tokenizer: Any, hf_config: Any, model_path: str | Path):
@@ -349,21 +370,38 @@ class ImagePromptPreprocessor:
         """Load one image (path, URL, bytes, PIL image) and make its pixels and token count."""
         raise NotImplementedError
 
-    def set_image_budget(self, min_pixels: int | None, max_pixels: int | None) -> None:
-        """The engine's image budget (``--min-pixels`` / ``--max-pixels``); families without budgets ignore it."""
-        self.image_budget = ImageBudget(min_pixels, max_pixels)
+    def set_image_budget(
+        self, min_pixels: int | None, max_pixels: int | None, max_num_tiles: int | None = None
+    ) -> None:
+        """The engine's image budget (``--min-pixels`` / ``--max-pixels`` / ``--max-num-tiles``);
+        families without budgets ignore it."""
+        self.image_budget = ImageBudget(min_pixels, max_pixels, max_num_tiles)
 
     def budget_for(self, options: dict[str, Any]) -> ImageBudget:
-        """One image's budget: its own ``min_pixels`` / ``max_pixels``, else ``detail: "low"``'s
-        (:attr:`low_detail_budget`), else the engine's (``high`` and ``auto`` mean the engine's)."""
+        """One image's budget: its own ``min_pixels`` / ``max_pixels`` / ``max_num_tiles``, else
+        ``detail: "low"``'s (:attr:`low_detail_budget`), else the engine's (``high`` and ``auto``
+        mean the engine's)."""
         budget = self.image_budget
         low = self.low_detail_budget
         if options.get("detail") == "low" and low is not None:
             # never more than the engine's own budget allows
             if low.max_pixels is not None and budget.max_pixels is not None:
-                low = ImageBudget(low.min_pixels, min(low.max_pixels, budget.max_pixels))
+                low = dataclasses.replace(low, max_pixels=min(low.max_pixels, budget.max_pixels))
+            if low.max_num_tiles is not None and budget.max_num_tiles is not None:
+                low = dataclasses.replace(low, max_num_tiles=min(low.max_num_tiles, budget.max_num_tiles))
             budget = low.over(budget)
-        return ImageBudget(options.get("min_pixels"), options.get("max_pixels")).over(budget)
+        own = ImageBudget(options.get("min_pixels"), options.get("max_pixels"), options.get("max_num_tiles"))
+        # a request may lower its pictures' cost, never raise it past what the server allows
+        # (a huge min_pixels would otherwise resize a small picture into gigabytes)
+        ceiling = self.image_budget.max_pixels if self.image_budget.max_pixels is not None else self.model_max_pixels
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(own, name)
+            if value is not None and ceiling is not None and value > ceiling:
+                raise InputError(
+                    f"image {name} {value} exceeds the server's limit of {ceiling} pixels per picture "
+                    f"(--max-pixels, else the model's own); ask for at most {ceiling}"
+                )
+        return own.over(budget)
 
     def preprocess_image_within(self, source: Any, budget: ImageBudget) -> ImageInput:
         """:meth:`preprocess_image` within ``budget``; a family with a pixel budget overrides this

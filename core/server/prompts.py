@@ -405,12 +405,12 @@ class PromptBuilder:
 
 def _image_budget(part: Any) -> dict[str, Any]:
     """An image_url part's budget for the preprocessor: OpenAI's ``detail`` and (an extension, as
-    qwen-vl-utils names them) ``min_pixels`` / ``max_pixels`` inside ``image_url``."""
+    qwen-vl-utils names them) ``min_pixels`` / ``max_pixels`` and ``max_num_tiles`` inside ``image_url``."""
     image_url = part.image_url
     if not isinstance(image_url, ImageURL):
         return {}
     budget: dict[str, Any] = {"detail": image_url.detail} if image_url.detail is not None else {}
-    for key in ("min_pixels", "max_pixels"):
+    for key in ("min_pixels", "max_pixels", "max_num_tiles"):
         value = (image_url.model_extra or {}).get(key)
         if value is not None:
             budget[key] = value

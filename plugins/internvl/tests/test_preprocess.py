@@ -15,6 +15,7 @@ per tile).
 from __future__ import annotations
 
 import base64
+import types
 
 import numpy as np
 import pytest
@@ -280,6 +281,40 @@ def test_original_layout_matches_the_transformers_processor_pixels(preprocessors
     assert torch.equal(original.images[0].pixel_values, expected["pixel_values"])
 
 
+@pytest.mark.parametrize("max_num_tiles", [1, 2, 9])
+def test_original_layout_max_num_tiles_is_opengvlab_max_num(checkpoints, max_num_tiles):
+    """``--max-num-tiles N`` on the original layout: OpenGVLab's ``load_image(max_num=N)`` (vLLM's
+    ``max_dynamic_patch``), pixels and prompt; ``detail: "low"`` is one tile."""
+    path = checkpoints["tiny", "original"]
+    from transformers import AutoTokenizer
+
+    ours = InternVLPreprocessor(AutoTokenizer.from_pretrained(path), load_model_config(path).hf_config, path)
+    ours.set_image_budget(None, None, max_num_tiles=max_num_tiles)
+    budget = types.SimpleNamespace(**{**vars(ours.hf_config), "max_dynamic_patch": max_num_tiles})
+    for image in ("800x600", "1000x50", "17x300"):
+        got = check_original(ours, budget, [noise(*IMAGES[image])], "Describe it.")
+        assert len(got.images[0].pixel_values) <= (max_num_tiles + 1 if max_num_tiles > 1 else 1)
+    low = ours(with_part({"type": "image", "image": noise(800, 600, "RGB"), "detail": "low"}))
+    assert low.images[0].extra["num_tiles"] == 1
+
+
+def test_original_checkpoint_without_tiling_ignores_tile_budgets(preprocessors):
+    """``dynamic_image_size: false``: one tile whatever the budget, as vLLM reads such a checkpoint."""
+    import json
+
+    from vlm.config import RawConfig
+
+    original = preprocessors["tiny", "original"]
+    data = json.loads((original.model_path / "config.json").read_text())
+    fixed = InternVLPreprocessor(
+        original.tokenizer, RawConfig({**data, "dynamic_image_size": False}), original.model_path
+    )
+    fixed.set_image_budget(None, None, max_num_tiles=4)
+    for options in ({}, {"detail": "low"}, {"max_num_tiles": 9}):
+        got = fixed(with_part({"type": "image", "image": noise(800, 600, "RGB"), **options}))
+        assert got.images[0].extra["num_tiles"] == 1
+
+
 def test_opaque_conversion_is_plain_convert():
     """For images without transparency vlm's RGB conversion is OpenGVLab's .convert('RGB')."""
     for mode in ("L", "P", "CMYK", "RGB", "I"):
@@ -317,7 +352,9 @@ def test_errors(preprocessors, tmp_path):
     remote = {"type": "image", "url": "https://example.com/a.png"}
     one_line_error(lambda: hf(with_part(remote)), "remote image URLs are disabled")
     one_line_error(lambda: hf([1, 2, hf.image_token_id]), "token-id prompt cannot carry images")
-    one_line_error(lambda: hf(with_part({"type": "video", "video": "v.mp4"})), "type 'video'")
+    one_line_error(
+        lambda: hf(with_part({"type": "video", "video": "v.mp4"})), "is a video, which this model does not read"
+    )
     one_line_error(lambda: hf(3.5), "float")
 
 

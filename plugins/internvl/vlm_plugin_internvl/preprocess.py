@@ -21,11 +21,22 @@ tile. Pixels are rescaled in float64 and normalised in float32, exactly as trans
 processor's. In the prompt every image
 placeholder becomes ``<img>`` + ``<IMG_CONTEXT>`` x (tiles x tokens per tile) + ``</img>``,
 tokens per tile = (tile / patch)^2 x downsample_ratio^2 (256 for 448-px tiles, patch 14, 0.5).
+
+Image budget: tiles, not pixels. ``--max-num-tiles N`` (the engine's) and an image part's own
+``max_num_tiles`` replace the checkpoint's ``max_patches`` / ``max_dynamic_patch``, as passing
+``max_patches=N`` to transformers' processor (or ``max_num=N`` to OpenGVLab's ``load_image``)
+does: an image costs at most N tiles, plus the thumbnail when it has more than one. A part may
+ask for fewer tiles than the engine allows, never more. ``detail: "low"`` is one tile: the whole
+picture resized to the tile size, no grid and no thumbnail (transformers' ``max_patches=1``, the
+same as ``crop_to_patches=False``); ``high`` and ``auto`` are the engine's. A checkpoint that does
+not tile (original layout, ``dynamic_image_size: false``) always makes one tile, whatever the
+budget. InternVL's processors have no pixel budget: ``--min-pixels`` / ``--max-pixels`` and a
+part's ``min_pixels`` / ``max_pixels`` are ignored.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -51,6 +62,9 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+#: ``detail: "low"``: one tile (the whole picture at the tile size), as transformers' processor
+#: makes it with ``max_patches=1`` or ``crop_to_patches=False``
+LOW_DETAIL_TILES = 1
 ORIGINAL_IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -79,9 +93,9 @@ class ImageSettings:
 
 @lru_cache(maxsize=16)
 def _candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
-    grids = [
-        (c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if min_tiles <= c * r <= max_tiles
-    ]
+    # transformers' order (columns, then rows, ascending), without visiting grids over max_tiles:
+    # a large --max-num-tiles stays cheap
+    grids = [(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles // c + 1) if min_tiles <= c * r]
     return tuple(sorted(grids, key=lambda grid: grid[0] * grid[1]))  # stable: by area, then columns
 
 
@@ -260,6 +274,9 @@ class InternVLPreprocessor(ImagePromptPreprocessor):
             self.settings = self._image_settings()
             self.tokens_per_tile = tokens_per_tile(hf_config, self.settings)
             self._check_image_seq_length()
+            # an original checkpoint trained without tiling keeps one tile whatever the budget
+            self.tiles_images = not self.original_layout or bool(getattr(hf_config, "dynamic_image_size", False))
+            self.low_detail_budget = type(self.image_budget)(max_num_tiles=LOW_DETAIL_TILES)
 
     def _image_settings(self) -> ImageSettings:
         if self.original_layout:
@@ -279,11 +296,34 @@ class InternVLPreprocessor(ImagePromptPreprocessor):
                 "((tile / patch)^2 * downsample_ratio^2); fix one of them"
             )
 
+    def budget_settings(self, budget: Any) -> ImageSettings:
+        """The image settings within ``budget`` (a ``vlm.inputs.preprocessor.ImageBudget``): its
+        ``max_num_tiles`` where set (pixel budgets do not apply to InternVL).
+
+        :raises InputError: the budget asks for more tiles than the engine allows.
+        """
+        tiles = budget.max_num_tiles
+        if tiles is None or not self.tiles_images:
+            return self.settings
+        ceiling = self.image_budget.max_num_tiles or self.settings.max_tiles
+        if tiles > ceiling:
+            raise InputError(
+                f"an image asks for max_num_tiles {tiles}, but this engine allows at most {ceiling} tiles per image; "
+                f"ask for {ceiling} or fewer (the engine's --max-num-tiles raises the limit)"
+            )
+        return self.settings if tiles == self.settings.max_tiles else replace(self.settings, max_tiles=tiles)
+
     def preprocess_image(self, source: Any) -> ImageInput:
-        """Load one image (path, URL, bytes, PIL image) and make its tiles."""
+        """Load one image (path, URL, bytes, PIL image) and make its tiles (the engine's budget)."""
+        return self.preprocess_image_within(source, self.image_budget)
+
+    def preprocess_image_within(self, source: Any, budget: Any) -> ImageInput:
+        """:meth:`preprocess_image` with at most ``budget.max_num_tiles`` tiles (``detail``,
+        ``--max-num-tiles``, a part's own ``max_num_tiles``)."""
+        settings = self.budget_settings(budget)
         image = self.load_image(source)
-        tiles, grid = tile_image(to_rgb(image), self.settings)
-        pixel_values = normalize_tiles(tiles, self.settings)
+        tiles, grid = tile_image(to_rgb(image), settings)
+        pixel_values = normalize_tiles(tiles, settings)
         return ImageInput(
             pixel_values=pixel_values,
             num_tokens=len(tiles) * self.tokens_per_tile,
@@ -319,6 +359,7 @@ class InternVLPreprocessor(ImagePromptPreprocessor):
 
 
 __all__ = [
+    "LOW_DETAIL_TILES",
     "ImageSettings",
     "InternVLPreprocessor",
     "closest_grid",

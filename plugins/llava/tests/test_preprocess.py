@@ -281,7 +281,7 @@ def test_errors(preprocessors):
     one_line_error(lambda: ours(user("look <image>", image)), "2 image placeholder", "1 image")
     one_line_error(lambda: ours([1, 2, ours.image_token_id]), "token-id prompt cannot carry images")
     video = [{"role": "user", "content": [{"type": "video", "video": "v.mp4"}, {"type": "text", "text": "x"}]}]
-    one_line_error(lambda: ours(video), "type 'video'")
+    one_line_error(lambda: ours(video), "is a video, which this model does not read")
     one_line_error(lambda: ours(3.5), "float")
     assert ours([5, 6, 7]).token_ids == [5, 6, 7]
     # a sliver would be scaled up by its short side: refused before the image processor runs

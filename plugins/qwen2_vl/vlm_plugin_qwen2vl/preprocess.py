@@ -308,6 +308,10 @@ class Qwen2VLPreprocessor(ImagePromptPreprocessor):
                     f"config.json's vision_config says {theirs}; fix one of them"
                 )
 
+    @property
+    def model_max_pixels(self) -> int:  # type: ignore[override]
+        return self.settings.max_pixels
+
     def budget_settings(self, budget: Any) -> ImageSettings:
         """preprocessor_config.json's settings within ``budget`` (a ``vlm.inputs.preprocessor.ImageBudget``:
         its ``min_pixels`` / ``max_pixels`` where set, as transformers' processor takes them)."""
