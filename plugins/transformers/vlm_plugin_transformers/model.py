@@ -24,6 +24,7 @@ from torch import nn
 
 from vlm.nn import ForwardBatch
 from vlm.nn.attention import Attention
+from vlm.nn.linear import build_replicated_linear
 from vlm.nn.weights import LoadReport
 from vlm.plugin import ConfigError, ImageInput, VlmError
 from vlm_plugin_transformers.families import model_class_name, refusal
@@ -196,6 +197,16 @@ class TransformersModel(nn.Module):
         parameters = inspect.signature(self.hf.get_image_features).parameters
         return {name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
 
+    def _use_packable_linears(self) -> None:
+        """Swap transformers' ``nn.Linear`` layers for :func:`packable` ones: plain ``F.linear``
+        runs at a fraction of the packed GEMM's speed on CPU (measured: the fallback at batch 16
+        0.9x ``generate`` before, with ``aten::mm`` 79% of the step)."""
+        for parent in list(self.hf.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, packable(child))
+        self.lm_head = self.hf.get_output_embeddings()
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> LoadReport:
         """Load a checkpoint as transformers' ``from_pretrained`` does: its renamings and weight
         conversions for this model class, then the tied weights."""
@@ -221,6 +232,7 @@ class TransformersModel(nn.Module):
             if bar:
                 transformers_logging.enable_progress_bar()
         self.hf.tie_weights()
+        self._use_packable_linears()
         tied = set(getattr(self.hf, "all_tied_weights_keys", None) or ())
         missing = sorted(k for k in info.missing_keys if k not in tied)
         return LoadReport(
@@ -229,6 +241,19 @@ class TransformersModel(nn.Module):
             unexpected=sorted(info.unexpected_keys),
             mismatched=sorted(str(m[0] if isinstance(m, tuple) else m) for m in info.mismatched_keys),
         )
+
+
+def packable(linear: nn.Linear) -> nn.Module:
+    """A ``vlm.nn`` linear over the same weights, which the loader packs for the CPU GEMM (oneDNN)
+    and then frees its own dense copy of (a new ``Parameter`` over the same storage: a tied
+    embedding keeps its table)."""
+    layer = build_replicated_linear(
+        linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=linear.weight.dtype, device="meta"
+    )
+    layer.weight = nn.Parameter(linear.weight.data, requires_grad=False)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    return layer
 
 
 __all__ = ["ATTENTION_IMPLEMENTATION", "TransformersModel", "paged_attention", "register_attention"]
