@@ -174,41 +174,73 @@ def open_image(
         _check_size(source.size, name, max_pixels)
         return OpenedImage(name, source, encoded=False)
 
+    data, name = read_media_source(
+        source,
+        "image",
+        allowed_dir=allowed_dir,
+        allow_remote=allow_remote,
+        remote_timeout=remote_timeout,
+        max_remote_bytes=max_remote_bytes,
+    )
+    assert isinstance(data, bytes)  # read_local: a local file's bytes
+    return _open(data, name, max_pixels)
+
+
+def read_media_source(
+    source: Any,
+    kind: str,
+    *,
+    allowed_dir: str | Path | None = None,
+    allow_remote: bool = False,
+    remote_timeout: float | None = None,
+    max_remote_bytes: int | None = None,
+    read_local: bool = True,
+) -> tuple[bytes | Path, str]:
+    """One media source under a policy, for images and videos alike: the bytes of ``bytes``, a
+    ``data:<kind>/...;base64,`` URL or an ``http(s)://`` download (only with ``allow_remote``,
+    within ``remote_timeout`` and ``max_remote_bytes``), or a local file (a path or ``file://``
+    URL, inside ``allowed_dir`` when set): its bytes, or with ``read_local=False`` its resolved
+    path (a video is opened, not read whole). Also the source's name for messages.
+
+    :param kind: ``"image"`` or ``"video"``: the word every one-line error starts with.
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _open(bytes(source), f"({len(source)} bytes)", max_pixels)
+        return bytes(source), f"({len(source)} bytes)"
     if isinstance(source, Path):
         name = _quote(str(source))
-        return _open(_read_file(source, name, allowed_dir), name, max_pixels)
+        return _local_file(source, name, kind, allowed_dir, read_local), name
     if not isinstance(source, str):
         raise InputError(
-            f"cannot load an image from a {type(source).__name__}; pass a file path, a file://, "
-            "data: or http(s):// URL, bytes or a PIL image"
+            f"cannot load {'an' if kind == 'image' else 'a'} {kind} from a {type(source).__name__}; pass a file "
+            f"path, a file://, data: or http(s):// URL, bytes or "
+            + ("a PIL image" if kind == "image" else "a list of frames")
         )
 
     name = _quote(source)
     scheme = source.split(":", 1)[0].lower() if ":" in source[:12] else ""
     if scheme == "data":
-        return _open(_decode_data_url(source, name), name, max_pixels)
+        return _decode_data_url(source, name, kind), name
     if is_remote_url(source):
         if not allow_remote:
             raise InputError(
-                f"image {name}: remote image URLs are disabled; download the image and send it as "
-                "a file or a data: URL, or enable remote images (allow_remote)"
+                f"{kind} {name}: remote {kind} URLs are disabled; download the {kind} and send it as "
+                f"a file or a data: URL, or enable remote {kind}s (allow_remote)"
             )
         timeout = REMOTE_TIMEOUT_S if remote_timeout is None else remote_timeout
         limit = MAX_REMOTE_BYTES if max_remote_bytes is None else max_remote_bytes
-        return _open(_fetch(source, name, timeout, limit), name, max_pixels)
+        return _fetch(source, name, timeout, limit, kind), name
     if scheme == "file":
         parsed = urllib.parse.urlparse(source)
         if parsed.netloc not in ("", "localhost"):
-            raise InputError(f"image {name}: file:// URLs must name a local file (file:///path/to/image.png)")
+            example = "image.png" if kind == "image" else "clip.mp4"
+            raise InputError(f"{kind} {name}: file:// URLs must name a local file (file:///path/to/{example})")
         path = urllib.request.url2pathname(parsed.path)
-        return _open(_read_file(Path(path), name, allowed_dir), name, max_pixels)
+        return _local_file(Path(path), name, kind, allowed_dir, read_local), name
     if scheme and len(scheme) > 1 and scheme.isalpha() and source[len(scheme) :].startswith("://"):
         raise InputError(
-            f"image {name}: unsupported URL scheme {scheme!r}; use a file path, file://, data: or http(s)://"
+            f"{kind} {name}: unsupported URL scheme {scheme!r}; use a file path, file://, data: or http(s)://"
         )
-    return _open(_read_file(Path(source), name, allowed_dir), name, max_pixels)
+    return _local_file(Path(source), name, kind, allowed_dir, read_local), name
 
 
 def is_remote_url(source: Any) -> bool:
@@ -250,53 +282,58 @@ def _quote(text: str, limit: int = 60) -> str:
     return repr(text)
 
 
-def _read_file(path: Path, name: str, allowed_dir: str | Path | None) -> bytes:
+def _local_file(path: Path, name: str, kind: str, allowed_dir: str | Path | None, read: bool) -> bytes | Path:
+    """A local file inside ``allowed_dir`` (when set): its bytes, or (``read=False``) its resolved path."""
     try:
         resolved = path.expanduser().resolve()
         if allowed_dir is not None:
             root = Path(allowed_dir).expanduser().resolve()
             if not resolved.is_relative_to(root):
                 raise InputError(
-                    f"image {name}: path is outside the allowed image directory {str(root)!r}; put "
-                    "the file there or send the image as a data: URL"
+                    f"{kind} {name}: path is outside the allowed {kind} directory {str(root)!r}; put "
+                    f"the file there or send the {kind} as a data: URL"
                 )
         if not resolved.exists():
             hint = ""
             if len(str(path)) > 64 and _BASE64.fullmatch(str(path)):
-                hint = " (base64 data needs a data:image/<type>;base64, prefix)"
-            raise InputError(f"image {name}: no such file; check the path{hint}")
+                hint = f" (base64 data needs a data:{kind}/<type>;base64, prefix)"
+            raise InputError(f"{kind} {name}: no such file; check the path{hint}")
         if resolved.is_dir():
-            raise InputError(f"image {name}: is a directory, not an image file; name a file inside it")
-        return resolved.read_bytes()
+            raise InputError(
+                f"{kind} {name}: is a directory, not {'an' if kind == 'image' else 'a'} {kind} file; name a file inside it"
+            )
+        return resolved.read_bytes() if read else resolved
     except OSError as exc:  # unreadable, name too long, symlink loop, ...
         reason = exc.strerror or str(exc) or type(exc).__name__
-        raise InputError(f"image {name}: cannot read the file ({reason}); check the path and its permissions") from None
+        raise InputError(
+            f"{kind} {name}: cannot read the file ({reason}); check the path and its permissions"
+        ) from None
     except RuntimeError as exc:  # symlink loop on older Pythons
-        raise InputError(f"image {name}: cannot resolve the path ({exc}); check the path") from None
+        raise InputError(f"{kind} {name}: cannot resolve the path ({exc}); check the path") from None
 
 
-def _decode_data_url(url: str, name: str) -> bytes:
+def _decode_data_url(url: str, name: str, kind: str = "image") -> bytes:
     header, sep, payload = url.partition(",")
-    if not sep or not header.lower().startswith("data:image/") or not header.lower().endswith(";base64"):
-        raise InputError(f"image {name}: not a base64 image data URL; use data:image/<type>;base64,<data>")
+    if not sep or not header.lower().startswith(f"data:{kind}/") or not header.lower().endswith(";base64"):
+        raise InputError(f"{kind} {name}: not a base64 {kind} data URL; use data:{kind}/<type>;base64,<data>")
     payload = "".join(urllib.parse.unquote(payload).split())
     payload += "=" * (-len(payload) % 4)  # tolerate missing padding
     altchars = b"-_" if ("-" in payload or "_" in payload) else None  # URL-safe alphabet
     try:
         return base64.b64decode(payload, altchars=altchars, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InputError(f"image {name}: the data URL is not valid base64 ({exc}); re-encode the image") from None
+        raise InputError(f"{kind} {name}: the data URL is not valid base64 ({exc}); re-encode the {kind}") from None
 
 
-def _fetch(url: str, name: str, timeout: float, max_bytes: int) -> bytes:
+def _fetch(url: str, name: str, timeout: float, max_bytes: int, kind: str = "image") -> bytes:
     """The body at ``url``: at most ``max_bytes``, all of it within ``timeout`` seconds."""
     timed_out = ImageLimitError(
-        f"image {name}: the download took longer than {timeout:g} s; download the image and send it as a "
+        f"{kind} {name}: the download took longer than {timeout:g} s; download the {kind} and send it as a "
         "data: URL, or host it on a faster server",
         "remote_timeout",
     )
     too_large = ImageLimitError(
-        f"image {name}: larger than {_bytes_text(max_bytes)}; download it, downscale it and send it as a file "
+        f"{kind} {name}: larger than {_bytes_text(max_bytes)}; download it, downscale it and send it as a file "
         "or a data: URL",
         "remote_bytes",
     )
@@ -323,13 +360,15 @@ def _fetch(url: str, name: str, timeout: float, max_bytes: int) -> bytes:
         except urllib.error.HTTPError as exc:
             if deadline.over():
                 raise timed_out from None
-            raise InputError(f"image {name}: the server answered HTTP {exc.code} {exc.reason}; check the URL") from None
+            raise InputError(
+                f"{kind} {name}: the server answered HTTP {exc.code} {exc.reason}; check the URL"
+            ) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             if deadline.over():
                 raise timed_out from None
             reason = getattr(exc, "reason", None) or exc or type(exc).__name__
-            raise InputError(f"image {name}: could not fetch it ({reason}); check the URL and the network") from None
-        if deadline.over():  # the watchdog cut the connection: what came is not the whole image
+            raise InputError(f"{kind} {name}: could not fetch it ({reason}); check the URL and the network") from None
+        if deadline.over():  # the watchdog cut the connection: what came is not the whole file
             raise timed_out
     return b"".join(chunks)
 

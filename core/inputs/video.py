@@ -22,11 +22,7 @@ Nothing here imports torch; PyAV and numpy are imported when a video file is ope
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
-import urllib.parse
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -34,15 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm.errors import InputError
-from vlm.inputs.images import (
-    MAX_PIXELS,
-    MAX_REMOTE_BYTES,
-    REMOTE_TIMEOUT_S,
-    ImageLimitError,
-    _fetch,
-    is_remote_url,
-    load_image,
-)
+from vlm.inputs.images import MAX_PIXELS, ImageLimitError, load_image, read_media_source
 
 NO_DECODER = (
     "decoding video files needs PyAV, which is not installed (pip install av); or send the video as a "
@@ -202,12 +190,6 @@ def is_frame_list(source: Any) -> bool:
 # ----------------------------------------------------------------------------- internals
 
 
-def _quote(text: str, limit: int = 60) -> str:
-    if len(text) > limit:
-        text = text[: limit - 20] + "..." + text[-17:]
-    return repr(text)
-
-
 def _read_source(
     source: Any,
     allowed_dir: str | Path | None,
@@ -215,85 +197,20 @@ def _read_source(
     remote_timeout: float | None,
     max_remote_bytes: int | None,
 ) -> tuple[bytes | Path, str]:
-    """The video's bytes, or the local path to open, and its name for messages."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        if not source:
-            raise InputError("video (0 bytes): is empty; send a video file")
-        return bytes(source), f"({len(source)} bytes)"
-    if isinstance(source, Path):
-        return _local(source, _quote(str(source)), allowed_dir), _quote(str(source))
-    if not isinstance(source, str):
-        raise InputError(
-            f"cannot load a video from a {type(source).__name__}; pass a file path, a file://, data: or "
-            "http(s):// URL, bytes, or a list of frames"
-        )
-    name = _quote(source)
-    scheme = source.split(":", 1)[0].lower() if ":" in source[:12] else ""
-    if scheme == "data":
-        return _decode_data_url(source, name), name
-    if is_remote_url(source):
-        if not allow_remote:
-            raise InputError(
-                f"video {name}: remote video URLs are disabled; download the video and send it as a file, or "
-                "enable remote media (allow_remote)"
-            )
-        timeout = REMOTE_TIMEOUT_S if remote_timeout is None else remote_timeout
-        limit = MAX_REMOTE_BYTES if max_remote_bytes is None else max_remote_bytes
-        try:
-            return _fetch(source, name, timeout, limit), name
-        except ImageLimitError as exc:  # the download helper speaks of images
-            raise ImageLimitError(_as_video(exc), exc.limit) from None
-        except InputError as exc:
-            raise InputError(_as_video(exc)) from None
-    if scheme == "file":
-        parsed = urllib.parse.urlparse(source)
-        if parsed.netloc not in ("", "localhost"):
-            raise InputError(f"video {name}: file:// URLs must name a local file (file:///path/to/clip.mp4)")
-        return _local(Path(urllib.request.url2pathname(parsed.path)), name, allowed_dir), name
-    if scheme and len(scheme) > 1 and scheme.isalpha() and source[len(scheme) :].startswith("://"):
-        raise InputError(
-            f"video {name}: unsupported URL scheme {scheme!r}; use a file path, file://, data: or http(s)://"
-        )
-    return _local(Path(source), name, allowed_dir), name
-
-
-def _as_video(exc: InputError) -> str:
-    message = str(exc)
-    return "video " + message[len("image ") :] if message.startswith("image ") else message
-
-
-def _local(path: Path, name: str, allowed_dir: str | Path | None) -> Path:
-    """A local video's resolved path, inside ``allowed_dir`` when one is set."""
-    try:
-        resolved = path.expanduser().resolve()
-    except (OSError, RuntimeError) as exc:
-        raise InputError(f"video {name}: cannot resolve the path ({exc}); check the path") from None
-    if allowed_dir is not None:
-        root = Path(allowed_dir).expanduser().resolve()
-        if not resolved.is_relative_to(root):
-            raise InputError(
-                f"video {name}: path is outside the allowed media directory {str(root)!r}; put the file there"
-            )
-    if not resolved.exists():
-        raise InputError(f"video {name}: no such file; check the path")
-    if resolved.is_dir():
-        raise InputError(f"video {name}: is a directory, not a video file; name a file inside it")
-    return resolved
-
-
-def _decode_data_url(url: str, name: str) -> bytes:
-    header, sep, payload = url.partition(",")
-    if not sep or not header.lower().startswith("data:video/") or not header.lower().endswith(";base64"):
-        raise InputError(f"video {name}: not a base64 video data URL; use data:video/<type>;base64,<data>")
-    payload = "".join(urllib.parse.unquote(payload).split())
-    payload += "=" * (-len(payload) % 4)
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InputError(f"video {name}: the data URL is not valid base64 ({exc}); re-encode the video") from None
-    if not data:
+    """The video's bytes, or the local path to open (a file is opened, not read whole), and its
+    name for messages: the same sources and policy as images (:func:`read_media_source`)."""
+    data, name = read_media_source(
+        source,
+        "video",
+        allowed_dir=allowed_dir,
+        allow_remote=allow_remote,
+        remote_timeout=remote_timeout,
+        max_remote_bytes=max_remote_bytes,
+        read_local=False,
+    )
+    if isinstance(data, bytes) and not data:
         raise InputError(f"video {name}: is empty (0 bytes); send a video file")
-    return data
+    return data, name
 
 
 def _count_frames(container: Any, name: str) -> int:
