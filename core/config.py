@@ -359,10 +359,11 @@ class EngineConfig(Settings):
     )
     seed: int = Field(0, description="default seed for sampling")
     allow_download: bool = Field(False, description="download a hub id that is not cached")
-    quantization: Literal["int8", "int4"] | None = Field(
+    quantization: Literal["int8", "int4", "w8a8"] | None = Field(
         None,
-        description="weight-only quantization of the language model's linear layers, on the fly: int8 (per output "
-        "channel) or int4 (group-wise, with zero points)",
+        description="quantization of the language model's linear layers, on the fly: weight-only int8 (per output "
+        "channel) or int4 (group-wise, with zero points), or w8a8 (int8's weights, each token's activations in int8 "
+        "too: the CPU's integer dot products)",
     )
     quantization_group_size: Literal[32, 64, 128] = Field(
         128, description="int4: input features per scale and zero point"

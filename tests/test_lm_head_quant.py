@@ -244,7 +244,7 @@ def test_tied_engine_is_fp32_on_the_dequantized_checkpoint(tied_qwen2, fp32_kern
 
 def test_bundled_demo_answers_unchanged_with_int8():
     """The bundled demo's 18 questions (6 pictures x 3) get fp32's answers with int8 linears and
-    an int8 head (the kernels computing in bf16, as they do by default)."""
+    an int8 head (the kernels computing in bf16, as they do by default), and with W8A8."""
     from vlm.cli.demo import QUESTIONS
     from vlm.demo import __file__ as demo_init
 
@@ -274,6 +274,7 @@ def test_bundled_demo_answers_unchanged_with_int8():
 
     fp32 = answers()
     assert answers(quantization="int8") == fp32
+    assert answers(quantization="w8a8") == fp32  # int8 activations too (vlm.quantization.w8a8)
 
 
 def test_no_quantize_lm_head_flag_keeps_the_engines_head_dense(tied_qwen2):

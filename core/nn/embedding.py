@@ -110,8 +110,8 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def _quantize(self) -> None:
         assert self.quant_config is not None
-        quantized = quantize(self.weight.detach(), self.quant_config)
-        assert isinstance(quantized, Int8Weight)  # LM heads are quantized to int8 only
+        quantized = quantize(self.weight.detach(), self.quant_config, keep_codes=bool(self._tied))
+        assert isinstance(quantized, Int8Weight)  # LM heads are quantized to int8 (or W8A8) only
         self.quantized = quantized
         for embedding in self._tied:
             embedding.quantized_rows = quantized

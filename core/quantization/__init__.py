@@ -31,9 +31,10 @@ A plugin may still choose for itself: every builder takes ``quant_config=``; a l
 keeps it, whatever the engine setting.
 
 Schemes: :mod:`vlm.quantization.int8` (per output channel, symmetric) and
-:mod:`vlm.quantization.int4` (group-wise with zero points); each has ``quantize`` and a weight
-class whose ``matmul`` is torch's CPU kernel for the scheme, with a dequantize + ``F.linear``
-fallback for other devices and dtypes.
+:mod:`vlm.quantization.int4` (group-wise with zero points), weight-only; each has ``quantize`` and
+a weight class whose ``matmul`` is torch's CPU kernel for the scheme, with a dequantize +
+``F.linear`` fallback for other devices and dtypes. :mod:`vlm.quantization.w8a8` keeps int8's
+weights and quantizes each input row to int8 as well, for the CPU's integer dot products.
 
 Pre-quantized checkpoints: :mod:`vlm.quantization.formats` reads AWQ (GEMM), GPTQ and
 compressed-tensors (:mod:`vlm.quantization.compressed`, also what ``vlmrun quantize`` writes)
@@ -50,7 +51,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from vlm.quantization import int4, int8
+from vlm.quantization import int4, int8, w8a8
 from vlm.quantization.base import QuantizedWeight, cpu_kernel_dtype
 from vlm.quantization.config import GROUP_SIZES, SCHEMES, QuantConfig, QuantizationError, Scheme
 from vlm.quantization.formats import CheckpointFormat, checkpoint_quantization, dequantized_weights
@@ -70,17 +71,23 @@ def check_input_features(config: QuantConfig, in_features: int) -> str | None:
     return None
 
 
-def quantize(weight: torch.Tensor, config: QuantConfig, row_absmax: torch.Tensor | None = None) -> QuantizedWeight:
+def quantize(
+    weight: torch.Tensor, config: QuantConfig, row_absmax: torch.Tensor | None = None, keep_codes: bool = False
+) -> QuantizedWeight:
     """A dense ``[out, in]`` weight, quantized into the fastest layout for its device and dtype
     (the activations are taken to have the weight's dtype).
 
     :param row_absmax: each row's largest magnitude over the whole row, when ``weight`` is a
         slice of the input features (see :func:`vlm.quantization.int8.quantize`); int4 groups
         never span slices and need none.
+    :param keep_codes: W8A8: keep the int8 codes beside the kernel's packed copy (a tied
+        embedding looks rows up in them).
     """
     compute = cpu_kernel_dtype(weight.dtype) if weight.device.type == "cpu" else weight.dtype
     if config.scheme == "int8":
         return int8.quantize(weight, compute, row_absmax)
+    if config.scheme == "w8a8":
+        return w8a8.quantize(weight, compute, row_absmax, keep_codes=keep_codes)
     portable = int4.quantize(weight, config.group_size, compute)
     return portable.for_cpu_kernel(compute) or portable
 

@@ -7,7 +7,7 @@ from typing import Literal, get_args
 
 from vlm.errors import ConfigError
 
-Scheme = Literal["int8", "int4"]
+Scheme = Literal["int8", "int4", "w8a8"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
 #: the int4 group sizes offered; torch's CPU kernel also takes 256, which loses too much accuracy
 GROUP_SIZES = (32, 64, 128)
@@ -23,16 +23,19 @@ class QuantizationError(ConfigError, ValueError):
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Weight-only quantization of a model's linear layers.
+    """Quantization of a model's linear layers.
 
-    :param scheme: ``"int8"``: one symmetric scale per output channel; ``"int4"``: an asymmetric
-        scale and zero point per group of ``group_size`` input features.
+    :param scheme: weight-only ``"int8"``: one symmetric scale per output channel; ``"int4"``: an
+        asymmetric scale and zero point per group of ``group_size`` input features; and ``"w8a8"``:
+        int8's weights with each input row quantized to int8 at run time, for the CPU's integer
+        dot products (:mod:`vlm.quantization.w8a8`).
     :param group_size: int4 only; every quantized layer's input features (per tensor-parallel rank)
         must be a whole number of groups.
     :param quantize_vision: also quantize the vision tower and projector (by default only the
         language model is: vision towers are small next to it and lose more accuracy).
     :param quantize_lm_head: quantize the LM head too, to int8 per output channel whatever the
-        scheme (:data:`LM_HEAD`); a tied embedding then reads its rows from the int8 table.
+        scheme (:data:`LM_HEAD`; W8A8 under ``"w8a8"``); a tied embedding then reads its rows from
+        the int8 table.
     :param keep_dense: names of modules to leave unquantized (a pre-quantized checkpoint's
         ``modules_to_not_convert`` / ``ignore``); see :func:`vlm.quantization.keeps_dense`.
     """
@@ -52,10 +55,14 @@ class QuantConfig:
 
     def lm_head_config(self) -> QuantConfig | None:
         """What the LM head is quantized with under this setting: :data:`LM_HEAD`, or None (dense)."""
-        return LM_HEAD if self.quantize_lm_head else None
+        if not self.quantize_lm_head:
+            return None
+        return LM_HEAD_W8A8 if self.scheme == "w8a8" else LM_HEAD
 
     def describe(self) -> str:
-        return f"int4 (groups of {self.group_size})" if self.scheme == "int4" else self.scheme
+        if self.scheme == "int4":
+            return f"int4 (groups of {self.group_size})"
+        return "w8a8 (int8 weights and activations)" if self.scheme == "w8a8" else self.scheme
 
 
 #: The LM head's quantization under every scheme: int8, one scale per vocabulary row. The head
@@ -65,3 +72,5 @@ class QuantConfig:
 #: the model's 4 bits (its quantizer writes Q6_K for the output layer of a Q4_0 model, or Q8_0
 #: where the row length is not a multiple of Q6_K's 256-value blocks, as Qwen2-0.5B's 896).
 LM_HEAD = QuantConfig("int8", quantize_lm_head=False)
+#: The LM head under ``"w8a8"``: the same int8 codes and scales, with int8 activations.
+LM_HEAD_W8A8 = QuantConfig("w8a8", quantize_lm_head=False)
