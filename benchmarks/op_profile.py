@@ -43,7 +43,7 @@ from torch import nn
 from torch.autograd.profiler_util import FunctionEvent
 
 HERE = Path(__file__).resolve().parent
-PRECISIONS = ("fp32", "bf16", "int8", "int4")
+PRECISIONS = ("fp32", "bf16", "int8", "int4", "w8a8")
 GEMM_KINDS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
 RANGE = "vlm::"
 

@@ -4,8 +4,9 @@ On the Qwen2-0.5B-shaped random checkpoint of ``benchmarks/decode.py`` (its ``ch
 ``prompts()`` and timing helpers are reused), greedy, ``--prompt-len`` prompt tokens and
 ``--new-tokens`` new tokens (128 + 128 by default) at each ``--batch`` (1, 8, 16), it times:
 
-- vlm ``fp32``, ``bf16`` (``LLM(dtype="bfloat16")``), ``int8`` and ``int4`` (``LLM(quantization=...)``,
-  int4 in groups of ``--group-size``; activations in the default dtype, fp32 for this checkpoint);
+- vlm ``fp32``, ``bf16`` (``LLM(dtype="bfloat16")``), ``int8``, ``int4`` and ``w8a8``
+  (``LLM(quantization=...)``, int4 in groups of ``--group-size``; activations in the default
+  dtype, fp32 for this checkpoint; w8a8 quantizes them to int8 per token inside each linear);
 - transformers ``generate`` in fp32;
 - llama.cpp through llama-cpp-python's low-level API (``llama_decode``, one sequence id per
   request, greedy argmax over the logits here) on GGUF files of the same checkpoint: ``F32``,
@@ -16,10 +17,11 @@ Every engine gets the same prompt token ids and ignores EOS (vlm ``ignore_eos``,
 the previous engine is gone, and a crash costs one row). Decode tok/s is summed over the batch:
 ``batch * (new_tokens - 1) / (total time - TTFT)``, TTFT timed by a separate one-token run, as in
 decode.py. The table ends with vlm / llama.cpp ratios at the same precision (fp32 / F32,
-bf16 / F16, int8 / Q8_0, int4 / Q4_0). The full default run takes about 18 minutes on 2 cores
-(2026-12-01); ``--only`` and ``--batch`` shorten it. Run it on an idle machine: with another
-process on one of the 2 cores, vlm bf16 fell from 7.9 to 1.7 tok/s at batch 1 and llama.cpp
-(a barrier per op) to a fraction of a token per second.
+bf16 / F16, int8 / Q8_0, w8a8 / Q8_0, int4 / Q4_0; Q8_0 also quantizes activations to 8 bits).
+The full default run takes about 20 minutes on 2 cores (2026-12-01); ``--only`` and ``--batch``
+shorten it. Run it on an idle machine: with another process on one of the 2 cores, vlm bf16 fell
+from 7.9 to 1.7 tok/s at batch 1 and llama.cpp (a barrier per op) to a fraction of a token per
+second.
 
 Benchmark-only dependencies (never the product's): a natively built llama-cpp-python and
 llama.cpp's converter. The recipe that worked here (the build: about 15 minutes on 2 idle
@@ -91,6 +93,7 @@ ROWS: dict[str, tuple[str, str]] = {
     "vlm-bf16": ("vlm", "bf16"),
     "vlm-int8": ("vlm", "int8"),
     "vlm-int4": ("vlm", "int4"),
+    "vlm-w8a8": ("vlm", "w8a8"),
     "hf-fp32": ("transformers generate", "fp32"),
     "llama-F32": ("llama.cpp", "F32"),
     "llama-F16": ("llama.cpp", "F16"),
@@ -98,7 +101,13 @@ ROWS: dict[str, tuple[str, str]] = {
     "llama-Q4_0": ("llama.cpp", "Q4_0"),
 }
 #: vlm row -> llama.cpp row at the same precision
-PAIRS = {"vlm-fp32": "llama-F32", "vlm-bf16": "llama-F16", "vlm-int8": "llama-Q8_0", "vlm-int4": "llama-Q4_0"}
+PAIRS = [
+    ("vlm-fp32", "llama-F32"),
+    ("vlm-bf16", "llama-F16"),
+    ("vlm-int8", "llama-Q8_0"),
+    ("vlm-w8a8", "llama-Q8_0"),  # both multiply int8 weights by int8-quantized activations
+    ("vlm-int4", "llama-Q4_0"),
+]
 CPU_FLAGS = (
     "avx2",
     "avx512f",
@@ -444,7 +453,7 @@ def main() -> None:
         if name in failed:
             cells = [f"failed: {failed[name]}"] + ["-"] * (len(args.batch) - 1)
         print(f"| {engine} | {weights} | " + " | ".join(cells) + f" | {fmt(ttft(name), '.2f', ' s')} | {size} |")
-    pairs = [(v, ll) for v, ll in PAIRS.items() if table.get(v) and table.get(ll)]
+    pairs = [(v, ll) for v, ll in PAIRS if table.get(v) and table.get(ll)]
     if pairs:
         print("\nvlm / llama.cpp at the same precision (decode: above 1 is vlm faster; TTFT: below 1 is vlm faster)\n")
         print("| vlm / llama.cpp | " + " | ".join(f"B={b}" for b in args.batch) + " | TTFT |")
