@@ -64,7 +64,10 @@ class Int8Weight(QuantizedWeight):
 
 
 def quantize(
-    weight: torch.Tensor, compute_dtype: torch.dtype | None = None, row_absmax: torch.Tensor | None = None
+    weight: torch.Tensor,
+    compute_dtype: torch.dtype | None = None,
+    row_absmax: torch.Tensor | None = None,
+    largest_code: int = 127,
 ) -> Int8Weight:
     """Quantize a dense ``[out, in]`` weight.
 
@@ -73,6 +76,8 @@ def quantize(
     :param row_absmax: ``[out]``, each row's largest magnitude over the *whole* row, when
         ``weight`` holds a slice of its input features (a row-parallel layer's rank): every rank
         then uses the unsharded layer's scales and the shards are exactly its slices.
+    :param largest_code: the code a row's largest magnitude maps to (127; W8A8 uses 63 on CPUs
+        whose int8 dot products sum pairs in int16, :mod:`vlm.quantization.w8a8`).
     """
     dtype = compute_dtype or weight.dtype
     weight = weight.detach()
@@ -85,6 +90,6 @@ def quantize(
         absmax = w.abs().amax(dim=1) if row_absmax is None else row_absmax[rows].float()
         # the codes are computed with the scales as stored, so that dequantizing reproduces exactly
         # what the kernel multiplies by; an all-zero row gets the smallest scale instead of 0 / 0
-        scales[rows] = (absmax / 127).clamp(min=torch.finfo(dtype).tiny).to(dtype)
-        qweight[rows] = torch.round(w / scales[rows].float()[:, None]).clamp_(-128, 127)
+        scales[rows] = (absmax / largest_code).clamp(min=torch.finfo(dtype).tiny).to(dtype)
+        qweight[rows] = torch.round(w / scales[rows].float()[:, None]).clamp_(-largest_code - 1, largest_code)
     return Int8Weight(qweight, scales)

@@ -18,10 +18,15 @@ the others their precision), each row is divided by its largest magnitude first 
 row multiplied by it after: ``y = (W · (x / a)) · a`` is exact in real arithmetic.
 
 Numerics: each activation is off by at most half a step of 2 / 255 of its row's largest magnitude
-(fbgemm's asymmetric uint8 over [-1, 1]); on CPUs without VNNI fbgemm's int16 intermediate sums
-can saturate, so there ``reduce_range`` keeps 7 bits. Elsewhere (CUDA, or a torch without the
-quantized engine) the layer falls back to the int8 weight-only GEMM with full-precision
-activations.
+(fbgemm's asymmetric uint8 over [-1, 1]). On CPUs without int8 dot products (AVX2, AVX-512
+without VNNI) fbgemm multiplies with ``vpmaddubsw``, which adds pairs of uint8 x int8 products in
+int16 and saturates: 8-bit activations times 8-bit weights can reach 2 x 255 x 127 > 32767 and
+were measured to come out halved. There the weights get 7 bits (codes in [-64, 63], 2 x 255 x 64
+fits) and the activations keep 8: per-token activation ranges are what outliers widen, so losing
+the bit on the per-channel weights costs less (a layer with an outlier feature: 4.4% error
+against 8.2% with fbgemm's usual ``reduce_range`` 7-bit activations). Elsewhere (CUDA, or a torch
+without the quantized engine) the layer falls back to the int8 weight-only GEMM with
+full-precision activations.
 
 torch has deprecated its quantized tensor type (pytorch issue 184982), which the prepacking
 still takes; when it is removed, :func:`available` turns False and W8A8 layers run the weight-only
@@ -59,11 +64,12 @@ def available() -> bool:
 
 
 @cache
-def reduce_range() -> bool:
-    """7-bit activations where the CPU lacks int8 dot products (fbgemm's int16 sums saturate)."""
+def largest_code() -> int:
+    """The largest weight code: 63 where the CPU lacks int8 dot products (int16 pair sums, module
+    docstring), else 127 as for the int8 scheme."""
     from vlm.platform import cpu_flags
 
-    return not (cpu_flags() & _VNNI_FLAGS)
+    return 127 if cpu_flags() & _VNNI_FLAGS else 63
 
 
 class W8A8Weight(Int8Weight):
@@ -94,10 +100,10 @@ class W8A8Weight(Int8Weight):
             return super().matmul(x, bias)
         rows = x.reshape(-1, self.in_features).float()
         if rows.shape[0] == 1:  # the kernel's one scale is this row's own (decode at batch 1)
-            out = torch.ops.quantized.linear_dynamic(rows, self.packed, reduce_range())
+            out = torch.ops.quantized.linear_dynamic(rows, self.packed, False)
         else:
             magnitude = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
-            out = torch.ops.quantized.linear_dynamic(rows / magnitude, self.packed, reduce_range())
+            out = torch.ops.quantized.linear_dynamic(rows / magnitude, self.packed, False)
             out.mul_(magnitude)
         if bias is not None:
             out += bias
@@ -134,9 +140,11 @@ def quantize(
     keep_codes: bool = False,
 ) -> W8A8Weight:
     """Quantize a dense ``[out, in]`` weight as :func:`vlm.quantization.int8.quantize` does (same
-    codes and scales, same tensor-parallel rule) and pack it for the W8A8 kernel.
+    tensor-parallel rule; the same codes and scales except that on a CPU without int8 dot products
+    the codes have 7 bits, :func:`largest_code`) and pack it for the W8A8 kernel.
 
     :param keep_codes: keep the int8 codes beside the packed copy (a tied embedding reads rows).
     """
-    base = quantize_int8(weight, compute_dtype, row_absmax)
+    on_fbgemm = weight.device.type == "cpu" and available()
+    base = quantize_int8(weight, compute_dtype, row_absmax, largest_code() if on_fbgemm else 127)
     return W8A8Weight(base.qweight, base.scales, keep_codes=keep_codes)
