@@ -88,6 +88,16 @@ def test_server_answers_as_transformers(checkpoint, pictures, tmp_path):
     assert answer == reference_text(model_dir, chat("Describe this.", pictures[0]), pictures[0], stop_at_eos=False)
 
 
+def test_which_names_the_fallback(checkpoint, capsys):
+    """No first-party plugin claims Idefics3: the fallback's low-priority claim is the one chosen."""
+    model_dir = checkpoint("idefics3")
+    assert main(["which", "--model", model_dir]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "plugin: transformers (highest-priority claim)" in out
+    assert " * transformers (priority -100): fallback: Idefics3ForConditionalGeneration" in out
+    assert [line for line in out if line.startswith(("  ", " *")) and "priority" in line] == [out[-1]]
+
+
 def test_refused_family_on_the_command_line(mllama, pictures, tmp_path, capsys):
     path = tmp_path / "picture.png"
     pictures[2].save(path)
