@@ -170,6 +170,33 @@ def test_a_tower_that_depends_on_a_constant_is_exported_with_fixed_shapes(tmp_pa
     assert np.abs(got - tower.features([image])).max() <= 1e-4
 
 
+@pytest.mark.parametrize("variant", ["cogvlm2", "cogvlm"])
+def test_cogvlm_tower_is_exported_for_its_one_picture_size(variant, tmp_path, capsys):
+    """CogVLM resizes every picture to one square and takes one picture per prompt: the graph is
+    traced for that shape (fixed, as the exporter says) and equals torch for pictures of any size
+    within 1e-4 of the features' magnitude."""
+    from vlm_plugin_cogvlm.testing import write_tiny_cogvlm
+
+    model_dir = write_tiny_cogvlm(tmp_path / variant, variant)
+    out = tmp_path / "tower.onnx"
+    printed = export(model_dir, out, capsys)
+    assert "shapes are fixed to the sample picture's" in printed
+    meta = {prop.key: prop.value for prop in onnx.load(str(out)).metadata_props}
+    assert meta["vlm.fixed_shapes"] == "true"
+
+    tower = TorchTower(model_dir)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for seed, size in enumerate(PICTURES):
+        image = tower.preprocessor.preprocess_image(picture(size, seed))
+        (got,) = session.run(["image_features"], {"pixel_values": image.pixel_values.numpy()})
+        expected = tower.features([image])
+        assert got.shape == expected.shape
+        # 1e-4 relative to the features' magnitude, the engine parity rule: CogVLM's projector ends
+        # in a GLU whose outputs reach ~3 here (max error seen: 1.1e-4 absolute)
+        tolerance = 1e-4 * max(1.0, float(np.abs(expected).max()))
+        assert np.abs(got - expected).max() <= tolerance, (variant, np.abs(got - expected).max())
+
+
 def test_text_only_model_is_refused(tiny_qwen2, tmp_path, capsys):
     out = tmp_path / "tower.onnx"
     assert main(["export", "--model", tiny_qwen2, "-o", str(out)]) == 1
